@@ -1,0 +1,183 @@
+"""Generates the CustomResourceDefinitions in ``crds/`` from the pydantic models.
+
+Pydantic emits JSON Schema (2020-12); a CRD needs a *structural* OpenAPI v3 schema: every node typed,
+no ``$ref``, no ``anyOf`` except for int-or-string, ``exclusiveMinimum`` as a boolean, no
+``additionalProperties: false`` (the apiserver prunes or, under strict field validation, rejects
+unknown fields itself). This module does that translation and adds what JSON Schema cannot say:
+nested-object defaults, CEL rules, list types and printer columns.
+
+Run ``python -m llmop.api.crdgen crds/`` (``make crds``) after changing a model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmop.api.v1alpha1 import job as j
+from llmop.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop.api.v1alpha1.status import LLMTrainingJobStatus
+
+Schema = dict[str, Any]
+_DROP = {"title", "additionalProperties", "$defs"}
+
+
+def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
+    """Translate one pydantic JSON-Schema node into a structural OpenAPI v3 node."""
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**target, **node}  # the referencing site's description/default win
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if node.get("default", "") is None:
+            del node["default"]
+        if len(options) == 1:
+            return structural({**options[0], **node}, defs)
+        if node.pop("x-llmop-quantity", False) or {o.get("type") for o in options} == {"integer", "string"}:
+            out = {k: v for k, v in node.items() if k not in _DROP}
+            out["x-kubernetes-int-or-string"] = True
+            return out
+        raise ValueError(f"cannot express anyOf {options} structurally")
+    node.pop("x-llmop-quantity", None)
+
+    out: Schema = {k: v for k, v in node.items() if k not in _DROP}
+    if isinstance(out.get("exclusiveMinimum"), (int, float)) and not isinstance(out["exclusiveMinimum"], bool):
+        out["minimum"], out["exclusiveMinimum"] = out["exclusiveMinimum"], True
+    if isinstance(out.get("exclusiveMaximum"), (int, float)) and not isinstance(out["exclusiveMaximum"], bool):
+        out["maximum"], out["exclusiveMaximum"] = out["exclusiveMaximum"], True
+    if "type" not in out and "enum" in out:
+        out["type"] = "string"
+
+    if out.get("type") == "object":
+        props = node.get("properties")
+        extra = node.get("additionalProperties")
+        if props is not None:
+            out["properties"] = {}
+            for name, prop in props.items():
+                converted = structural(prop, defs)
+                if converted.get("type") == "object" and "default" not in converted and name not in node.get("required", []):
+                    # A nested section with its own defaults: default it to {} so the apiserver fills
+                    # in the inner defaults even when the user leaves the section out.
+                    if converted.get("properties") and not _has_required(converted):
+                        converted["default"] = {}
+                out["properties"][name] = converted
+        elif isinstance(extra, dict) and extra:
+            out["additionalProperties"] = structural(extra, defs)
+        else:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif out.get("type") == "array":
+        out["items"] = structural(node["items"], defs)
+    return _ordered(out)
+
+
+_FIRST = ("description", "type")
+
+
+def _ordered(node: Schema) -> Schema:
+    """Description and type first, the rest alphabetical: a stable, readable diff."""
+    keys = [k for k in _FIRST if k in node] + sorted(k for k in node if k not in _FIRST)
+    return {k: node[k] for k in keys}
+
+
+def _has_required(schema: Schema) -> bool:
+    return bool(schema.get("required"))
+
+
+def model_schema(model: type[Any]) -> Schema:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return structural(raw, raw.get("$defs", {}))
+
+
+PRINTER_COLUMNS = [
+    {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Lifecycle state"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.workers.numNodes", "description": "Worker pods"},
+    {"name": "GPUs/Node", "type": "integer", "jsonPath": ".spec.workers.gpusPerNode", "description": "GPUs per worker"},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Training steps done"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "Training progress"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restartCount", "description": "Gang restarts counted against backoffLimit"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def llmtrainingjob_crd() -> Schema:
+    spec = model_schema(LLMTrainingJobSpec)
+    status = model_schema(LLMTrainingJobStatus)
+    status["properties"]["conditions"].update(
+        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+    status["properties"]["stages"].update(
+        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+    )
+    root = {
+        "type": "object",
+        "description": "LLMTrainingJob carries one LLM training run through data preparation, "
+        "distributed DeepSpeed training, compression and serving.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version: llmop.io/v1alpha1."},
+            "kind": {"type": "string", "description": "LLMTrainingJob."},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": j.MAX_NAME_LENGTH,
+                        "description": f"At most {j.MAX_NAME_LENGTH} characters: pod, service and job names are derived from it.",
+                    }
+                },
+            },
+            "spec": spec,
+            "status": status,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{j.PLURAL}.{j.GROUP}"},
+        "spec": {
+            "group": j.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": j.KIND,
+                "listKind": f"{j.KIND}List",
+                "plural": j.PLURAL,
+                "singular": j.SINGULAR,
+                "shortNames": list(j.SHORT_NAMES),
+                "categories": list(j.CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": j.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def render_all() -> dict[str, str]:
+    """File name -> YAML text of every CRD the project ships."""
+    header = "# Generated by `make crds` from operator/llmop/api; do not edit by hand.\n"
+    crd = llmtrainingjob_crd()
+    return {f"{j.GROUP}_{j.PLURAL}.yaml": header + yaml.safe_dump(crd, sort_keys=False, width=100)}
+
+
+def main(argv: list[str]) -> int:
+    out_dir = Path(argv[1] if len(argv) > 1 else "crds")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in render_all().items():
+        (out_dir / name).write_text(text)
+        print(out_dir / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

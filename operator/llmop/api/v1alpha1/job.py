@@ -1,0 +1,87 @@
+"""The LLMTrainingJob kind: spec, identity and the cross-field rules that span sections."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from llmop.api.base import ApiModel, Rule
+from llmop.api.v1alpha1.data import DataSpec
+from llmop.api.v1alpha1.lifecycle import CompressionSpec, ServingSpec
+from llmop.api.v1alpha1.model import ModelSpec
+from llmop.api.v1alpha1.training import DeepSpeedSpec, TrainingSpec
+from llmop.api.v1alpha1.workload import RunPolicy, SchedulingSpec, StorageSpec, WorkersSpec
+
+GROUP = "llmop.io"
+VERSION = "v1alpha1"
+KIND = "LLMTrainingJob"
+PLURAL = "llmtrainingjobs"
+SINGULAR = "llmtrainingjob"
+SHORT_NAMES = ("llmjob", "ltj")
+CATEGORIES = ("llmop", "all")
+
+# Child names are derived from the job name ("<name>-worker-<i>", "<name>-compress-<method>-<n>"),
+# and pod hostnames and label values must stay within 63 characters.
+MAX_NAME_LENGTH = 40
+
+
+class LLMTrainingJobSpec(ApiModel):
+    """Desired state of an LLMTrainingJob: one training run through its whole lifecycle."""
+
+    rules = (
+        Rule(
+            "self.training.globalBatchSize % (self.training.microBatchSize * self.workers.numNodes"
+            " * self.workers.procsPerNode) == 0",
+            lambda m: m.training.global_batch_size
+            % (m.training.micro_batch_size * m.workers.num_nodes * m.workers.procs_per_node)
+            == 0,
+            "training.globalBatchSize must be a multiple of training.microBatchSize x workers.numNodes"
+            " x workers.procsPerNode",
+            ".training.globalBatchSize",
+        ),
+        Rule(
+            "self.training.sequenceLength <= self.model.contextLength",
+            lambda m: m.training.sequence_length <= m.model.context_length,
+            "training.sequenceLength must not exceed model.contextLength",
+            ".training.sequenceLength",
+        ),
+        Rule(
+            "self.training.precision != 'FP16' || self.deepspeed.zeroStage <= 2"
+            " || self.deepspeed.offloadParameters == 'None'",
+            lambda m: m.training.precision != "FP16"
+            or m.deepspeed.zero_stage <= 2
+            or m.deepspeed.offload_parameters == "None",
+            "FP16 with ZeRO 3 parameter offload is not supported; use BF16",
+            ".training.precision",
+        ),
+        Rule(
+            "!has(self.serving) || !self.serving.enabled || self.serving.source == 'Trained'"
+            " || (has(self.compression) && has(self.compression.selection))",
+            lambda m: m.serving is None
+            or not m.serving.enabled
+            or m.serving.source == "Trained"
+            or (m.compression is not None and m.compression.selection is not None),
+            "serving.source Selected needs compression.selection",
+            ".serving.source",
+        ),
+    )
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """Model architecture, size and initialisation."""
+    data: DataSpec
+    """Data preparation."""
+    training: TrainingSpec
+    """Training loop."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed engine."""
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    """Gang shape, image and placement."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Restarts, deadline, suspension, clean-up."""
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    """Gang scheduler and queue."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Shared storage."""
+    compression: CompressionSpec | None = None
+    """Compression after training."""
+    serving: ServingSpec | None = None
+    """Serving after success."""

@@ -1,0 +1,1 @@
+"""llmtrain: the code that runs inside training pods (prepare, train, compress, serve)."""
