@@ -7,9 +7,10 @@ field's name, type, default, bounds and description.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
 from pydantic.alias_generators import to_camel
@@ -47,6 +48,7 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_attribute_docstrings=True,
         validate_default=True,
+        strict=True,
     )
     rules: ClassVar[tuple[Rule, ...]] = ()
 
@@ -66,6 +68,19 @@ class ApiModel(BaseModel):
             if not rule.check(self):
                 raise ValueError(rule.message)
         return self
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:  # type: ignore[override]
+        """Validate a manifest-shaped mapping the way the apiserver does.
+
+        Manifests arrive as JSON or YAML, so mappings are validated in pydantic's strict JSON mode:
+        enum values are accepted as strings, but 1 is not a boolean and "8" is not an integer, just
+        as the CRD schema rejects them. (Strict python mode would demand Enum instances.)
+        """
+        if isinstance(obj, Mapping):
+            kwargs.pop("from_attributes", None)
+            return cls.model_validate_json(json.dumps(obj), **kwargs)
+        return super().model_validate(obj, **kwargs)
 
     def to_wire(self) -> dict[str, Any]:
         """The manifest form: camelCase keys, unset optional fields left out."""

@@ -94,6 +94,10 @@ class WorkersSpec(ApiModel):
     """Port of the rank-0 trainer's Prometheus endpoint."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     """Extra environment variables for the trainer (e.g. NCCL tuning)."""
+    pod_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Extra labels on every worker pod (the operator's own llmop.io/* labels win)."""
+    pod_annotations: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Extra annotations on every worker pod, e.g. for sidecar injection or log collection."""
 
 
 class RestartPolicy(str, Enum):

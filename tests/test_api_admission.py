@@ -1,0 +1,171 @@
+"""Bad manifests are rejected at admission by the real apiserver, with a message naming the field.
+
+Every case is also fed to the pydantic models the trainer validates its configuration with, so the
+CRD schema and the models cannot drift apart on what they accept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from llmop.api.v1alpha1 import LLMTrainingJobSpec
+from tests.kube import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+Manifest = dict[str, Any]
+
+
+def base() -> Manifest:
+    return {
+        "apiVersion": "llmop.io/v1alpha1",
+        "kind": "LLMTrainingJob",
+        "metadata": {"name": "bad"},
+        "spec": {"data": {"sources": [{"uri": "builtin://english"}]}, "training": {"maxSteps": 100}},
+    }
+
+
+def put(path: str, value: Any) -> Callable[[Manifest], None]:
+    def apply(m: Manifest) -> None:
+        *parents, leaf = path.split(".")
+        node = m
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    return apply
+
+
+def drop(path: str) -> Callable[[Manifest], None]:
+    def apply(m: Manifest) -> None:
+        *parents, leaf = path.split(".")
+        node = m
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+
+    return apply
+
+
+def both(*changes: Callable[[Manifest], None]) -> Callable[[Manifest], None]:
+    def apply(m: Manifest) -> None:
+        for change in changes:
+            change(m)
+
+    return apply
+
+
+# (case id, change to a valid manifest, text the rejection must contain)
+CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
+    ("wrong type: string for integer", put("spec.training.maxSteps", "many"), "spec.training.maxSteps"),
+    ("wrong type: list for map", put("spec.workers.nodeSelector", ["gpu"]), "spec.workers.nodeSelector"),
+    ("wrong type: number for boolean", put("spec.data.cleaning.redactPii", 1), "spec.data.cleaning.redactPii"),
+    ("below minimum", put("spec.workers.numNodes", 0), "spec.workers.numNodes"),
+    ("above maximum", put("spec.deepspeed.zeroStage", 4), "spec.deepspeed.zeroStage"),
+    ("exclusive minimum", put("spec.training.optimizer.learningRate", 0), "spec.training.optimizer.learningRate"),
+    ("fraction out of range", put("spec.data.sharding.validationFraction", 0.6), "spec.data.sharding.validationFraction"),
+    ("unknown enum: precision", put("spec.training.precision", "INT3"), "spec.training.precision"),
+    ("unknown enum: optimizer", put("spec.training.optimizer.type", "Lion"), "spec.training.optimizer.type"),
+    ("unknown enum: restart policy", put("spec.runPolicy.restartPolicy", "Sometimes"), "spec.runPolicy.restartPolicy"),
+    ("unknown enum: quantisation", put("spec.compression", {"quantization": [{"method": "Int2"}]}), "spec.compression.quantization[0].method"),
+    ("pattern: access mode", put("spec.storage.accessMode", "ReadOnlyMany"), "spec.storage.accessMode"),
+    ("missing required: training", drop("spec.training"), "spec.training"),
+    ("missing required: data", drop("spec.data"), "spec.data"),
+    ("missing required: source uri", put("spec.data.sources", [{"format": "JSONL"}]), "spec.data.sources[0].uri"),
+    ("contradiction: batch sizes do not divide", both(put("spec.workers.numNodes", 3), put("spec.training.globalBatchSize", 16)), "spec.training.globalBatchSize"),
+    ("contradiction: optimizer offload without ZeRO", both(put("spec.deepspeed.zeroStage", 0), put("spec.deepspeed.offloadOptimizer", "CPU")), "spec.deepspeed.offloadOptimizer"),
+    ("contradiction: parameter offload below ZeRO 3", put("spec.deepspeed.offloadParameters", "CPU"), "spec.deepspeed.offloadParameters"),
+    ("contradiction: both maxSteps and maxTokens", put("spec.training.maxTokens", 1000000), "spec.training.maxSteps"),
+    ("contradiction: neither maxSteps nor maxTokens", drop("spec.training.maxSteps"), "spec.training.maxSteps"),
+    ("contradiction: sequence longer than context", put("spec.training.sequenceLength", 512), "spec.training.sequenceLength"),
+    ("contradiction: heads do not divide width", put("spec.model", {"hiddenSize": 100, "numHeads": 3}), "spec.model.hiddenSize"),
+    ("contradiction: processes vs GPUs", both(put("spec.workers.procsPerNode", 4), put("spec.workers.gpusPerNode", 8)), "spec.workers.procsPerNode"),
+    ("contradiction: sparsity ends before it starts", put("spec.training.sparsity", {"startStep": 500, "endStep": 100}), "spec.training.sparsity.endStep"),
+    ("contradiction: prepare without sources", put("spec.data.sources", []), "spec.data.sources"),
+    ("contradiction: group size on int8", put("spec.compression", {"quantization": [{"method": "Int8WeightOnly", "groupSize": 64}]}), "spec.compression.quantization[0].groupSize"),
+    ("contradiction: synonyms without thesaurus", put("spec.data.augmentation", {"synonymReplacement": 0.1}), "spec.data.augmentation.thesaurusPath"),
+    ("contradiction: serve selection that does not exist", put("spec.serving", {"enabled": True}), "spec.serving.source"),
+    ("unknown field (strict)", put("spec.training.learningRate", 0.001), "spec.training.learningRate"),
+    ("unknown top-level spec field (strict)", put("spec.epochs", 3), "spec.epochs"),
+    ("name too long for derived pod names", put("metadata.name", "x" * 41), "metadata.name"),
+]
+
+
+def _apply(cluster: Cluster, namespace: str, manifest: Manifest) -> tuple[int, str]:
+    proc = cluster.kubectl(
+        "create", "--validate=strict", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False
+    )
+    return proc.returncode, proc.stderr.strip()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("case", "change", "field"), CASES, ids=[c[0] for c in CASES])
+def test_invalid_manifest_rejected_naming_field(
+    cluster: Cluster, namespace: str, case: str, change: Callable[[Manifest], None], field: str
+) -> None:
+    manifest = base()
+    change(manifest)
+    code, message = _apply(cluster, namespace, manifest)
+    print(f"\n[{case}] {message}")
+    assert code != 0, f"{case}: the apiserver accepted it"
+    assert field in message, f"{case}: rejection does not name {field}: {message}"
+    # Nothing was created.
+    assert "bad" not in cluster.kubectl("get", "llmtrainingjobs", "-n", namespace, "-o", "name").stdout
+
+
+# metadata belongs to the apiserver; the trainer only ever reads the spec.
+SPEC_CASES = [c for c in CASES if c[2].startswith("spec.")]
+
+
+@pytest.mark.parametrize(("case", "change", "field"), SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_trainer_models_reject_the_same(case: str, change: Callable[[Manifest], None], field: str) -> None:
+    manifest = base()
+    change(manifest)
+    with pytest.raises(ValidationError):
+        LLMTrainingJobSpec.model_validate(manifest["spec"])
+
+
+def test_valid_base_manifest_is_valid_for_the_models() -> None:
+    LLMTrainingJobSpec.model_validate(base()["spec"])
+
+
+def _prune_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        pruned = {k: _prune_empty(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in ({}, []) or k in _KEEP_EMPTY}
+    if isinstance(value, list):
+        return [_prune_empty(v) for v in value]
+    return value
+
+
+# Sections the apiserver defaults to {} (their inner defaults then fill them); empty maps/lists the
+# user never set stay absent on the server.
+_KEEP_EMPTY: set[str] = set()
+
+
+def _contains(sub: Any, full: Any, path: str = "spec") -> None:
+    if isinstance(sub, dict):
+        for k, v in sub.items():
+            assert k in full, f"{path}.{k} was dropped"
+            _contains(v, full[k], f"{path}.{k}")
+    else:
+        assert sub == full, f"{path} changed: sent {sub!r}, stored {full!r}"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("example", ["minimal.yaml", "full.yaml"])
+def test_examples_accepted_unchanged_with_defaults(cluster: Cluster, namespace: str, example: str) -> None:
+    manifest = yaml.safe_load((REPO / "examples" / example).read_text())
+    cluster.kubectl("create", "--validate=strict", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    stored = cluster.kubectl_json("get", "llmtrainingjob", manifest["metadata"]["name"], "-n", namespace)
+    # What the user wrote is stored as written ...
+    _contains(manifest["spec"], stored["spec"])
+    # ... and every default the models declare was filled in by the apiserver, no more, no less.
+    expected = _prune_empty(LLMTrainingJobSpec.model_validate(copy.deepcopy(manifest["spec"])).to_wire())
+    assert _prune_empty(stored["spec"]) == expected
