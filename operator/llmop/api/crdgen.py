@@ -16,12 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, NoDefault
+from pydantic_core import core_schema
 
 from llmop.api.v1alpha1 import job as j
 from llmop.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop.api.v1alpha1.status import LLMTrainingJobStatus
 
 Schema = dict[str, Any]
+
+
+class _WithFactoryDefaults(GenerateJsonSchema):
+    """Also emit defaults that come from ``default_factory``.
+
+    A nested section (``training.optimizer``) defaults to its model's fully-populated default, not to
+    ``{}``: the apiserver checks CEL rules against the default itself, before inner defaults apply.
+    Empty collections stay without a default so the stored object shows only what was set.
+    """
+
+    def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
+        factory = schema.get("default_factory")
+        if factory is None or schema.get("default_factory_takes_data"):
+            return super().get_default_value(schema)
+        value = factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            return value.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return value if value else NoDefault
 _DROP = {"title", "additionalProperties", "$defs"}
 
 
@@ -58,13 +79,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         if props is not None:
             out["properties"] = {}
             for name, prop in props.items():
-                converted = structural(prop, defs)
-                if converted.get("type") == "object" and "default" not in converted and name not in node.get("required", []):
-                    # A nested section with its own defaults: default it to {} so the apiserver fills
-                    # in the inner defaults even when the user leaves the section out.
-                    if converted.get("properties") and not _has_required(converted):
-                        converted["default"] = {}
-                out["properties"][name] = converted
+                out["properties"][name] = structural(prop, defs)
         elif isinstance(extra, dict) and extra:
             out["additionalProperties"] = structural(extra, defs)
         else:
@@ -83,12 +98,8 @@ def _ordered(node: Schema) -> Schema:
     return {k: node[k] for k in keys}
 
 
-def _has_required(schema: Schema) -> bool:
-    return bool(schema.get("required"))
-
-
 def model_schema(model: type[Any]) -> Schema:
-    raw = model.model_json_schema(by_alias=True, mode="validation")
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
     return structural(raw, raw.get("$defs", {}))
 
 

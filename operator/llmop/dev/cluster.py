@@ -124,16 +124,16 @@ def render_config(bin_dir: Path) -> str:
         },
         "componentsPatches": [
             {"name": "kube-apiserver", "extraArgs": [{"key": "advertise-address", "value": "127.0.0.1"}]},
+            # Flags rather than a KwokConfiguration document: a partial one drops kwok's defaults.
+            {
+                "name": "kwok-controller",
+                "extraArgs": [{"key": "cidr", "value": POD_CIDR}, {"key": "node-ip", "value": "127.0.0.1"}],
+            },
         ],
-    }
-    kwok = {
-        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
-        "kind": "KwokConfiguration",
-        "options": {"cidr": POD_CIDR, "nodeIP": "127.0.0.1"},
     }
     stages = (KWOK_DIR / "stages.yaml").read_text()
     stages = stages.replace('"@terminated.tmpl"', json.dumps((KWOK_DIR / "terminated.tmpl").read_text()))
-    return "\n---\n".join([yaml.safe_dump(kwokctl), yaml.safe_dump(kwok), stages])
+    return "\n---\n".join([yaml.safe_dump(kwokctl), stages])
 
 
 def kubectl(bin_dir: Path, kubeconfig: Path, *args: str, input: str | None = None, check: bool = True) -> str:

@@ -24,16 +24,21 @@ CATEGORIES = ("llmop", "all")
 MAX_NAME_LENGTH = 40
 
 
+def _samples_per_micro_step(spec: LLMTrainingJobSpec) -> int:
+    return spec.training.micro_batch_size * spec.workers.num_nodes * spec.workers.procs_per_node
+
+
 class LLMTrainingJobSpec(ApiModel):
     """Desired state of an LLMTrainingJob: one training run through its whole lifecycle."""
 
     rules = (
         Rule(
-            "self.training.globalBatchSize % (self.training.microBatchSize * self.workers.numNodes"
+            # The guard keeps a zero (already rejected by its own minimum) from adding a
+            # "modulus by zero" error on top of the real one.
+            "self.training.microBatchSize * self.workers.numNodes * self.workers.procsPerNode == 0"
+            " || self.training.globalBatchSize % (self.training.microBatchSize * self.workers.numNodes"
             " * self.workers.procsPerNode) == 0",
-            lambda m: m.training.global_batch_size
-            % (m.training.micro_batch_size * m.workers.num_nodes * m.workers.procs_per_node)
-            == 0,
+            lambda m: m.training.global_batch_size % _samples_per_micro_step(m) == 0,
             "training.globalBatchSize must be a multiple of training.microBatchSize x workers.numNodes"
             " x workers.procsPerNode",
             ".training.globalBatchSize",
@@ -85,3 +90,13 @@ class LLMTrainingJobSpec(ApiModel):
     """Compression after training."""
     serving: ServingSpec | None = None
     """Serving after success."""
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes."""
+        return self.workers.num_nodes * self.workers.procs_per_node
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimiser step on each process."""
+        return self.training.global_batch_size // _samples_per_micro_step(self)

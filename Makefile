@@ -1,0 +1,55 @@
+# llmop developer entry points. Every target installs what it needs on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+STAMP := .venv/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(UV):
+	python3 -m pip install --quiet --user uv==0.13.8
+
+$(STAMP): pyproject.toml | $(UV)
+	@test -x $(PY) || $(UV) venv --python 3.11 .venv
+	@# DeepSpeed's sdist imports torch in setup.py, so torch goes in first and DeepSpeed builds
+	@# against it without isolation (DS_BUILD_OPS=0: ops are JIT-built on demand, none needed on CPU).
+	$(UV) pip install --python $(PY) torch==2.15.0 setuptools wheel
+	DS_BUILD_OPS=0 $(UV) pip install --python $(PY) --no-build-isolation-package deepspeed -e '.[operator,trainer,dev]'
+	@rm -f .venv/.installed-* && touch $@
+
+.PHONY: venv
+venv: $(STAMP) ## Create .venv with the operator, trainer and dev dependencies
+
+.PHONY: bins
+bins: ## Build the pinned cluster binaries into ~/.cache/llmop (once per version)
+	hack/build-cluster-bins.sh
+
+.PHONY: crds
+crds: venv ## Regenerate crds/ from the API models
+	$(PY) -m llmop.api.crdgen crds
+
+.PHONY: cluster-up
+cluster-up: venv ## Start (or reuse) the local kwok cluster; prints the kubeconfig path last
+	@$(PY) -m llmop.dev.cluster up
+
+.PHONY: cluster-down
+cluster-down: venv ## Stop the local cluster
+	@$(PY) -m llmop.dev.cluster down
+
+.PHONY: lint
+lint: venv ## ruff (lint + format check) and mypy --strict on both packages
+	$(PY) -m ruff check operator trainer_image tests benchmarks
+	$(PY) -m ruff format --check operator trainer_image tests benchmarks
+	$(PY) -m mypy operator/llmop trainer_image/llmtrain
+
+.PHONY: test
+test: venv bins ## Install everything, then run the whole suite (cluster tests included)
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: venv ## Prepare data and train the embedded default model locally, then sample from it
+	$(PY) -m llmtrain.demo
