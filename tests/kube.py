@@ -19,7 +19,9 @@ class Cluster:
     kubeconfig: Path
     bin_dir: Path
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
             input=input,
@@ -46,7 +48,9 @@ class Cluster:
         return name
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.5, what: str = "condition"
+) -> Any:
     """Poll until predicate returns something truthy; return it or fail with what we waited for."""
     deadline = time.monotonic() + timeout
     last: Any = None
