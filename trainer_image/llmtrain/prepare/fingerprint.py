@@ -1,0 +1,40 @@
+"""The config hash that makes a re-run with unchanged input and configuration a no-op."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from llmop.api.v1alpha1.trainer_config import TrainerConfig
+
+from llmtrain.prepare.readers import ResolvedSource
+
+# Bump when a change to the stage alters its output for the same input, so old shards are rebuilt.
+PIPELINE_VERSION = 1
+
+
+def _file(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def config_hash(config: TrainerConfig, sources: list[ResolvedSource]) -> str:
+    """sha256 over the data spec, the vocabulary size and fingerprints of every input file.
+
+    numWorkers and prepare are left out: they change how, not what, the stage produces.
+    """
+    data = config.spec.data
+    payload = {
+        "pipeline_version": PIPELINE_VERSION,
+        "data": data.model_dump(mode="json", exclude={"num_workers", "prepare"}),
+        "vocab_size": config.spec.model.vocab_size,
+        "context_length": config.spec.model.context_length,
+        "inputs": [s.fingerprint() for s in sources],
+        "tokenizer_file": _file(data.tokenizer.path),
+        "thesaurus_file": _file(data.augmentation.thesaurus_path if data.augmentation.enabled else None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
