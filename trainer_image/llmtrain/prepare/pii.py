@@ -19,6 +19,9 @@ _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+
 # years, versions and dates are not taken for phone numbers.
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w)")
 
+# 2023-10-02, 02.10.2023, 2023/10/02: dates share the shape of short phone numbers.
+_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}")
+
 
 def _ip(match: re.Match[str]) -> str:
     try:
@@ -30,6 +33,8 @@ def _ip(match: re.Match[str]) -> str:
 
 def _phone(match: re.Match[str]) -> str:
     text = match.group(0)
+    if _DATE.fullmatch(text):
+        return text
     digits = sum(c.isdigit() for c in text)
     separated = any(c in text for c in " .-()") or text.startswith("+")
     return PHONE if 7 <= digits <= 15 and separated else text
