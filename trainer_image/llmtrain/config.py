@@ -1,0 +1,51 @@
+"""Load and validate a TrainerConfig file, turning pydantic errors into field-named messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from llmop.api.base import ApiModel
+from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from pydantic import ValidationError
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or invalid; the message names every bad field."""
+
+
+def _all_rules() -> dict[str, str]:
+    """Cross-field rule message -> the field it points at (relative, e.g. ".training.sequenceLength")."""
+    out: dict[str, str] = {}
+    todo: list[type[ApiModel]] = [ApiModel]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        for rule in cls.rules:
+            if rule.field_path:
+                out[rule.message] = rule.field_path
+    return out
+
+
+def _describe(err: dict[str, Any], rules: dict[str, str]) -> str:
+    path = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    # A rule fails on the model that holds it; its fieldPath says which field inside it is wrong.
+    if msg in rules:
+        path = (path + rules[msg]) if path else rules[msg].lstrip(".")
+    return f"{path or '<root>'}: {msg}"
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read ``path`` (YAML or JSON) into a TrainerConfig, or raise ConfigError naming the fields."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        rules = _all_rules()
+        lines = [_describe(dict(e), rules) for e in exc.errors()]
+        raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(lines)) from exc

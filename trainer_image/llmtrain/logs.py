@@ -1,0 +1,37 @@
+"""Structured log lines: logfmt by default, JSON lines with LLMTRAIN_LOG_FORMAT=json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    s = str(v)
+    return json.dumps(s) if (" " in s or "=" in s or not s) else s
+
+
+class Logger:
+    """Writes events from rank 0 only: the other ranks run the same loop and would repeat them."""
+
+    def __init__(self, rank: int, json_lines: bool | None = None) -> None:
+        self.rank = rank
+        self.json = (
+            os.environ.get("LLMTRAIN_LOG_FORMAT", "text") == "json" if json_lines is None else json_lines
+        )
+
+    def event(self, event: str, **fields: Any) -> None:
+        if self.rank != 0:
+            return
+        record = {"ts": round(time.time(), 3), "event": event, "rank": self.rank, **fields}
+        if self.json:
+            line = json.dumps(record)
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.pop("ts")))
+            line = f"{stamp} {record.pop('event')} " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
+        print(line, file=sys.stdout, flush=True)

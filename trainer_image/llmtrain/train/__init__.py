@@ -1,0 +1,1 @@
+"""Training: a small loop (loop.py) over single-purpose components."""

@@ -1,0 +1,194 @@
+"""Token shards -> fixed-length training windows, in a deterministic, resumable, rank-strided order.
+
+Each split is the concatenation of its memory-mapped shards. Window ``i`` is tokens
+``[i*T, i*T + T + 1)`` (inputs plus the shifted targets). Every epoch visits the windows in the
+permutation drawn from ``seed + epoch``; global sample ``g`` of that order goes to rank ``g % world``,
+like DistributedSampler. The position is (epoch, micro-batches consumed), which is all a resume needs
+to continue with exactly the same samples, whatever was prefetched when the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT = "llmop-shards-v1"
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data_dir: Path
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    tokenizer: str
+    splits: dict[str, list[str]]
+
+    def split_files(self, split: str) -> list[Path]:
+        return [self.data_dir / f for f in self.splits.get(split, [])]
+
+
+def read_manifest(data_dir: str | Path) -> Manifest:
+    root = Path(data_dir)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `llmtrain prepare` first (or set data.prepare)")
+    raw = json.loads(path.read_text())
+    if raw.get("format") != FORMAT or raw.get("dtype") not in _DTYPES:
+        raise ValueError(f"{path}: expected format {FORMAT} with dtype uint16/uint32")
+    return Manifest(
+        data_dir=root,
+        dtype=raw["dtype"],
+        vocab_size=int(raw["vocab_size"]),
+        eos_id=int(raw["eos_id"]),
+        pad_id=int(raw["pad_id"]),
+        tokenizer=raw.get("tokenizer", "tokenizer.json"),
+        splits={name: [s["file"] for s in shards] for name, shards in raw["splits"].items()},
+    )
+
+
+class TokenStream:
+    """One split's shards as a single read-only token array (no copy: np.memmap per shard)."""
+
+    def __init__(self, files: list[Path], dtype: str) -> None:
+        self.maps = [np.memmap(f, dtype=_DTYPES[dtype], mode="r") for f in files]
+        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        done = 0
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while done < n:
+            local = start + done - int(self.starts[shard])
+            take = min(n - done, len(self.maps[shard]) - local)
+            out[done : done + take] = self.maps[shard][local : local + take]
+            done += take
+            shard += 1
+        return out
+
+
+@dataclass
+class Position:
+    """Where the next training micro-batch starts: epoch and micro-batches (all ranks) consumed in it."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+class Windows:
+    """Fixed-length windows of one split and their per-epoch order."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int) -> None:
+        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+        self.count = (len(stream) - 1) // seq_len
+        if self.count < 1:
+            raise ValueError(f"split has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.count))
+        return self._order[1]
+
+    def sample(self, window: int) -> np.ndarray:
+        return self.stream.read(window * self.seq_len, self.seq_len + 1)
+
+    def batch(self, windows: list[int]) -> tuple[Tensor, Tensor]:
+        rows = torch.from_numpy(np.stack([self.sample(w) for w in windows]))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+class TrainLoader:
+    """Micro-batches for one rank, produced ahead of time by a background thread.
+
+    ``position`` always describes the batches *handed out*, not the ones prefetched, so checkpointing
+    it and restarting from it replays nothing and skips nothing.
+    """
+
+    def __init__(
+        self,
+        windows: Windows,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        position: Position,
+        prefetch: int = 4,
+    ) -> None:
+        self.windows, self.micro, self.rank, self.world = windows, micro_batch, rank, world
+        self.per_epoch = windows.count // (micro_batch * world)
+        if self.per_epoch < 1:
+            raise ValueError(
+                f"train split has {windows.count} windows, fewer than one global micro-batch "
+                f"({micro_batch} x {world} processes)"
+            )
+        self.position = Position(position.epoch, position.batch)
+        self._queue: queue.Queue[tuple[Tensor, Tensor, Position] | BaseException] = queue.Queue(prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="llmtrain-prefetch", daemon=True)
+        self._thread.start()
+
+    def _indices(self, pos: Position) -> list[int]:
+        order = self.windows.order(pos.epoch)
+        first = pos.batch * self.micro * self.world
+        return [int(order[first + k * self.world + self.rank]) for k in range(self.micro)]
+
+    def _produce(self) -> None:
+        pos = Position(self.position.epoch, self.position.batch)
+        try:
+            while not self._stop.is_set():
+                x, y = self.windows.batch(self._indices(pos))
+                pos = Position(pos.epoch, pos.batch + 1)
+                if pos.batch == self.per_epoch:  # drop the ragged tail: every rank sees full batches
+                    pos = Position(pos.epoch + 1, 0)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((x, y, pos), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # surfaced in the training thread by next()
+            self._queue.put(exc)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError("data prefetch thread failed") from item
+        x, y, self.position = item
+        return x, y
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self.position)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def validation_batches(
+    windows: Windows, micro_batch: int, rank: int, world: int, max_batches: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The first ``max_batches`` global micro-batches of the val split in file order (fixed every eval).
+
+    A val split smaller than that is used whole; one smaller than a single global batch wraps around,
+    so every rank still evaluates the same number of batches and collectives stay matched.
+    """
+    per_batch = micro_batch * world
+    n = max(1, min(max_batches, windows.count // per_batch))
+    out = []
+    for b in range(n):
+        ids = [(b * per_batch + k * world + rank) % windows.count for k in range(micro_batch)]
+        out.append(windows.batch(ids))
+    return out

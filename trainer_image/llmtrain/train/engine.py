@@ -1,0 +1,64 @@
+"""Optimiser construction and deepspeed.initialize.
+
+The optimiser is always built here and handed to DeepSpeed rather than named in the DeepSpeed config:
+DeepSpeed's own Adam variants are C++/CUDA extensions JIT-compiled on first use, which on a CPU-only
+machine means minutes of compiling (or failing without a toolchain) for no gain, since torch's
+AdamW/Adam/SGD already run there natively. With CPU offload on a GPU node, DeepSpeedCPUAdam is several
+times faster than torch's CPU Adam, so it is used there when its extension builds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop.api.v1alpha1.training import Offload, OptimizerType
+from llmop.render.deepspeed import render_deepspeed_config
+from torch import nn
+
+from llmtrain.logs import Logger
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: decaying norm gains towards zero only hurts (nanoGPT/Llama practice)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig, log: Logger) -> torch.optim.Optimizer:
+    o = cfg.spec.training.optimizer
+    groups = param_groups(model, o.weight_decay)
+    if o.type == OptimizerType.SGD:
+        return torch.optim.SGD(groups, lr=o.learning_rate, momentum=o.momentum, nesterov=o.nesterov)
+    adamw = o.type == OptimizerType.ADAMW
+    betas = (o.beta1, o.beta2)
+    if cfg.spec.deepspeed.offload_optimizer == Offload.CPU and torch.cuda.is_available():
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=o.learning_rate, betas=betas, eps=o.epsilon, adamw_mode=adamw)  # type: ignore[no-any-return]
+        except Exception as exc:  # no compiler in the image, ABI mismatch, ...
+            log.event("optimizer_fallback", reason=f"DeepSpeedCPUAdam unavailable: {exc}")
+    cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    # Adam's weight_decay is the coupled L2-in-gradient form, AdamW's the decoupled one, as the API says.
+    return cls(groups, lr=o.learning_rate, betas=betas, eps=o.epsilon)
+
+
+def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
+    """The operator-rendered config when the ConfigMap carries one, else rendered here from the spec."""
+    return cfg.deepspeed_config if cfg.deepspeed_config is not None else render_deepspeed_config(cfg.spec)
+
+
+def initialize(model: nn.Module, cfg: TrainerConfig, log: Logger) -> Any:
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg, log)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    return engine
+
+
+def set_learning_rate(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

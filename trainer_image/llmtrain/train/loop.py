@@ -1,0 +1,274 @@
+"""The training loop. Everything it needs is built in ``setup``; each concern lives in its own module."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop.render.deepspeed import gradient_accumulation_steps
+
+from llmtrain import exitcodes
+from llmtrain.logs import Logger
+from llmtrain.model.llama import Llama, build_model
+from llmtrain.train import dist, sparsity
+from llmtrain.train.checkpoint import Checkpointer
+from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest, validation_batches
+from llmtrain.train.engine import initialize, set_learning_rate
+from llmtrain.train.export import export_model, full_state_dict
+from llmtrain.train.metrics import Metrics, Throughput, flops_per_token, memory_bytes
+from llmtrain.train.schedule import learning_rate, total_steps
+
+EXIT_OK = exitcodes.OK
+EXIT_PREEMPTED = exitcodes.PREEMPTED
+
+
+@dataclass
+class Result:
+    exit_code: int
+    step: int
+    total_steps: int
+    resumed_from: str | None = None
+    validation_loss: float | None = None
+    export_dir: str | None = None
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits 75."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+@dataclass
+class Run:
+    cfg: TrainerConfig
+    env: dist.DistEnv
+    log: Logger
+    model: Llama
+    engine: Any
+    checkpointer: Checkpointer
+    loader: TrainLoader
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    metrics: Metrics
+    throughput: Throughput
+    total_steps: int
+    step: int
+    resumed_from: str | None
+    logged_step: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: TrainerConfig) -> Run:
+    env = dist.setup()
+    log = Logger(env.rank)
+    spec, tr = cfg.spec, cfg.spec.training
+    expected_world = spec.workers.num_nodes * spec.workers.procs_per_node
+    if env.world_size != expected_world:
+        raise ValueError(
+            f"WORLD_SIZE={env.world_size} but workers.numNodes x workers.procsPerNode = {expected_world}"
+        )
+    manifest = read_manifest(cfg.paths.data_dir)
+    if manifest.vocab_size > spec.model.vocab_size:
+        raise ValueError(
+            f"data vocabulary ({manifest.vocab_size}) exceeds model.vocabSize ({spec.model.vocab_size})"
+        )
+    # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
+    seed_everything(tr.seed + env.rank)
+    model = build_model(
+        spec.model,
+        seed=tr.seed,
+        dropout=tr.regularization.dropout,
+        sparse=tr.sparsity.enabled,
+        activation_checkpointing=tr.activation_checkpointing,
+    )
+    model.set_penalty(tr.regularization.l1, tr.regularization.l2)
+    engine = initialize(model, cfg, log)
+    checkpointer = Checkpointer(cfg.paths.checkpoint_dir, tr.checkpointing.keep_last, env)
+    state = checkpointer.restore(engine) or {}
+    position = Position(**state.get("data", {}))
+    train_windows = Windows(
+        TokenStream(manifest.split_files("train"), manifest.dtype), tr.sequence_length, tr.seed
+    )
+    val_windows = Windows(
+        TokenStream(manifest.split_files("val"), manifest.dtype), tr.sequence_length, tr.seed
+    )
+    loader = TrainLoader(train_windows, tr.micro_batch_size, env.rank, env.world_size, position)
+    val = validation_batches(
+        val_windows, tr.micro_batch_size, env.rank, env.world_size, tr.evaluation.max_batches
+    )
+    metrics = Metrics()
+    throughput = Throughput(
+        tokens_per_step=tr.global_batch_size * tr.sequence_length,
+        samples_per_step=tr.global_batch_size,
+        flops_per_token=flops_per_token(spec.model, tr.sequence_length),
+        world=env.world_size,
+    )
+    total = total_steps(tr)
+    metrics.total_steps.set(total)
+    if env.is_main:
+        port = int(os.environ.get("LLMOP_METRICS_PORT", spec.workers.metrics_port))
+        log.event("metrics_listening", port=metrics.serve(port))
+    step = int(state.get("step", 0))
+    metrics.step.set(step)
+    log.event(
+        "start",
+        job=cfg.run.job_name,
+        attempt=cfg.run.attempt,
+        world_size=env.world_size,
+        parameters=spec.model.num_parameters(),
+        total_steps=total,
+        gradient_accumulation=gradient_accumulation_steps(spec),
+        zero_stage=spec.deepspeed.zero_stage,
+        precision=tr.precision.value,
+        resumed_from=state.get("tag"),
+        data_position=f"{position.epoch}:{position.batch}",
+    )
+    metrics.tokens.inc(step * throughput.tokens_per_step)
+    return Run(
+        cfg,
+        env,
+        log,
+        model,
+        engine,
+        checkpointer,
+        loader,
+        val,
+        metrics,
+        throughput,
+        total,
+        step,
+        state.get("tag"),
+        step,
+    )
+
+
+def run(cfg: TrainerConfig) -> Result:
+    r = setup(cfg)
+    tr, engine, env = cfg.spec.training, r.engine, r.env
+    gas, dev = gradient_accumulation_steps(cfg.spec), engine.device
+    preemption = Preemption()
+    result = Result(EXIT_OK, r.step, r.total_steps, resumed_from=r.resumed_from)
+    r.throughput.mark(r.step, time.perf_counter())
+    step = r.step
+    try:
+        while step < r.total_steps:
+            lr = learning_rate(step, r.total_steps, tr.optimizer.learning_rate, tr.lr_schedule)
+            set_learning_rate(engine, lr)
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+            for _ in range(gas):
+                x, y = r.loader.next()
+                loss, penalty = engine(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                engine.backward(loss + penalty)
+                engine.step()  # DeepSpeed only updates at the accumulation boundary
+                loss_sum += loss.detach().float()
+            step += 1
+            result.step_seconds.append(time.perf_counter() - started)
+            if sparsity.due(step, tr.sparsity):
+                target = sparsity.target_sparsity(step, tr.sparsity)
+                sparsity.update_masks(r.model, target, zero3=cfg.spec.deepspeed.zero_stage == 3)
+                r.metrics.sparsity.set(sparsity.measured_sparsity(r.model))
+            if step % tr.log_interval_steps == 0 or step == r.total_steps:
+                report_progress(r, step, float(loss_sum.item()) / gas, lr)
+            if step % tr.evaluation.interval_steps == 0 or step == r.total_steps:
+                result.validation_loss = evaluate(r, step)
+            stop = dist.any_rank(preemption.requested, env)
+            if stop or step % tr.checkpointing.interval_steps == 0 or step == r.total_steps:
+                save_checkpoint(r, step)
+            if stop:
+                r.log.event("preempted", step=step, checkpoint=str(r.checkpointer.root))
+                write_status(env, f"preempted step={step}")
+                result.exit_code, result.step = EXIT_PREEMPTED, step
+                return result
+        result.step = step
+        result.export_dir = export(r)
+        r.log.event("done", step=step, validation_loss=result.validation_loss, export_dir=result.export_dir)
+        return result
+    finally:
+        r.loader.close()
+
+
+def report_progress(r: Run, step: int, local_loss: float, lr: float) -> None:
+    loss = dist.mean_over_ranks(local_loss, r.env)
+    rates = r.throughput.rates(step, time.perf_counter(), r.total_steps)
+    m = r.metrics
+    m.tokens.inc(r.throughput.tokens_per_step * (step - r.logged_step))
+    r.logged_step = step
+    m.step.set(step)
+    m.loss.set(loss)
+    m.lr.set(lr)
+    m.tokens_per_second.set(rates["tokens_per_second"])
+    m.samples_per_second.set(rates["samples_per_second"])
+    m.eta.set(rates["eta_seconds"])
+    m.memory.set(memory_bytes())
+    if "mfu" in rates:
+        m.flops_per_second.set(rates["flops_per_second"])
+        m.mfu.set(rates["mfu"])
+    r.log.event(
+        "progress", step=step, total_steps=r.total_steps, loss=round(loss, 6), lr=lr, **_rounded(rates)
+    )
+
+
+def _rounded(rates: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4 if k == "mfu" else 1) for k, v in rates.items()}
+
+
+@torch.no_grad()
+def evaluate(r: Run, step: int) -> float:
+    r.engine.eval()
+    total = 0.0
+    for x, y in r.val_batches:
+        loss, _ = r.engine(x.to(r.engine.device), y.to(r.engine.device))
+        total += float(loss.item())
+    r.engine.train()
+    val_loss = dist.mean_over_ranks(total / len(r.val_batches), r.env)
+    perplexity = float(np.exp(min(val_loss, 50.0)))
+    r.metrics.val_loss.set(val_loss)
+    r.metrics.val_ppl.set(perplexity)
+    r.log.event("validation", step=step, validation_loss=round(val_loss, 6), perplexity=round(perplexity, 3))
+    return val_loss
+
+
+def save_checkpoint(r: Run, step: int) -> None:
+    client = {"step": step, "data": r.loader.state(), "config_seed": r.cfg.spec.training.seed}
+    seconds = r.checkpointer.save(r.engine, step, client)
+    r.metrics.checkpoint_seconds.set(seconds)
+    r.log.event("checkpoint", step=step, seconds=round(seconds, 3))
+
+
+def export(r: Run) -> str | None:
+    state = full_state_dict(r.engine, r.cfg.spec.deepspeed.zero_stage)
+    if state is None:
+        dist.barrier(r.env)
+        return None
+    out = export_model(
+        state, r.cfg.spec.model, read_manifest(r.cfg.paths.data_dir), Path(r.cfg.paths.output_dir) / "model"
+    )
+    dist.barrier(r.env)
+    return str(out)
+
+
+def write_status(env: dist.DistEnv, text: str) -> None:
+    """Tell a wrapping ``llmtrain train`` launcher (see launch.py) why the workers stopped."""
+    path = os.environ.get("LLMTRAIN_STATUS_FILE")
+    if path and env.is_main:
+        Path(path).write_text(text + "\n")

@@ -1,0 +1,132 @@
+"""Prometheus metrics served by rank 0, and the throughput/MFU arithmetic behind them."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import torch
+from llmop.api.v1alpha1.model import ModelSpec
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+# Dense BF16/FP16 tensor-core peak per device, FLOP/s (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "V100": 125e12,
+}
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """PaLM (Chowdhery et al. 2022, app. B): 6N + 12*L*H*Q*T per trained token."""
+    head_dim = spec.hidden_size // spec.num_heads
+    return 6 * spec.num_parameters() + 12 * spec.num_layers * spec.num_heads * head_dim * seq_len
+
+
+def peak_flops_per_device() -> float | None:
+    """LLMOP_PEAK_FLOPS if set, else the table entry for the CUDA device name; None on CPU."""
+    env = os.environ.get("LLMOP_PEAK_FLOPS")
+    if env:
+        return float(env)
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    # Longest key first, so "H100 PCIe" wins over "H100".
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class Metrics:
+    """The llmtrain_* series. Every rank updates them; only rank 0 serves them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step = Gauge("llmtrain_step", "Optimiser steps completed", registry=r)
+        self.total_steps = Gauge("llmtrain_total_steps", "Optimiser steps in the run", registry=r)
+        self.tokens = Counter("llmtrain_tokens", "Training tokens consumed (all ranks)", registry=r)
+        self.loss = Gauge(
+            "llmtrain_loss", "Training loss (mean over ranks, last log interval step)", registry=r
+        )
+        self.val_loss = Gauge("llmtrain_validation_loss", "Validation loss", registry=r)
+        self.val_ppl = Gauge("llmtrain_validation_perplexity", "Validation perplexity", registry=r)
+        self.lr = Gauge("llmtrain_learning_rate", "Learning rate", registry=r)
+        self.tokens_per_second = Gauge(
+            "llmtrain_tokens_per_second", "Training tokens/s (all ranks)", registry=r
+        )
+        self.samples_per_second = Gauge(
+            "llmtrain_samples_per_second", "Training samples/s (all ranks)", registry=r
+        )
+        self.flops_per_second = Gauge(
+            "llmtrain_flops_per_second",
+            "Model FLOP/s (all ranks; only when the device peak is known)",
+            registry=r,
+        )
+        self.mfu = Gauge(
+            "llmtrain_mfu", "Model FLOPs utilisation, 0-1 (only when the device peak is known)", registry=r
+        )
+        self.checkpoint_seconds = Gauge(
+            "llmtrain_checkpoint_seconds", "Duration of the last checkpoint", registry=r
+        )
+        self.memory = Gauge("llmtrain_memory_bytes", "Peak RSS (CPU) or CUDA max allocated bytes", registry=r)
+        self.eta = Gauge("llmtrain_eta_seconds", "Estimated seconds to the last step", registry=r)
+        self.sparsity = Gauge("llmtrain_sparsity", "Fraction of prunable weights masked", registry=r)
+        self.port: int | None = None
+
+    def serve(self, port: int, addr: str | None = None) -> int:
+        """Start the HTTP endpoint; port 0 picks a free one. Returns the bound port."""
+        host = addr or os.environ.get("LLMOP_METRICS_ADDR", "127.0.0.1")
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(server.server_port)
+        return self.port
+
+
+class Throughput:
+    """Rates over the last log interval, and an ETA from them."""
+
+    def __init__(
+        self, tokens_per_step: int, samples_per_step: int, flops_per_token: float, world: int
+    ) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.samples_per_step = samples_per_step
+        self.flops_per_token = flops_per_token
+        peak = peak_flops_per_device()
+        self.peak_total = peak * world if peak else None
+        self._last: tuple[int, float] | None = None
+
+    def mark(self, step: int, now: float) -> None:
+        self._last = (step, now)
+
+    def rates(self, step: int, now: float, total_steps: int) -> dict[str, float]:
+        assert self._last is not None, "mark() the starting step first"
+        steps, seconds = step - self._last[0], max(now - self._last[1], 1e-9)
+        self._last = (step, now)
+        tokens_per_second = steps * self.tokens_per_step / seconds
+        out = {
+            "tokens_per_second": tokens_per_second,
+            "samples_per_second": steps * self.samples_per_step / seconds,
+            "eta_seconds": (total_steps - step) * seconds / max(steps, 1),
+        }
+        if self.peak_total:
+            out["flops_per_second"] = tokens_per_second * self.flops_per_token
+            out["mfu"] = out["flops_per_second"] / self.peak_total
+        return out
