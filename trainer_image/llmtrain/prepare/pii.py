@@ -24,16 +24,23 @@ _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}
 
 
 def _ip(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if ":" in text:
+        # "::", "1::2" and "a:b:c" are valid IPv6 but in prose they are slices, ratios and times;
+        # demand at least two groups and five hex digits (fe80::1 is the shortest accepted).
+        groups = [g for g in text.split("%")[0].split(":") if g]
+        if len(groups) < 2 or sum(map(len, groups)) < 5:
+            return text
     try:
-        ipaddress.ip_address(match.group(0).split("%")[0])
+        ipaddress.ip_address(text.split("%")[0])
     except ValueError:
-        return match.group(0)
+        return text
     return IP
 
 
 def _phone(match: re.Match[str]) -> str:
     text = match.group(0)
-    if _DATE.fullmatch(text):
+    if _DATE.match(text):  # a date, possibly followed by an hour ("2024-11-22 15:30")
         return text
     digits = sum(c.isdigit() for c in text)
     separated = any(c in text for c in " .-()") or text.startswith("+")
