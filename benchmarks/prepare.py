@@ -216,9 +216,13 @@ def main() -> None:
         except ImportError as exc:
             print(f"datatrove: skipped, not importable ({exc}); `uv pip install datatrove` to include it")
         else:
-            dt, t_dt = timed(lambda: run_datatrove(texts, cfg, workers, ds_bands, ds_rows))
-            report(f"datatrove ({workers} tasks)", dt, t_dt)
-            print(f"prepare speedup vs datatrove: {t_dt / t_ours:.2f}")
+            try:
+                dt, t_dt = timed(lambda: run_datatrove(texts, cfg, workers, ds_bands, ds_rows))
+            except ImportError as exc:  # its MinHash needs xxhash, an optional extra
+                print(f"datatrove: skipped, a dependency is missing ({exc})")
+            else:
+                report(f"datatrove ({workers} tasks)", dt, t_dt)
+                print(f"prepare speedup vs datatrove: {t_dt / t_ours:.2f}")
     print(f"prepare speedup vs datasketch: {t_ds / t_ours:.2f}")
 
 
