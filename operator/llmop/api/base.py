@@ -70,7 +70,7 @@ class ApiModel(BaseModel):
         return self
 
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:  # type: ignore[override]
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
         """Validate a manifest-shaped mapping the way the apiserver does.
 
         Manifests arrive as JSON or YAML, so mappings are validated in pydantic's strict JSON mode:

@@ -43,6 +43,8 @@ class _WithFactoryDefaults(GenerateJsonSchema):
         if isinstance(value, BaseModel):
             return value.model_dump(by_alias=True, mode="json", exclude_none=True)
         return value if value else NoDefault
+
+
 _DROP = {"title", "additionalProperties", "$defs"}
 
 
@@ -59,16 +61,20 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         if len(options) == 1:
             return structural({**options[0], **node}, defs)
         if node.pop("x-llmop-quantity", False) or {o.get("type") for o in options} == {"integer", "string"}:
-            out = {k: v for k, v in node.items() if k not in _DROP}
-            out["x-kubernetes-int-or-string"] = True
-            return out
+            int_or_string = {k: v for k, v in node.items() if k not in _DROP}
+            int_or_string["x-kubernetes-int-or-string"] = True
+            return int_or_string
         raise ValueError(f"cannot express anyOf {options} structurally")
     node.pop("x-llmop-quantity", None)
 
     out: Schema = {k: v for k, v in node.items() if k not in _DROP}
-    if isinstance(out.get("exclusiveMinimum"), (int, float)) and not isinstance(out["exclusiveMinimum"], bool):
+    if isinstance(out.get("exclusiveMinimum"), (int, float)) and not isinstance(
+        out["exclusiveMinimum"], bool
+    ):
         out["minimum"], out["exclusiveMinimum"] = out["exclusiveMinimum"], True
-    if isinstance(out.get("exclusiveMaximum"), (int, float)) and not isinstance(out["exclusiveMaximum"], bool):
+    if isinstance(out.get("exclusiveMaximum"), (int, float)) and not isinstance(
+        out["exclusiveMaximum"], bool
+    ):
         out["maximum"], out["exclusiveMaximum"] = out["exclusiveMaximum"], True
     if "type" not in out and "enum" in out:
         out["type"] = "string"
@@ -106,10 +112,30 @@ def model_schema(model: type[Any]) -> Schema:
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Lifecycle state"},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.workers.numNodes", "description": "Worker pods"},
-    {"name": "GPUs/Node", "type": "integer", "jsonPath": ".spec.workers.gpusPerNode", "description": "GPUs per worker"},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Training steps done"},
-    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "Training progress"},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restartCount", "description": "Gang restarts counted against backoffLimit"},
+    {
+        "name": "GPUs/Node",
+        "type": "integer",
+        "jsonPath": ".spec.workers.gpusPerNode",
+        "description": "GPUs per worker",
+    },
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.progress.step",
+        "description": "Training steps done",
+    },
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress.summary",
+        "description": "Training progress",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restartCount",
+        "description": "Gang restarts counted against backoffLimit",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

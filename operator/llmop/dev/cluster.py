@@ -8,6 +8,7 @@ Fake GPU nodes are Node objects that kwok keeps Ready; pods on them follow the S
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -94,15 +95,28 @@ class FakeNode:
                     {"type": "InternalIP", "address": self.ip},
                     {"type": "Hostname", "address": self.name},
                 ],
-                "allocatable": {"cpu": self.cpu, "memory": self.memory, "pods": "110", "nvidia.com/gpu": str(self.gpus)},
-                "capacity": {"cpu": self.cpu, "memory": self.memory, "pods": "110", "nvidia.com/gpu": str(self.gpus)},
+                "allocatable": {
+                    "cpu": self.cpu,
+                    "memory": self.memory,
+                    "pods": "110",
+                    "nvidia.com/gpu": str(self.gpus),
+                },
+                "capacity": {
+                    "cpu": self.cpu,
+                    "memory": self.memory,
+                    "pods": "110",
+                    "nvidia.com/gpu": str(self.gpus),
+                },
             },
         }
 
 
 def default_nodes(count: int = 4, gpus: int = 8) -> list[FakeNode]:
     # Node i gets 127.0.1.(i+1): the apiserver dials node IPs for logs/exec, so they stay on loopback.
-    return [FakeNode(name=f"gpu-node-{i}", ip=f"127.0.{1 + i // 250}.{1 + i % 250}", gpus=gpus) for i in range(count)]
+    return [
+        FakeNode(name=f"gpu-node-{i}", ip=f"127.0.{1 + i // 250}.{1 + i % 250}", gpus=gpus)
+        for i in range(count)
+    ]
 
 
 def render_config(bin_dir: Path) -> str:
@@ -124,6 +138,11 @@ def render_config(bin_dir: Path) -> str:
         },
         "componentsPatches": [
             {"name": "kube-apiserver", "extraArgs": [{"key": "advertise-address", "value": "127.0.0.1"}]},
+            # The development-only hostPath provisioner binds the PersistentVolumeClaims jobs create.
+            {
+                "name": "kube-controller-manager",
+                "extraArgs": [{"key": "enable-hostpath-provisioner", "value": "true"}],
+            },
             # Flags rather than a KwokConfiguration document: a partial one drops kwok's defaults.
             {
                 "name": "kwok-controller",
@@ -153,7 +172,15 @@ def healthy(bin_dir: Path, kubeconfig: Path) -> bool:
     if not kubeconfig.exists():
         return False
     proc = subprocess.run(
-        [str(bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz", "--request-timeout=5s"],
+        [
+            str(bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(kubeconfig),
+            "get",
+            "--raw",
+            "/readyz",
+            "--request-timeout=5s",
+        ],
         capture_output=True,
         text=True,
     )
@@ -166,15 +193,20 @@ def up(node_count: int = 4) -> Path:
     kubeconfig = kubeconfig_path()
     env = tool_env(bin_dir)
     kwokctl = [str(bin_dir / "kwokctl"), "--name", CLUSTER_NAME]
-    if healthy(bin_dir, kubeconfig):
+    rendered = render_config(bin_dir)
+    # A running cluster is reused only if it was made from the same configuration and binaries.
+    stamp = kwok_home() / "clusters" / CLUSTER_NAME / "llmop-config.sha256"
+    digest = hashlib.sha256(rendered.encode()).hexdigest()
+    same_config = stamp.exists() and stamp.read_text() == digest
+    if same_config and healthy(bin_dir, kubeconfig):
         log(f"reusing running cluster {CLUSTER_NAME}")
     else:
         if (kwok_home() / "clusters" / CLUSTER_NAME).exists():
             # A cluster left behind by a crash or reboot: restart it if it can be, else recreate it.
-            log(f"cluster {CLUSTER_NAME} exists but is not healthy; recreating it")
+            log(f"cluster {CLUSTER_NAME} is unhealthy or was made from another configuration; recreating it")
             subprocess.run([*kwokctl, "delete", "cluster"], env=env, capture_output=True)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(render_config(bin_dir))
+            f.write(rendered)
         log(f"creating cluster {CLUSTER_NAME} (kube-apiserver from {bin_dir})")
         proc = subprocess.run(
             [*kwokctl, "create", "cluster", "--runtime", "binary", "--config", f.name, "--wait", "3m"],
@@ -186,6 +218,7 @@ def up(node_count: int = 4) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stdout}\n{proc.stderr}")
         wait_ready(bin_dir, kubeconfig)
+        stamp.write_text(digest)
     install(bin_dir, kubeconfig, default_nodes(node_count))
     return kubeconfig
 
@@ -201,8 +234,19 @@ def wait_ready(bin_dir: Path, kubeconfig: Path, timeout: float = 120) -> None:
     raise TimeoutError("the local cluster did not become ready")
 
 
+STORAGE_CLASS = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {"name": "standard", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+    "provisioner": "kubernetes.io/host-path",
+    "reclaimPolicy": "Delete",
+    "volumeBindingMode": "Immediate",
+}
+
+
 def install(bin_dir: Path, kubeconfig: Path, nodes: list[FakeNode]) -> None:
-    """Apply the CRDs and nodes (idempotent: server-side apply)."""
+    """Apply the CRDs, a default StorageClass and the nodes (idempotent)."""
+    kubectl(bin_dir, kubeconfig, "apply", "--server-side", "-f", "-", input=json.dumps(STORAGE_CLASS))
     kubectl(bin_dir, kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     for crd in (REPO / "crds").glob("*.yaml"):
         name = yaml.safe_load(crd.read_text())["metadata"]["name"]
@@ -218,7 +262,9 @@ def install(bin_dir: Path, kubeconfig: Path, nodes: list[FakeNode]) -> None:
 def down() -> None:
     bin_dir = ensure_binaries()
     subprocess.run(
-        [str(bin_dir / "kwokctl"), "--name", CLUSTER_NAME, "delete", "cluster"], env=tool_env(bin_dir), check=False
+        [str(bin_dir / "kwokctl"), "--name", CLUSTER_NAME, "delete", "cluster"],
+        env=tool_env(bin_dir),
+        check=False,
     )
 
 

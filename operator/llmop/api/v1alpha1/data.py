@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import Field
 
 from llmop.api.base import ApiModel, Rule
 
 
-class SourceFormat(str, Enum):
+class SourceFormat(StrEnum):
     AUTO = "Auto"
     TEXT = "Text"
     JSONL = "JSONL"
@@ -27,7 +27,7 @@ class DataSource(ApiModel):
     """Field holding the document text in JSONL and Parquet records."""
 
 
-class Normalization(str, Enum):
+class Normalization(StrEnum):
     NFC = "NFC"
     NFKC = "NFKC"
     NONE = "None"

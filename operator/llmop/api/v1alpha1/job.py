@@ -52,19 +52,23 @@ class LLMTrainingJobSpec(ApiModel):
         Rule(
             "self.training.precision != 'FP16' || self.deepspeed.zeroStage <= 2"
             " || self.deepspeed.offloadParameters == 'None'",
-            lambda m: m.training.precision != "FP16"
-            or m.deepspeed.zero_stage <= 2
-            or m.deepspeed.offload_parameters == "None",
+            lambda m: (
+                m.training.precision != "FP16"
+                or m.deepspeed.zero_stage <= 2
+                or m.deepspeed.offload_parameters == "None"
+            ),
             "FP16 with ZeRO 3 parameter offload is not supported; use BF16",
             ".training.precision",
         ),
         Rule(
             "!has(self.serving) || !self.serving.enabled || self.serving.source == 'Trained'"
             " || (has(self.compression) && has(self.compression.selection))",
-            lambda m: m.serving is None
-            or not m.serving.enabled
-            or m.serving.source == "Trained"
-            or (m.compression is not None and m.compression.selection is not None),
+            lambda m: (
+                m.serving is None
+                or not m.serving.enabled
+                or m.serving.source == "Trained"
+                or (m.compression is not None and m.compression.selection is not None)
+            ),
             "serving.source Selected needs compression.selection",
             ".serving.source",
         ),

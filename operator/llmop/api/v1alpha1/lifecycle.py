@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import Field
 
@@ -11,7 +11,7 @@ from llmop.api.v1alpha1.model import TransformerShape
 from llmop.api.v1alpha1.workload import ResourceRequirements
 
 
-class QuantizationMethod(str, Enum):
+class QuantizationMethod(StrEnum):
     INT8_WEIGHT_ONLY = "Int8WeightOnly"
     INT8_DYNAMIC = "Int8Dynamic"
     INT4_WEIGHT_ONLY = "Int4WeightOnly"
@@ -35,7 +35,7 @@ class Quantization(ApiModel):
     """Weights per quantisation group for Int4WeightOnly (default 64)."""
 
 
-class PruningMethod(str, Enum):
+class PruningMethod(StrEnum):
     MAGNITUDE = "Magnitude"
     STRUCTURED = "Structured"
 
@@ -66,7 +66,7 @@ class Distillation(ApiModel):
     """Student peak learning rate."""
 
 
-class SelectionObjective(str, Enum):
+class SelectionObjective(StrEnum):
     SMALLEST = "Smallest"
     FASTEST = "Fastest"
 
@@ -97,7 +97,7 @@ class CompressionSpec(ApiModel):
     """Retries of each compression Job."""
 
 
-class ServingSource(str, Enum):
+class ServingSource(StrEnum):
     TRAINED = "Trained"
     SELECTED = "Selected"
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import Field
 
 from llmop.api.base import ApiModel, Rule
 
 
-class Architecture(str, Enum):
+class Architecture(StrEnum):
     LLAMA = "Llama"
 
 
-class InitScheme(str, Enum):
+class InitScheme(StrEnum):
     NORMAL = "Normal"
     XAVIER = "Xavier"
     HE = "He"

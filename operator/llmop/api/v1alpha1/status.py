@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import Field
 
 from llmop.api.base import ApiModel
 
 
-class ConditionStatus(str, Enum):
+class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"
     UNKNOWN = "Unknown"
@@ -32,7 +32,7 @@ class Condition(ApiModel):
     """metadata.generation the condition was computed from."""
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     PENDING = "Pending"
     PREPARING = "Preparing"
     STARTING = "Starting"
@@ -45,7 +45,7 @@ class JobState(str, Enum):
     FAILED = "Failed"
 
 
-class StageState(str, Enum):
+class StageState(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
@@ -10,7 +10,7 @@ from pydantic import Field
 from llmop.api.base import ApiModel, Rule
 
 
-class OptimizerType(str, Enum):
+class OptimizerType(StrEnum):
     ADAMW = "AdamW"
     ADAM = "Adam"
     SGD = "SGD"
@@ -37,7 +37,7 @@ class Optimizer(ApiModel):
     """Nesterov momentum for SGD."""
 
 
-class ScheduleType(str, Enum):
+class ScheduleType(StrEnum):
     COSINE = "Cosine"
     LINEAR = "Linear"
     CONSTANT = "Constant"
@@ -54,7 +54,7 @@ class LearningRateSchedule(ApiModel):
     """Final learning rate as a fraction of the peak."""
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     BF16 = "BF16"
     FP16 = "FP16"
     FP32 = "FP32"
@@ -159,7 +159,7 @@ class TrainingSpec(ApiModel):
     """Seed for initialisation, data order and dropout."""
 
 
-class Offload(str, Enum):
+class Offload(StrEnum):
     NONE = "None"
     CPU = "CPU"
 

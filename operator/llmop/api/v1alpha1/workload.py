@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
@@ -21,12 +21,12 @@ class ResourceRequirements(ApiModel):
     """Resource limits of each worker pod."""
 
 
-class TolerationOperator(str, Enum):
+class TolerationOperator(StrEnum):
     EXISTS = "Exists"
     EQUAL = "Equal"
 
 
-class TaintEffect(str, Enum):
+class TaintEffect(StrEnum):
     NO_SCHEDULE = "NoSchedule"
     PREFER_NO_SCHEDULE = "PreferNoSchedule"
     NO_EXECUTE = "NoExecute"
@@ -100,13 +100,13 @@ class WorkersSpec(ApiModel):
     """Extra annotations on every worker pod, e.g. for sidecar injection or log collection."""
 
 
-class RestartPolicy(str, Enum):
+class RestartPolicy(StrEnum):
     ON_FAILURE = "OnFailure"
     NEVER = "Never"
     EXIT_CODE = "ExitCode"
 
 
-class ExitCodeAction(str, Enum):
+class ExitCodeAction(StrEnum):
     RESTART = "Restart"
     FAIL = "Fail"
 
@@ -137,7 +137,7 @@ class RunPolicy(ApiModel):
     """Delete the running pods and keep the job's state; false again resumes from the checkpoint."""
 
 
-class GangScheduler(str, Enum):
+class GangScheduler(StrEnum):
     NONE = "None"
     VOLCANO = "Volcano"
     COSCHEDULING = "Coscheduling"
@@ -151,7 +151,7 @@ class SchedulingSpec(ApiModel):
     scheduler_name: str | None = Field(None, max_length=253)
     """schedulerName for the worker pods (defaults follow gangScheduler)."""
     queue_name: str | None = Field(None, max_length=63)
-    """Kueue LocalQueue; the gang is admitted as one Kueue plain pod group."""
+    """Kueue LocalQueue (the gang is admitted as one Kueue plain pod group), or the Volcano queue when gangScheduler is Volcano."""
     schedule_timeout_seconds: int = Field(600, ge=1)
     """How long a gang may wait unplaced before the Unschedulable condition is raised."""
 

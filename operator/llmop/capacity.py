@@ -1,0 +1,127 @@
+"""All-or-nothing placement check for gangs that have no gang scheduler.
+
+Without Volcano, coscheduling or Kueue, the default scheduler would bind whichever workers fit and
+leave the rest Pending: a half-placed gang that holds GPUs and never trains. So the operator creates
+workers behind a scheduling gate and lifts the gate only when every worker fits on a distinct
+feasible node (GPU, CPU and memory requests, node selector, taints). Pods already ungated but not yet
+bound count as using capacity, so two gangs released together cannot both claim the same GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_SUFFIX = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}  # fmt: skip
+_QUANTITY = re.compile(r"^([0-9.]+(?:e[0-9]+)?)([a-zA-Z]*)$")
+TRACKED = ("nvidia.com/gpu", "cpu", "memory")
+
+
+def quantity(value: Any) -> float:
+    """Parse a Kubernetes quantity ("500m", "64Gi", 8) into a float."""
+    m = _QUANTITY.match(str(value).strip())
+    if not m:
+        raise ValueError(f"not a quantity: {value!r}")
+    return float(m.group(1)) * _SUFFIX.get(m.group(2), 1.0)
+
+
+def requests_of(pod_spec: Mapping[str, Any]) -> dict[str, float]:
+    total = dict.fromkeys(TRACKED, 0.0)
+    for c in pod_spec.get("containers", []):
+        res = c.get("resources") or {}
+        merged = {**(res.get("limits") or {}), **(res.get("requests") or {})}
+        for name in TRACKED:
+            if name in merged:
+                total[name] += quantity(merged[name])
+    return total
+
+
+@dataclass
+class NodeView:
+    name: str
+    labels: dict[str, str]
+    allocatable: dict[str, float]
+    taints: list[dict[str, Any]]
+    ready: bool
+    unschedulable: bool
+    used: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TRACKED, 0.0))
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any]) -> NodeView:
+        status = node.get("status", {})
+        alloc = status.get("allocatable") or {}
+        return cls(
+            name=node["metadata"]["name"],
+            labels=dict(node["metadata"].get("labels") or {}),
+            allocatable={k: quantity(alloc[k]) if k in alloc else 0.0 for k in TRACKED},
+            taints=list((node.get("spec") or {}).get("taints") or []),
+            ready=any(
+                c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+            ),
+            unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
+        )
+
+    def free(self, resource: str) -> float:
+        return self.allocatable[resource] - self.used[resource]
+
+
+def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    for t in tolerations:
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and (not t.get("key") or t["key"] == taint.get("key")):
+            return True
+        if t.get("key") == taint.get("key") and t.get("value") == taint.get("value"):
+            return True
+    return False
+
+
+def feasible(node: NodeView, pod_spec: Mapping[str, Any], request: Mapping[str, float]) -> bool:
+    if not node.ready or node.unschedulable:
+        return False
+    selector = pod_spec.get("nodeSelector") or {}
+    if any(node.labels.get(k) != v for k, v in selector.items()):
+        return False
+    tolerations = pod_spec.get("tolerations") or []
+    if any(
+        t.get("effect") in ("NoSchedule", "NoExecute") and not _tolerated(t, tolerations) for t in node.taints
+    ):
+        return False
+    return all(node.free(r) >= request.get(r, 0.0) for r in TRACKED)
+
+
+@dataclass(frozen=True)
+class Fit:
+    fits: bool
+    feasible_nodes: int
+    needed: int
+    message: str
+
+
+def gang_fits(nodes: list[NodeView], pod_spec: Mapping[str, Any], count: int) -> Fit:
+    """Whether `count` pods with this spec fit, one per node (that is what a training gang needs)."""
+    request = requests_of(pod_spec)
+    ok = [n for n in nodes if feasible(n, pod_spec, request)]
+    gpus = int(request["nvidia.com/gpu"])
+    what = f"{gpus} free nvidia.com/gpu" if gpus else "free CPU and memory"
+    selector = pod_spec.get("nodeSelector") or {}
+    where = f" matching nodeSelector {selector}" if selector else ""
+    message = f"needs {count} nodes with {what}{where}; {len(ok)} available"
+    return Fit(fits=len(ok) >= count, feasible_nodes=len(ok), needed=count, message=message)
+
+
+def reserve(nodes: list[NodeView], pod_spec: Mapping[str, Any], count: int) -> None:
+    """Account `count` just-released pods against the most-free feasible nodes."""
+    request = requests_of(pod_spec)
+    ok = sorted(
+        (n for n in nodes if feasible(n, pod_spec, request)),
+        key=lambda n: -n.free("nvidia.com/gpu"),
+    )
+    for node in ok[:count]:
+        for r in TRACKED:
+            node.used[r] += request.get(r, 0.0)

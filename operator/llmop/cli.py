@@ -1,0 +1,65 @@
+"""`llmop` command line: the operator, CRD generation and the development cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+
+from llmop.settings import Settings
+
+
+def run_operator(settings: Settings) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    from llmop import handlers, metrics  # noqa: F401 - registers the handlers
+
+    kopf.configure(log_format=kopf.LogFormat[settings.log_format.upper()], verbose=False)
+    start_http_server(settings.metrics_port, addr=settings.bind_address, registry=metrics.REGISTRY)
+    host = settings.bind_address or "0.0.0.0"
+    stop = threading.Event()
+    return_code = 0
+    try:
+        asyncio.run(
+            kopf.operator(
+                standalone=True,  # one replica (the chart uses a Recreate strategy): no peering CRD needed
+                clusterwide=not settings.namespaces,
+                namespaces=settings.namespaces,
+                liveness_endpoint=f"http://{host}:{settings.health_port}/healthz",
+                stop_flag=stop,
+            )
+        )
+    except KeyboardInterrupt:
+        return_code = 130
+    return return_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("operator", help="run the operator (settings from LLMOP_* environment variables)")
+    crds = sub.add_parser("crds", help="write the CRDs generated from the API models")
+    crds.add_argument("out_dir", nargs="?", default="crds")
+    dev = sub.add_parser("dev", help="development tools")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    cluster = dev_sub.add_parser("cluster", help="the local kwok cluster")
+    cluster.add_argument("action", choices=["up", "down"])
+    args = parser.parse_args(argv)
+
+    if args.command == "operator":
+        return run_operator(Settings.from_env())
+    if args.command == "crds":
+        from llmop.api import crdgen
+
+        return crdgen.main(["crdgen", args.out_dir])
+    if args.command == "dev" and args.dev_command == "cluster":
+        from llmop.dev import cluster as devcluster
+
+        return devcluster.main(["cluster", args.action])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

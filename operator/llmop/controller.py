@@ -1,0 +1,221 @@
+"""Carries out one reconcile pass for a job: observe, plan (reconcile.py), act, report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from llmop import capacity, metrics, naming, progress
+from llmop import conditions as cond
+from llmop.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop.builders import JobRef, config, prepare, scheduling, storage, workers
+from llmop.kube import Kube
+from llmop.observe import BatchJobView, PodView
+from llmop.reconcile import JobSnapshot, Observed, Plan, plan
+
+log = logging.getLogger("llmop.controller")
+_WARNING_REASONS = {"WorkerFailed", "WorkerDisrupted", "WorkerLost", "InsufficientCapacity", "Unschedulable"}
+
+
+@dataclass
+class JobMemory:
+    """What one job's daemon remembers between passes.
+
+    The daemon is the only writer of its job's status, so the status it last wrote is authoritative;
+    the watched body can lag behind our own patch and must not be used to recount restarts.
+    """
+
+    status: dict[str, Any] | None = None
+    last_scrape: float = 0.0
+    attempt_started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Reservation:
+    pod_spec: Mapping[str, Any]
+    count: int
+    expires: float
+
+
+class Cluster:
+    """Shared, in-process view used by the all-or-nothing placement check."""
+
+    def __init__(self) -> None:
+        self.reservations: dict[tuple[str, str], Reservation] = {}
+
+    def fit(
+        self,
+        job: tuple[str, str],
+        nodes: Iterable[capacity.NodeView],
+        usage: Iterable[tuple[str | None, dict[str, float]]],
+        pod_spec: Mapping[str, Any],
+        count: int,
+    ) -> capacity.Fit:
+        views = [
+            capacity.NodeView(n.name, n.labels, n.allocatable, n.taints, n.ready, n.unschedulable)
+            for n in nodes
+        ]
+        by_name = {n.name: n for n in views}
+        for node_name, req in usage:
+            if node_name in by_name:
+                for r in capacity.TRACKED:
+                    by_name[node_name].used[r] += req.get(r, 0.0)
+        now = time.monotonic()
+        for key, res in list(self.reservations.items()):
+            if res.expires < now:
+                del self.reservations[key]
+            elif key != job:  # a job's own earlier release must not block its own retry
+                capacity.reserve(views, res.pod_spec, res.count)
+        return capacity.gang_fits(views, pod_spec, count)
+
+
+CLUSTER = Cluster()
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """Kopf's live indexes (see handlers.py), keyed by (namespace, job) or None for cluster-wide."""
+
+    worker_pods: Any
+    batch_jobs: Any
+    nodes: Any
+    resource_usage: Any
+
+
+def _store(index: Any, key: Any) -> list[Any]:
+    try:
+        return list(index.get(key, []))
+    except TypeError:
+        return []
+
+
+async def reconcile_once(
+    kube: Kube,
+    body: kopf.Body,
+    memory: JobMemory,
+    indexes: Indexes,
+    progress_interval: float,
+) -> float | None:
+    """One pass; returns seconds until the next pass is due without events (None: resync default)."""
+    started = time.perf_counter()
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    spec = LLMTrainingJobSpec.model_validate(body.get("spec", {}))
+    status = memory.status if memory.status is not None else dict(body.get("status") or {})
+    job = JobSnapshot(name, namespace, meta["uid"], meta.get("generation", 1), spec, status)
+    ref = JobRef(name, namespace, meta["uid"], spec)
+
+    pods: list[PodView] = _store(indexes.worker_pods, (namespace, name))
+    prepare_jobs: list[BatchJobView] = _store(indexes.batch_jobs, (namespace, name, naming.ROLE_PREPARE))
+    now = datetime.now(UTC)
+    seen = Observed(pods=pods, prepare=prepare_jobs[0] if prepare_jobs else None, now=now)
+    attempt = status.get("attempt") or 1
+    if any(p.gated and p.attempt == attempt for p in pods) and workers.scheduling_gates(ref) == [
+        naming.GANG_GATE
+    ]:
+        worker = workers.build_worker(ref, 0, attempt)["spec"]
+        fit = CLUSTER.fit(
+            (namespace, name),
+            _store(indexes.nodes, None),
+            _store(indexes.resource_usage, None),
+            worker,
+            spec.workers.num_nodes,
+        )
+        seen = Observed(pods=pods, prepare=seen.prepare, now=now, fit=fit)
+
+    result = plan(job, seen)
+    await act(kube, ref, result, body)
+    await report_progress(ref, result, pods, memory, progress_interval)
+    await write_status(kube, ref, status, result, memory, body)
+    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+    return result.requeue_after
+
+
+async def act(kube: Kube, ref: JobRef, result: Plan, body: kopf.Body) -> None:
+    ns = ref.namespace
+    if result.delete_job:
+        await kube.delete_job(ns, ref.name)
+        return
+    if result.ensure_base:
+        base = [workers.build_service_account(ref), config.build_config_map(ref), workers.build_service(ref)]
+        if claim := storage.build_claim(ref):
+            base.append(claim)
+        await asyncio.gather(*(kube.create(m) for m in base))
+        if group := scheduling.build_pod_group(ref):
+            if problem := await kube.create_optional(group):
+                kopf.warn(body, reason="PodGroupUnavailable", message=problem)
+    if result.create_prepare:
+        await kube.create(prepare.build_prepare_job(ref))
+    if result.delete_pods:
+        await asyncio.gather(*(kube.delete_pod(ns, p) for p in result.delete_pods))
+    if result.create_workers:
+        attempt = result.status["attempt"]
+        manifests = [workers.build_worker(ref, i, attempt) for i in result.create_workers]
+        await asyncio.gather(*(kube.create(m) for m in manifests))
+    if result.ungate:
+        worker = workers.build_worker(ref, 0, result.status["attempt"])["spec"]
+        CLUSTER.reservations[(ns, ref.name)] = Reservation(worker, len(result.ungate), time.monotonic() + 30)
+        await asyncio.gather(*(kube.remove_scheduling_gate(ns, p, naming.GANG_GATE) for p in result.ungate))
+
+
+async def report_progress(
+    ref: JobRef, result: Plan, pods: list[PodView], memory: JobMemory, interval: float
+) -> None:
+    if result.status.get("state") != "Running" or time.monotonic() - memory.last_scrape < interval:
+        return
+    rank0 = next(
+        (p for p in pods if p.index == 0 and p.attempt == result.status.get("attempt") and p.ip), None
+    )
+    if rank0 is None or rank0.ip is None:
+        return
+    memory.last_scrape = time.monotonic()
+    values = await progress.scrape(rank0.ip, ref.spec.workers.metrics_port)
+    if values is None:
+        return
+    result.status["progress"] = progress.to_status(values, datetime.now(UTC))
+    metrics.JOB_STEP.labels(ref.namespace, ref.name).set(values.get("step", 0))
+    if "loss" in values:
+        metrics.JOB_LOSS.labels(ref.namespace, ref.name).set(values["loss"])
+    if "tokensPerSecond" in values:
+        metrics.JOB_TOKENS.labels(ref.namespace, ref.name).set(values["tokensPerSecond"])
+
+
+async def write_status(
+    kube: Kube, ref: JobRef, before: dict[str, Any], result: Plan, memory: JobMemory, body: kopf.Body
+) -> None:
+    ns, name = ref.namespace, ref.name
+    if result.status != before:
+        await kube.patch_job_status(ns, name, result.status)
+    memory.status = result.status
+    for t in result.transitions:
+        warning = t.status == "True" and (
+            t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS
+        )
+        (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
+        record_transition(ns, t)
+    if result.gang_running_since is not None:
+        metrics.TIME_TO_RUNNING.observe(time.monotonic() - memory.attempt_started)
+    if len(result.create_workers) == ref.spec.workers.num_nodes:
+        memory.attempt_started = time.monotonic()  # a whole gang was just created
+    metrics.set_state(ns, name, result.status.get("state"))
+    metrics.JOB_RESTARTS.labels(ns, name).set(result.status.get("restartCount", 0))
+
+
+def record_transition(namespace: str, t: cond.Transition) -> None:
+    if t.status != "True":
+        return
+    if t.type == cond.CREATED:
+        metrics.JOBS_CREATED.labels(namespace).inc()
+    elif t.type == cond.SUCCEEDED:
+        metrics.JOBS_SUCCEEDED.labels(namespace).inc()
+    elif t.type == cond.FAILED:
+        metrics.JOBS_FAILED.labels(namespace, t.reason).inc()
+    elif t.type == cond.RESTARTING:
+        metrics.JOBS_RESTARTED.labels(namespace, t.reason).inc()

@@ -1,0 +1,132 @@
+"""Kopf entry points. Thin: indexes feed observations, one daemon per job runs the reconcile loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+
+from llmop import capacity, controller, metrics, naming
+from llmop.api.v1alpha1.job import GROUP, PLURAL, VERSION
+from llmop.kube import Kube
+from llmop.observe import BatchJobView, PodView, batch_job_view, pod_view
+from llmop.settings import Settings
+
+SETTINGS = Settings.from_env()
+_wakeups: dict[tuple[str, str], asyncio.Event] = {}
+_kube: Kube | None = None
+
+
+def _wake(namespace: str | None, job: str | None) -> None:
+    if namespace and job and (event := _wakeups.get((namespace, job))):
+        event.set()
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _kube
+    # Handler progress lives in annotations, so status holds only what the API documents.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    # API calls run in threads; creating a 128-worker gang at once needs more than the default few.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32))
+    _kube = Kube()
+
+
+# -- observations -----------------------------------------------------------------------------
+@kopf.index("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT, naming.ROLE_LABEL: naming.ROLE_WORKER})
+def worker_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodView]:
+    return {(namespace, labels[naming.JOB_NAME_LABEL]): pod_view(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
+def batch_jobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, BatchJobView]:
+    key = (namespace, labels[naming.JOB_NAME_LABEL], labels.get(naming.ROLE_LABEL, ""))
+    return {key: batch_job_view(body)}
+
+
+@kopf.index("nodes")
+def nodes(body: kopf.Body, **_: Any) -> dict[None, capacity.NodeView]:
+    return {None: capacity.NodeView.from_node(body)}
+
+
+@kopf.index("pods", when=lambda status, **_: status.get("phase") in (None, "Pending", "Running"))
+def resource_usage(spec: kopf.Spec, **_: Any) -> dict[None, tuple[str | None, dict[str, float]]] | None:
+    if spec.get("schedulingGates"):
+        return None  # gated pods hold nothing yet
+    return {None: (spec.get("nodeName"), capacity.requests_of(spec))}
+
+
+@kopf.on.event("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
+def child_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    _wake(namespace, labels.get(naming.JOB_NAME_LABEL))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
+    _wake(namespace, name)
+
+
+# -- the per-job loop -------------------------------------------------------------------------
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def run_job(
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    logger: kopf.Logger,
+    **kwargs: Any,
+) -> None:
+    # Kopf passes every index by its function's name.
+    indexes = controller.Indexes(
+        **{k: kwargs[k] for k in ("worker_pods", "batch_jobs", "nodes", "resource_usage")}
+    )
+    assert _kube is not None and namespace is not None
+    key = (namespace, name)
+    wake = _wakeups.setdefault(key, asyncio.Event())
+    memory = controller.JobMemory()
+    spec = body.get("spec", {})
+    metrics.job_info(
+        namespace,
+        name,
+        spec.get("workers", {}).get("numNodes", 1),
+        spec.get("workers", {}).get("gpusPerNode", 1),
+    )
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                delay = await controller.reconcile_once(
+                    _kube, body, memory, indexes, SETTINGS.progress_interval_seconds
+                )
+            except Exception:
+                metrics.RECONCILE_ERRORS.labels(namespace).inc()
+                logger.exception("reconcile failed; retrying")
+                memory.status = None  # re-read the stored status: our copy may not have been written
+                delay = 2.0
+            timeout = min(delay or SETTINGS.resync_seconds, SETTINGS.resync_seconds)
+            if memory.status and memory.status.get("state") == "Running":
+                timeout = min(timeout, SETTINGS.progress_interval_seconds)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+    finally:
+        _wakeups.pop(key, None)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def job_deleted(namespace: str | None, name: str | None, **_: Any) -> None:
+    # Children go with the job through their ownerReferences; only our own series remain to drop.
+    if namespace and name:
+        metrics.forget(namespace, name)

@@ -1,0 +1,99 @@
+"""The operator's own Prometheus metrics (the trainer exports training metrics itself)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+JOBS_CREATED = Counter(
+    "llmop_jobs_created_total", "LLMTrainingJobs accepted by the operator", ["namespace"], registry=REGISTRY
+)
+JOBS_SUCCEEDED = Counter(
+    "llmop_jobs_succeeded_total", "LLMTrainingJobs that succeeded", ["namespace"], registry=REGISTRY
+)
+JOBS_FAILED = Counter(
+    "llmop_jobs_failed_total", "LLMTrainingJobs that failed", ["namespace", "reason"], registry=REGISTRY
+)
+JOBS_RESTARTED = Counter(
+    "llmop_jobs_restarted_total",
+    "Gang restarts, by cause (WorkerFailed counts against backoffLimit)",
+    ["namespace", "reason"],
+    registry=REGISTRY,
+)
+JOBS_BY_STATE = Gauge("llmop_jobs", "LLMTrainingJobs by state", ["state"], registry=REGISTRY)
+TIME_TO_RUNNING = Histogram(
+    "llmop_gang_time_to_running_seconds",
+    "Time from a gang's creation (or the job's, for the first attempt) until every worker runs",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
+RECONCILE_SECONDS = Histogram(
+    "llmop_reconcile_duration_seconds",
+    "Duration of one reconcile pass",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    "llmop_reconcile_errors_total", "Reconcile passes that raised", ["namespace"], registry=REGISTRY
+)
+JOB_INFO = Gauge(
+    "llmop_job_info",
+    "One series per live job",
+    ["namespace", "job", "nodes", "gpus_per_node"],
+    registry=REGISTRY,
+)
+JOB_STEP = Gauge(
+    "llmop_job_training_step",
+    "Training step read from the rank-0 trainer",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
+JOB_LOSS = Gauge(
+    "llmop_job_training_loss",
+    "Training loss read from the rank-0 trainer",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
+JOB_TOKENS = Gauge(
+    "llmop_job_tokens_per_second",
+    "Tokens/s read from the rank-0 trainer",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
+JOB_RESTARTS = Gauge("llmop_job_restarts", "restartCount of the job", ["namespace", "job"], registry=REGISTRY)
+
+_states: dict[tuple[str, str], str] = {}
+STATES = ("Pending", "Preparing", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+
+def set_state(namespace: str, job: str, state: str | None) -> None:
+    if state:
+        _states[(namespace, job)] = state
+    _publish_states()
+
+
+def _publish_states() -> None:
+    counts = dict.fromkeys(STATES, 0)
+    for s in _states.values():
+        counts[s] = counts.get(s, 0) + 1
+    for state, n in counts.items():
+        JOBS_BY_STATE.labels(state).set(n)
+
+
+def job_info(namespace: str, job: str, nodes: int, gpus: int) -> None:
+    JOB_INFO.labels(namespace, job, str(nodes), str(gpus)).set(1)
+
+
+def forget(namespace: str, job: str) -> None:
+    """Drop every per-job series: no stale series after a job is deleted."""
+    _states.pop((namespace, job), None)
+    _publish_states()
+    for gauge in (JOB_STEP, JOB_LOSS, JOB_TOKENS, JOB_RESTARTS):
+        try:
+            gauge.remove(namespace, job)
+        except KeyError:
+            pass
+    for labels in list(JOB_INFO._metrics):
+        if labels[0] == namespace and labels[1] == job:
+            JOB_INFO.remove(*labels)

@@ -1,0 +1,68 @@
+"""Names and labels of everything the operator creates for a job, in one place."""
+
+from __future__ import annotations
+
+GROUP = "llmop.io"
+JOB_NAME_LABEL = f"{GROUP}/job-name"
+ROLE_LABEL = f"{GROUP}/role"
+ATTEMPT_LABEL = f"{GROUP}/attempt"
+INDEX_LABEL = f"{GROUP}/worker-index"
+MANAGED_BY = "llmop"
+
+ROLE_WORKER = "worker"
+ROLE_PREPARE = "prepare"
+
+# Our own scheduling gate: pods of a gang stay gated until the whole gang fits (see capacity.py).
+GANG_GATE = f"{GROUP}/gang"
+KUEUE_GATE = "kueue.x-k8s.io/admission"
+
+CONFIG_MOUNT = "/etc/llmop"
+CONFIG_FILE = "config.yaml"
+STORAGE_MOUNT = "/var/lib/llmop"
+
+
+def service_name(job: str) -> str:
+    """Headless Service; workers resolve as <pod>.<service>.<namespace>.svc."""
+    return f"{job}-workers"
+
+
+def worker_name(job: str, index: int) -> str:
+    # Stable across attempts: a restart deletes the whole gang before recreating it, so a name is
+    # never held by two pods, and worker 0's DNS name (MASTER_ADDR) never changes.
+    return f"{job}-worker-{index}"
+
+
+def service_account_name(job: str) -> str:
+    return f"{job}-trainer"
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def claim_name(job: str) -> str:
+    return f"{job}-storage"
+
+
+def prepare_job_name(job: str) -> str:
+    return f"{job}-prepare"
+
+
+def pod_group_name(job: str) -> str:
+    return f"{job}-gang"
+
+
+def selector(job: str, role: str | None = None) -> dict[str, str]:
+    labels = {JOB_NAME_LABEL: job}
+    if role:
+        labels[ROLE_LABEL] = role
+    return labels
+
+
+def common_labels(job: str, role: str | None = None) -> dict[str, str]:
+    return {
+        **selector(job, role),
+        "app.kubernetes.io/name": "llmtrain",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }

@@ -1,0 +1,136 @@
+"""Reads the observed state of a job's children into small immutable views."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llmop import naming
+from llmop.builders.workers import PREEMPTED_EXIT_CODE
+
+# Pod failure reasons that are the platform's doing, not the training code's.
+_DISRUPTION_REASONS = {
+    "Evicted",
+    "Preempted",
+    "NodeLost",
+    "Shutdown",
+    "NodeShutdown",
+    "Terminated",
+    "DeadlineExceeded",
+}
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    index: int
+    attempt: int
+    phase: str
+    ready: bool
+    deleting: bool
+    gated: bool
+    node: str | None
+    ip: str | None
+    exit_code: int | None
+    reason: str
+    message: str
+    disrupted: bool
+    unschedulable: str | None
+    gpus: int
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.phase == "Succeeded"
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running" and not self.deleting
+
+
+def _int(value: Any, default: int = -1) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView:
+    meta = pod.get("metadata", {})
+    spec = pod.get("spec", {})
+    status = pod.get("status", {})
+    labels = meta.get("labels", {})
+    conditions = status.get("conditions") or []
+    terminated = [
+        cs["state"]["terminated"]
+        for cs in status.get("containerStatuses") or []
+        if (cs.get("state") or {}).get("terminated")
+    ]
+    exit_code = next((t.get("exitCode") for t in terminated if t.get("exitCode")), None)
+    if exit_code is None and terminated:
+        exit_code = terminated[0].get("exitCode")
+    reason = status.get("reason") or next((t.get("reason", "") for t in terminated if t.get("exitCode")), "")
+    disrupted = (
+        any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
+        or reason in _DISRUPTION_REASONS
+        or exit_code == PREEMPTED_EXIT_CODE
+    )
+    scheduled = next((c for c in conditions if c.get("type") == "PodScheduled"), None)
+    unschedulable = (
+        scheduled.get("message", "")
+        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
+        else None
+    )
+    gpus = sum(
+        _int(((c.get("resources") or {}).get("requests") or {}).get("nvidia.com/gpu"), 0)
+        for c in spec.get("containers", [])
+    )
+    return PodView(
+        name=meta.get("name", ""),
+        index=_int(labels.get(naming.INDEX_LABEL)),
+        attempt=_int(labels.get(naming.ATTEMPT_LABEL)),
+        phase=status.get("phase") or "Pending",
+        ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
+        deleting=bool(meta.get("deletionTimestamp")),
+        gated=bool(spec.get("schedulingGates")),
+        node=spec.get("nodeName"),
+        ip=status.get("podIP"),
+        exit_code=exit_code,
+        reason=reason,
+        message=status.get("message", ""),
+        disrupted=disrupted,
+        unschedulable=unschedulable,
+        gpus=gpus,
+    )
+
+
+@dataclass(frozen=True)
+class BatchJobView:
+    """A batch Job the operator created (data preparation, compression)."""
+
+    name: str
+    succeeded: bool
+    failed: bool
+    message: str
+    active: int
+
+
+def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
+    status = job.get("status", {})
+    conditions = status.get("conditions") or []
+
+    def true(type_: str) -> Mapping[str, Any] | None:
+        return next((c for c in conditions if c.get("type") == type_ and c.get("status") == "True"), None)
+
+    failed = true("Failed")
+    return BatchJobView(
+        name=job.get("metadata", {}).get("name", ""),
+        succeeded=true("Complete") is not None,
+        failed=failed is not None,
+        message=(failed or {}).get("message", "") if failed else "",
+        active=status.get("active") or 0,
+    )

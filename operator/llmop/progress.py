@@ -1,0 +1,62 @@
+"""Training progress, read from the rank-0 trainer's Prometheus endpoint at a bounded rate."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from datetime import datetime
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmop.conditions import now_iso
+
+_FIELDS = {
+    "llmtrain_step": "step",
+    "llmtrain_total_steps": "totalSteps",
+    "llmtrain_loss": "loss",
+    "llmtrain_validation_loss": "validationLoss",
+    "llmtrain_tokens_per_second": "tokensPerSecond",
+    "llmtrain_eta_seconds": "etaSeconds",
+}
+
+
+def parse(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in _FIELDS and not sample.labels:
+                values[_FIELDS[sample.name]] = float(sample.value)
+    return values
+
+
+def to_status(values: dict[str, float], now: datetime) -> dict[str, Any]:
+    step = int(values.get("step", 0))
+    total = int(values["totalSteps"]) if values.get("totalSteps") else None
+    out: dict[str, Any] = {"step": step, "updateTime": now_iso(now)}
+    if total:
+        out["totalSteps"] = total
+        out["percent"] = min(100, int(100 * step / total))
+        out["summary"] = f"{step}/{total} ({out['percent']}%)"
+    for key in ("loss", "validationLoss", "tokensPerSecond"):
+        if key in values and values[key] == values[key]:  # skip NaN
+            out[key] = round(values[key], 4)
+    if "etaSeconds" in values:
+        out["etaSeconds"] = max(0, int(values["etaSeconds"]))
+    return out
+
+
+def _fetch(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        body: bytes = resp.read()
+        return body.decode()
+
+
+async def scrape(ip: str, port: int, timeout: float = 2.0) -> dict[str, float] | None:
+    """Figures from http://IP:PORT/metrics, or None when the trainer is not serving yet."""
+    host = f"[{ip}]" if ":" in ip else ip
+    try:
+        text = await asyncio.to_thread(_fetch, f"http://{host}:{port}/metrics", timeout)
+    except OSError:
+        return None
+    return parse(text)

@@ -1,0 +1,298 @@
+"""The decision: from a job's spec, its last status and what is observed now, what to do next.
+
+Pure and synchronous, so every branch is unit-testable without a cluster; ``controller.py`` gathers
+the observations and carries the plan out. Running it twice on the same input plans the same
+actions, and every action is idempotent, so a crash at any point converges on the next pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from llmop import conditions as cond
+from llmop.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop.api.v1alpha1.workload import ExitCodeAction, RestartPolicy
+from llmop.capacity import Fit
+from llmop.observe import BatchJobView, PodView
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: LLMTrainingJobSpec
+    status: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Observed:
+    pods: list[PodView]
+    prepare: BatchJobView | None
+    now: datetime
+    fit: Fit | None = None  # only computed when gated workers wait for capacity
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    ensure_base: bool = False
+    create_prepare: bool = False
+    create_workers: list[int] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    ungate: list[str] = field(default_factory=list)
+    delete_job: bool = False
+    transitions: list[cond.Transition] = field(default_factory=list)
+    requeue_after: float | None = None
+    gang_running_since: datetime | None = None  # set when the gang just became fully Running
+
+
+def classify_failure(spec: LLMTrainingJobSpec, pod: PodView) -> str:
+    """'disruption' (not counted), 'retryable' or 'permanent'."""
+    if pod.disrupted:
+        return "disruption"
+    policy = spec.run_policy
+    code = pod.exit_code if pod.exit_code is not None else -1
+    for rule in policy.exit_code_rules:
+        if code in rule.exit_codes:
+            return "retryable" if rule.action == ExitCodeAction.RESTART else "permanent"
+    if policy.restart_policy == RestartPolicy.NEVER:
+        return "permanent"
+    if policy.restart_policy == RestartPolicy.EXIT_CODE:
+        # Kubeflow's convention: 1-127 are the program's own errors, 128+ are signals (OOM kill, ...).
+        return "permanent" if 1 <= code <= 127 else "retryable"
+    return "retryable"
+
+
+class _Planner:
+    def __init__(self, job: JobSnapshot, seen: Observed) -> None:
+        self.job, self.seen, self.spec = job, seen, job.spec
+        self.plan = Plan(status=copy.deepcopy(job.status))
+        self.status = self.plan.status
+        self.status.setdefault("conditions", [])
+        self.status.setdefault("stages", [])
+
+    # -- helpers -------------------------------------------------------------------------------
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        t = cond.set_condition(
+            self.status["conditions"], type_, status, reason, message, self.job.generation, self.seen.now
+        )
+        if t:
+            self.plan.transitions.append(t)
+
+    def stage(self, name: str, state: str, message: str | None = None) -> None:
+        stages: list[dict[str, Any]] = self.status["stages"]
+        entry = next((s for s in stages if s["name"] == name), None)
+        if entry is None:
+            entry = {"name": name, "state": "Pending"}
+            stages.append(entry)
+        now = cond.now_iso(self.seen.now)
+        if state == "Running" and not entry.get("startTime"):
+            entry["startTime"] = now
+        if state in ("Succeeded", "Failed") and entry["state"] not in ("Succeeded", "Failed"):
+            entry.setdefault("startTime", now)
+            entry["completionTime"] = now
+        entry["state"] = state
+        if message is not None:
+            entry["message"] = message
+
+    def state(self, value: str) -> None:
+        self.status["state"] = value
+
+    def finished(self) -> bool:
+        c = self.status["conditions"]
+        return cond.is_true(c, cond.SUCCEEDED) or cond.is_true(c, cond.FAILED)
+
+    def delete_all_pods(self) -> None:
+        self.plan.delete_pods = [p.name for p in self.seen.pods if not p.deleting]
+
+    def fail(self, reason: str, message: str) -> None:
+        self.delete_all_pods()
+        self.condition(cond.RUNNING, False, reason, message)
+        self.condition(cond.RESTARTING, False, reason, message)
+        self.condition(cond.FAILED, True, reason, message)
+        self.status["completionTime"] = cond.now_iso(self.seen.now)
+        self.state("Failed")
+
+    # -- the lifecycle -------------------------------------------------------------------------
+    def run(self) -> Plan:
+        if self.finished():
+            self.after_finish()
+            return self.plan
+        if not self.status.get("startTime"):
+            self.status["startTime"] = cond.now_iso(self.seen.now)
+        if not cond.is_true(self.status["conditions"], cond.CREATED):
+            self.plan.ensure_base = True
+            self.condition(cond.CREATED, True, "JobCreated", f"LLMTrainingJob {self.job.name} accepted")
+            self.state("Pending")
+        self.status["observedGeneration"] = self.job.generation
+        if self.deadline_exceeded() or self.suspended():
+            return self.plan
+        if self.spec.data.prepare and not self.prepared():
+            return self.plan
+        self.train()
+        return self.plan
+
+    def after_finish(self) -> None:
+        # A failed job keeps no running pods (a Succeeded one has none); then TTL clean-up.
+        running = [p.name for p in self.seen.pods if not p.deleting and p.phase in ("Pending", "Running")]
+        self.plan.delete_pods = running
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        done = self.status.get("completionTime")
+        if ttl is not None and done:
+            left = (cond.parse_time(done) - self.seen.now).total_seconds() + ttl
+            if left <= 0:
+                self.plan.delete_job = True
+            else:
+                self.plan.requeue_after = left
+
+    def deadline_exceeded(self) -> bool:
+        limit = self.spec.run_policy.active_deadline_seconds
+        if limit is None:
+            return False
+        elapsed = (self.seen.now - cond.parse_time(self.status["startTime"])).total_seconds()
+        if elapsed < limit:
+            self.plan.requeue_after = limit - elapsed
+            return False
+        self.fail("DeadlineExceeded", f"job ran longer than activeDeadlineSeconds={limit}")
+        return True
+
+    def suspended(self) -> bool:
+        if self.spec.run_policy.suspend:
+            self.delete_all_pods()
+            self.condition(
+                cond.SUSPENDED, True, "Suspended", "runPolicy.suspend is true: pods deleted, state kept"
+            )
+            self.condition(cond.RUNNING, False, "Suspended", "the job is suspended")
+            self.state("Suspended")
+            return True
+        if cond.is_true(self.status["conditions"], cond.SUSPENDED):
+            self.condition(
+                cond.SUSPENDED, False, "Resumed", "the gang is recreated and resumes from its checkpoint"
+            )
+            # A new attempt (not counted against backoffLimit): the old gang's pods are gone.
+            self.status["attempt"] = self.status.get("attempt", 0) + 1
+        return False
+
+    def prepared(self) -> bool:
+        job = self.seen.prepare
+        if job is None:
+            self.plan.create_prepare = True
+            self.stage("prepare", "Running")
+            self.state("Preparing")
+            return False
+        if job.failed:
+            self.stage("prepare", "Failed", job.message)
+            self.fail("PreparationFailed", f"data preparation Job {job.name} failed: {job.message}")
+            return False
+        if not job.succeeded:
+            self.stage("prepare", "Running")
+            self.state("Preparing")
+            return False
+        self.stage("prepare", "Succeeded")
+        self.condition(cond.PREPARED, True, "PreparationSucceeded", f"Job {job.name} prepared the data")
+        return True
+
+    def train(self) -> None:
+        attempt = self.status.get("attempt") or 1
+        self.status["attempt"] = attempt
+        current = [p for p in self.seen.pods if p.attempt == attempt]
+        stale = [p for p in self.seen.pods if p.attempt != attempt]
+        if stale:
+            # Never two gangs at once: the next attempt starts only once every old pod is gone.
+            self.plan.delete_pods = [p.name for p in stale if not p.deleting]
+            self.state("Restarting")
+            return
+        n = self.spec.workers.num_nodes
+        present = {p.index for p in current}
+        missing = [i for i in range(n) if i not in present]
+        if missing and any(p.running or p.failed or p.succeeded for p in current):
+            # A worker vanished from a started gang (node lost, pod deleted): its peers are stuck
+            # in collectives, so the whole gang restarts, without counting against backoffLimit.
+            self.restart(attempt, "WorkerLost", f"worker {missing[0]} disappeared from the running gang")
+            return
+        if missing:
+            self.plan.create_workers = missing
+            self.stage("train", "Running")
+            self.state("Starting")
+            return
+        if failed := [p for p in current if p.failed]:
+            self.restart_or_fail(failed[0], attempt)
+            return
+        if all(p.succeeded for p in current):
+            self.stage("train", "Succeeded")
+            self.condition(cond.RUNNING, False, "TrainingSucceeded", "every worker exited 0")
+            self.condition(
+                cond.SUCCEEDED, True, "TrainingSucceeded", f"training finished in attempt {attempt}"
+            )
+            self.status["completionTime"] = cond.now_iso(self.seen.now)
+            self.state("Succeeded")
+            self.after_finish()
+            return
+        self.placement(current)
+
+    def placement(self, current: list[PodView]) -> None:
+        gated = [p for p in current if p.gated]
+        if gated and self.seen.fit is not None:
+            if self.seen.fit.fits:
+                self.plan.ungate = [p.name for p in gated]
+                self.condition(cond.GANG_SCHEDULED, True, "GangAdmitted", self.seen.fit.message)
+            else:
+                self.condition(cond.GANG_SCHEDULED, False, "InsufficientCapacity", self.seen.fit.message)
+                self.state("Pending")
+                return
+        if unschedulable := [p for p in current if p.unschedulable]:
+            self.condition(
+                cond.GANG_SCHEDULED,
+                False,
+                "Unschedulable",
+                f"{unschedulable[0].name}: {unschedulable[0].unschedulable}",
+            )
+            self.state("Pending")
+            return
+        if all((p.running and p.ready) or p.succeeded for p in current):
+            if not cond.is_true(self.status["conditions"], cond.RUNNING):
+                self.plan.gang_running_since = self.seen.now
+            self.condition(cond.GANG_SCHEDULED, True, "GangScheduled", f"all {len(current)} workers placed")
+            self.condition(cond.RESTARTING, False, "AllWorkersRunning", "the gang is running")
+            self.condition(cond.RUNNING, True, "AllWorkersRunning", f"all {len(current)} workers are running")
+            self.state("Running")
+        else:
+            self.state("Starting")
+
+    def restart_or_fail(self, pod: PodView, attempt: int) -> None:
+        kind = classify_failure(self.spec, pod)
+        what = f"worker {pod.name} failed (exit code {pod.exit_code}, reason {pod.reason or 'Error'})"
+        if kind == "permanent":
+            self.fail("PermanentFailure", f"{what}; not retryable under the restart policy")
+            return
+        if kind == "retryable":
+            limit = self.spec.run_policy.backoff_limit
+            if self.status.get("restartCount", 0) >= limit:
+                self.fail("BackoffLimitExceeded", f"{what}; backoffLimit {limit} reached")
+                return
+            self.status["restartCount"] = self.status.get("restartCount", 0) + 1
+            self.restart(attempt, "WorkerFailed", what)
+        else:
+            self.restart(attempt, "WorkerDisrupted", what)
+
+    def restart(self, attempt: int, reason: str, what: str) -> None:
+        if reason != "WorkerFailed":
+            self.status["disruptionCount"] = self.status.get("disruptionCount", 0) + 1
+        # Record the new attempt before deleting anything: if the operator dies right after, the
+        # next pass sees attempt-N pods as stale and finishes the restart without counting twice.
+        self.status["attempt"] = attempt + 1
+        self.delete_all_pods()
+        self.condition(cond.RUNNING, False, reason, what)
+        self.condition(
+            cond.RESTARTING, True, reason, f"{what}; restarting the whole gang as attempt {attempt + 1}"
+        )
+        self.state("Restarting")
+
+
+def plan(job: JobSnapshot, seen: Observed) -> Plan:
+    return _Planner(job, seen).run()
