@@ -11,8 +11,12 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
+
+DEBUG_CONFIG = Path(__file__).parent / "configs" / "debug.yaml"
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 LICENSES = Path("/usr/share/common-licenses")
@@ -91,3 +95,26 @@ def write_shards(
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def debug_config(work: str | Path, data_dir: str | Path, spec: dict[str, Any] | None = None) -> Path:
+    """configs/debug.yaml with its paths under ``work`` and ``spec`` (camelCase) merged in; returns the file."""
+    root = Path(work)
+    root.mkdir(parents=True, exist_ok=True)
+    raw = yaml.safe_load(DEBUG_CONFIG.read_text())
+    raw["paths"] = {
+        "dataDir": str(data_dir),
+        "checkpointDir": str(root / "checkpoints"),
+        "outputDir": str(root / "output"),
+    }
+    raw["spec"] = _merge(raw["spec"], spec or {})
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

@@ -170,6 +170,8 @@ def run(cfg: TrainerConfig) -> Result:
     r.throughput.mark(r.step, time.perf_counter())
     step = r.step
     try:
+        if step == 0:  # the baseline every later validation loss is compared with
+            result.validation_loss = evaluate(r, 0)
         while step < r.total_steps:
             lr = learning_rate(step, r.total_steps, tr.optimizer.learning_rate, tr.lr_schedule)
             set_learning_rate(engine, lr)

@@ -1,0 +1,88 @@
+"""The llmtrain command line: config validation before any work, and the per-node launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from llmtrain.launch import torchrun_command, wants_launcher
+from llmtrain.testing import DEBUG_CONFIG
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def write_bad(tmp_path: Path, mutate: dict[str, object]) -> Path:
+    raw = yaml.safe_load(DEBUG_CONFIG.read_text())
+    raw["spec"]["training"].update(mutate)
+    raw["paths"]["checkpointDir"] = str(tmp_path / "checkpoints")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_debug_config_is_valid() -> None:
+    from llmtrain.config import load_config
+
+    cfg = load_config(DEBUG_CONFIG)
+    assert cfg.spec.training.precision.value == "FP32"
+
+
+def test_bad_field_exits_nonzero_naming_it_before_work(tmp_path: Path) -> None:
+    path = write_bad(tmp_path, {"microBatchSize": 0})
+    started = time.monotonic()
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 2
+    assert "spec.training.microBatchSize" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing was started
+    # Validation happens before torch/DeepSpeed are imported.
+    assert time.monotonic() - started < 20
+
+
+def test_cross_field_rule_names_the_field(tmp_path: Path) -> None:
+    path = write_bad(tmp_path, {"globalBatchSize": 12, "microBatchSize": 8})
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 2
+    assert "spec.training.globalBatchSize" in proc.stderr
+    assert "multiple of training.microBatchSize" in proc.stderr
+
+
+def test_unknown_field_and_missing_file(tmp_path: Path) -> None:
+    path = write_bad(tmp_path, {"learningRate": 0.1})  # belongs under optimizer
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 2 and "spec.training.learningRate" in proc.stderr
+    proc = run_cli("prepare", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+
+
+def test_launcher_only_without_world_size() -> None:
+    assert wants_launcher({"NNODES": "2", "NPROC_PER_NODE": "4"})
+    assert not wants_launcher({"NNODES": "2", "WORLD_SIZE": "8", "RANK": "0"})  # already under torchrun
+    assert not wants_launcher({})
+    cmd = torchrun_command(
+        "/etc/llmop/config.yaml",
+        {
+            "NNODES": "2",
+            "NODE_RANK": "1",
+            "NPROC_PER_NODE": "4",
+            "MASTER_ADDR": "10.0.0.7",
+            "MASTER_PORT": "29500",
+        },
+    )
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    for arg in (
+        "--nnodes=2",
+        "--node_rank=1",
+        "--nproc_per_node=4",
+        "--master_addr=10.0.0.7",
+        "--master_port=29500",
+    ):
+        assert arg in cmd
+    assert cmd[-3:] == ["llmtrain.cli", "train", "/etc/llmop/config.yaml"]

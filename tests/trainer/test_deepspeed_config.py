@@ -1,0 +1,100 @@
+"""render_deepspeed_config: the DeepSpeed config the operator puts in the ConfigMap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from llmop.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop.render.deepspeed import render_deepspeed_config
+
+
+def spec(**sections: Any) -> LLMTrainingJobSpec:
+    base: dict[str, Any] = {
+        "data": {"sources": [{"uri": "builtin://english"}]},
+        "training": {"maxSteps": 10, "microBatchSize": 2, "globalBatchSize": 32},
+        "workers": {"numNodes": 2, "procsPerNode": 4, "gpusPerNode": 4},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return LLMTrainingJobSpec.model_validate(base)
+
+
+def test_batch_and_accumulation() -> None:
+    cfg = render_deepspeed_config(spec())
+    assert cfg["train_batch_size"] == 32
+    assert cfg["train_micro_batch_size_per_gpu"] == 2
+    # 32 / (2 per process x 2 nodes x 4 processes)
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 2 * 2 * 2 * 4
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16", "fp16"), [("BF16", True, False), ("FP16", False, True), ("FP32", False, False)]
+)
+def test_precision(precision: str, bf16: bool, fp16: bool) -> None:
+    cfg = render_deepspeed_config(spec(training={"precision": precision}))
+    assert cfg["bf16"]["enabled"] is bf16
+    assert cfg["fp16"]["enabled"] is fp16
+    if fp16:
+        assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage(stage: int) -> None:
+    cfg = render_deepspeed_config(spec(deepspeed={"zeroStage": stage}))
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("overlap_comm" in zero) == (stage > 0)
+    assert ("allgather_bucket_size" in zero) == (stage in (1, 2))
+    assert ("stage3_prefetch_bucket_size" in zero) == (stage == 3)
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+
+
+def test_offload_and_communication() -> None:
+    cfg = render_deepspeed_config(
+        spec(
+            deepspeed={
+                "zeroStage": 3,
+                "offloadOptimizer": "CPU",
+                "offloadParameters": "CPU",
+                "communication": {
+                    "overlapComm": False,
+                    "reduceBucketSize": 12345,
+                    "allgatherBucketSize": 54321,
+                },
+            }
+        )
+    )
+    zero = cfg["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu"
+    assert zero["overlap_comm"] is False
+    assert zero["reduce_bucket_size"] == 12345
+    assert zero["stage3_prefetch_bucket_size"] == 54321
+    assert cfg["zero_force_ds_cpu_optimizer"] is False  # trainer may hand in a torch optimiser
+
+
+def test_clipping_and_overrides_merge_last() -> None:
+    cfg = render_deepspeed_config(
+        spec(
+            training={"gradientClipping": 0.5},
+            deepspeed={
+                "zeroStage": 2,
+                "overrides": {"zero_optimization": {"round_robin_gradients": True}, "x": 1},
+            },
+        )
+    )
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["round_robin_gradients"] is True
+    assert cfg["zero_optimization"]["stage"] == 2  # nested dicts merge rather than replace
+    assert cfg["x"] == 1
+
+
+def test_renderer_does_not_import_torch() -> None:
+    # The operator image has no torch; importing the renderer must not need it.
+    code = "import sys, llmop.render.deepspeed; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,136 @@
+"""Training components in isolation: schedules, sparsity, the shard loader, throughput arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmop.api.v1alpha1.model import ModelSpec
+from llmop.api.v1alpha1.training import LearningRateSchedule, Sparsity, TrainingSpec
+from llmtrain.model import build_model
+from llmtrain.testing import license_documents, write_shards
+from llmtrain.train import sparsity
+from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest, validation_batches
+from llmtrain.train.metrics import flops_per_token
+from llmtrain.train.schedule import learning_rate, total_steps
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory: pytest.TempPathFactory) -> Windows:
+    # Small shards so windows straddle shard boundaries.
+    root = write_shards(tmp_path_factory.mktemp("data"), license_documents()[:120], tokens_per_shard=5000)
+    m = read_manifest(root)
+    assert len(m.split_files("train")) > 2
+    return Windows(TokenStream(m.split_files("train"), m.dtype), seq_len=32, seed=11)
+
+
+def test_schedule_shapes() -> None:
+    cos = LearningRateSchedule.model_validate(
+        {"type": "Cosine", "warmupSteps": 10, "minLearningRateRatio": 0.1}
+    )
+    assert learning_rate(0, 100, 1.0, cos) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, cos) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 1.0, cos) == pytest.approx(0.55)  # half way: mean of peak and floor
+    assert learning_rate(100, 100, 1.0, cos) == pytest.approx(0.1)
+    lin = LearningRateSchedule.model_validate(
+        {"type": "Linear", "warmupSteps": 0, "minLearningRateRatio": 0.0}
+    )
+    assert learning_rate(25, 100, 2.0, lin) == pytest.approx(1.5)
+    const = LearningRateSchedule.model_validate({"type": "Constant", "warmupSteps": 4})
+    assert learning_rate(1, 100, 1.0, const) == pytest.approx(0.5)
+    assert learning_rate(90, 100, 1.0, const) == 1.0
+
+
+def test_max_tokens_converts_to_steps() -> None:
+    t = TrainingSpec(max_tokens=10_000, sequence_length=64, micro_batch_size=2, global_batch_size=8)
+    assert total_steps(t) == 20  # ceil(10000 / (8 * 64))
+    assert total_steps(TrainingSpec(max_steps=7)) == 7
+
+
+def test_cubic_sparsity_schedule_and_masks() -> None:
+    sp = Sparsity(enabled=True, target_sparsity=0.5, start_step=10, end_step=30, frequency=5)
+    assert sparsity.target_sparsity(10, sp) == 0.0
+    assert sparsity.target_sparsity(20, sp) == pytest.approx(0.5 * (1 - 0.5**3))
+    assert sparsity.target_sparsity(40, sp) == 0.5
+    assert [s for s in range(45) if sparsity.due(s, sp)] == [10, 15, 20, 25, 30]
+
+    spec = ModelSpec(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=96, vocab_size=256)
+    model = build_model(spec, seed=0, sparse=True)
+    before = {id(m): m.weight.detach().clone() for m in sparsity.prunable(model)}
+    sparsity.update_masks(model, 0.3, zero3=False)
+    assert sparsity.measured_sparsity(model) == pytest.approx(0.3, abs=1e-3)
+    for layer in sparsity.prunable(model):
+        assert layer.mask is not None
+        kept = before[id(layer)].abs()[layer.mask.bool()]
+        dropped = before[id(layer)].abs()[~layer.mask.bool()]
+        assert kept.min() >= dropped.max()  # magnitude pruning keeps the largest weights
+    old_masks = [m.mask.clone() for m in sparsity.prunable(model) if m.mask is not None]
+    sparsity.update_masks(model, 0.6, zero3=False)
+    for old, layer in zip(old_masks, sparsity.prunable(model), strict=True):
+        assert layer.mask is not None and bool((layer.mask <= old).all())  # pruned stays pruned
+
+
+def collect(loader: TrainLoader, n: int) -> list[torch.Tensor]:
+    try:
+        return [loader.next()[0] for _ in range(n)]
+    finally:
+        loader.close()
+
+
+def test_loader_windows_targets_and_rank_striding(windows: Windows) -> None:
+    x, y = TrainLoader(windows, 4, 0, 1, Position()).next()
+    assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    single = collect(TrainLoader(windows, 4, 0, 1, Position()), 6)
+    ranks = [collect(TrainLoader(windows, 2, r, 2, Position()), 6) for r in (0, 1)]
+    # World of two with micro-batch 2 sees the same global samples as one process with micro-batch 4.
+    seen_single = {tuple(row.tolist()) for b in single for row in b}
+    seen_ranks = {tuple(row.tolist()) for r in ranks for b in r for row in b}
+    assert seen_single == seen_ranks
+    assert not {tuple(row.tolist()) for b in ranks[0] for row in b} & {
+        tuple(row.tolist()) for b in ranks[1] for row in b
+    }
+
+
+def test_loader_resumes_exactly_and_reshuffles_per_epoch(windows: Windows) -> None:
+    loader = TrainLoader(windows, 3, 0, 1, Position())
+    per_epoch = loader.per_epoch
+    stream = collect(loader, per_epoch + 5)
+    # Resume from every position of interest: the prefetch thread must not skip or repeat anything.
+    for k in (1, 7, per_epoch - 1, per_epoch + 2):
+        pos = Position(k // per_epoch, k % per_epoch)
+        resumed = collect(TrainLoader(windows, 3, 0, 1, pos), 3)
+        for a, b in zip(stream[k : k + 3], resumed, strict=False):
+            assert torch.equal(a, b)
+    first_epoch = np.random.default_rng(11).permutation(windows.count)
+    second_epoch = np.random.default_rng(12).permutation(windows.count)
+    assert not np.array_equal(first_epoch, second_epoch)
+    assert torch.equal(stream[per_epoch][0], windows.batch([int(second_epoch[0])])[0][0])
+
+
+def test_loader_position_tracks_consumed_batches(windows: Windows) -> None:
+    loader = TrainLoader(windows, 2, 0, 1, Position(), prefetch=4)
+    for _ in range(3):
+        loader.next()
+    assert loader.state() == {"epoch": 0, "batch": 3}
+    loader.close()
+
+
+def test_validation_batches_fixed_and_wrap(windows: Windows) -> None:
+    a = validation_batches(windows, 2, 0, 2, max_batches=3)
+    b = validation_batches(windows, 2, 0, 2, max_batches=3)
+    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))
+    huge = validation_batches(windows, windows.count, 1, 2, max_batches=5)
+    assert len(huge) == 1 and huge[0][0].shape[0] == windows.count
+
+
+def test_palm_flops_per_token() -> None:
+    spec = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, vocab_size=256)
+    assert flops_per_token(spec, 32) == 6 * spec.num_parameters() + 12 * 2 * 4 * 16 * 32
+
+
+def test_manifest_missing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="llmtrain prepare"):
+        read_manifest(tmp_path)

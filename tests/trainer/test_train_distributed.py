@@ -1,0 +1,189 @@
+"""Real multi-process DeepSpeed training on CPU (gloo): convergence, crash/resume, preemption.
+
+Every run here is `llmtrain train` under torchrun (or under its own per-node launcher) with two ranks,
+on licence texts tokenised by a locally trained BPE. Logs are JSON lines, parsed for the assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from llmtrain.testing import debug_config, license_documents, write_shards
+from llmtrain.train.checkpoint import latest_tag
+from llmtrain.train.dist import free_port
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+TRAIN = ["-m", "llmtrain.cli", "train"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("data"), license_documents())
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES")}
+    out.update(DS_ACCELERATOR="cpu", LLMTRAIN_LOG_FORMAT="json", LLMOP_METRICS_PORT="0", OMP_NUM_THREADS="1")
+    out.update(extra)
+    return out
+
+
+def two_rank_spec(steps: int, zero: int, **training: Any) -> dict[str, Any]:
+    return {
+        "training": {
+            "maxSteps": steps,
+            "microBatchSize": 4,
+            "globalBatchSize": 16,  # 2 ranks x 4 x accumulation 2
+            "lrSchedule": {"warmupSteps": 10},
+            **training,
+        },
+        "deepspeed": {
+            "zeroStage": zero,
+            "communication": {"reduceBucketSize": 50_000, "allgatherBucketSize": 50_000},
+        },
+        "workers": {"procsPerNode": 2},
+    }
+
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == name:
+                out.append(record)
+    return out
+
+
+def torchrun(config: Path, log: Path, timeout: float = 180) -> int:
+    cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
+    with log.open("a") as out:
+        return subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env(), timeout=timeout
+        ).returncode
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_validation_loss_falls(zero: int, data_dir: Path, tmp_path: Path) -> None:
+    config = debug_config(tmp_path, data_dir, two_rank_spec(150, zero, evaluation={"intervalSteps": 50}))
+    log = tmp_path / "train.log"
+    started = time.monotonic()
+    assert torchrun(config, log) == 0, log.read_text()[-3000:]
+    val = [e["validation_loss"] for e in events(log, "validation")]
+    print(f"ZeRO-{zero}: validation loss {val} in {time.monotonic() - started:.1f}s")
+    assert len(val) == 4  # step 0, 50, 100, 150
+    assert val[-1] < 0.75 * val[0]
+    assert val == sorted(val, reverse=True)
+    start = events(log, "start")[0]
+    assert start["zero_stage"] == zero and start["world_size"] == 2 and start["gradient_accumulation"] == 2
+    assert (tmp_path / "output" / "model" / "model.safetensors").is_file()
+
+
+def losses_by_step(log: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events(log, "progress")}
+
+
+def test_kill9_resume_matches_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
+    spec = two_rank_spec(80, 2, logIntervalSteps=1, checkpointing={"intervalSteps": 10, "keepLast": 2})
+    spec["training"]["evaluation"] = {"intervalSteps": 1000, "maxBatches": 2}
+    reference_log = tmp_path / "reference.log"
+    assert torchrun(debug_config(tmp_path / "ref", data_dir, spec), reference_log) == 0
+    reference = losses_by_step(reference_log)
+    assert sorted(reference) == list(range(1, 81))
+
+    work = tmp_path / "crash"
+    config = debug_config(work, data_dir, spec)
+    ckpt = work / "checkpoints"
+    log = work / "train.log"
+    cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
+    with log.open("w") as out:
+        agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env())
+        deadline = time.monotonic() + 120
+        # Kill a few steps past the step-20 checkpoint, so the resumed run must redo lost work.
+        while agent.poll() is None and time.monotonic() < deadline:
+            if (latest_tag(ckpt) or "") >= "step-00000020" and max(losses_by_step(log), default=0) >= 24:
+                break
+            time.sleep(0.02)
+        workers = psutil.Process(agent.pid).children()
+        assert agent.poll() is None and len(workers) == 2, "run ended before it could be killed"
+        workers[1].send_signal(signal.SIGKILL)
+        assert agent.wait(timeout=60) != 0
+    killed_at = max(losses_by_step(log))
+    assert killed_at < 80, "the kill landed after the last step"
+
+    assert torchrun(config, log) == 0, log.read_text()[-3000:]
+    start = events(log, "start")[-1]
+    resumed = int(start["resumed_from"].removeprefix("step-"))
+    assert 20 <= resumed <= killed_at and resumed % 10 == 0
+    after = losses_by_step_from(log, start)
+    assert sorted(after) == list(range(resumed + 1, 81))
+    diffs = [abs(after[s] - reference[s]) for s in after]
+    rel = max(d / abs(reference[s]) for d, s in zip(diffs, after, strict=True))
+    print(
+        f"resumed from step {resumed} (killed at ~{killed_at}); {len(after)} steps; max |dloss| {max(diffs):.3g}"
+    )
+    assert rel < 1e-5
+
+
+def losses_by_step_from(log: Path, start: dict[str, Any]) -> dict[int, float]:
+    """Progress losses logged after the given start event (the resumed run)."""
+    out: dict[int, float] = {}
+    seen = False
+    for line in log.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        seen = seen or record == start
+        if seen and record.get("event") == "progress":
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes(data_dir: Path, tmp_path: Path) -> None:
+    spec = two_rank_spec(400, 2, logIntervalSteps=1, checkpointing={"intervalSteps": 1000})
+    config = debug_config(tmp_path, data_dir, spec)
+    log = tmp_path / "train.log"
+    # The pod form: one launcher per node, no WORLD_SIZE; it re-runs itself under torch.distributed.run.
+    node_env = env(
+        NNODES="1", NODE_RANK="0", NPROC_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    with log.open("w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, *TRAIN, str(config)], stdout=out, stderr=subprocess.STDOUT, env=node_env
+        )
+        deadline = time.monotonic() + 120
+        while not events(log, "progress") and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert launcher.poll() is None
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=90) == 75, log.read_text()[-3000:]
+    preempted = events(log, "preempted")
+    assert len(preempted) == 1
+    step = preempted[0]["step"]
+    assert 0 < step < 400
+    assert latest_tag(tmp_path / "checkpoints") == f"step-{step:08d}"
+
+    spec["training"]["maxSteps"] = step + 5  # finish shortly after the preemption point
+    config = debug_config(tmp_path, data_dir, spec)
+    with log.open("a") as out:
+        rc = subprocess.run(
+            [sys.executable, *TRAIN, str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=node_env,
+            timeout=180,
+        ).returncode
+    assert rc == 0, log.read_text()[-3000:]
+    assert events(log, "start")[-1]["resumed_from"] == f"step-{step:08d}"
+    assert events(log, "done")[-1]["step"] == step + 5
