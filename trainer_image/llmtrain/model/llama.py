@@ -63,7 +63,8 @@ class Linear(nn.Module):
         self.penalty: Tensor | None = None
 
     def effective_weight(self) -> Tensor:
-        return self.weight if self.mask is None else self.weight * self.mask
+        # DeepSpeed casts parameters (not buffers) to bf16/fp16, so match the mask to the weight.
+        return self.weight if self.mask is None else self.weight * self.mask.to(self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.effective_weight()
@@ -204,8 +205,9 @@ class Llama(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = idx.shape[1]
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.embed_tokens(idx)
+        # Tables stay fp32 (buffers are not cast by DeepSpeed); use them in the activations' dtype, as HF does.
+        cos, sin = self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
         for block in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
