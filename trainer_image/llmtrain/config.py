@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
 from llmop.api.base import ApiModel
 from llmop.api.v1alpha1.trainer_config import TrainerConfig
-from pydantic import ValidationError
 
 
 class ConfigError(Exception):

@@ -12,9 +12,10 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from llmop.api.v1alpha1.model import InitScheme, ModelSpec
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from llmop.api.v1alpha1.model import InitScheme, ModelSpec
 
 ROPE_THETA = 10000.0
 RMS_NORM_EPS = 1e-5

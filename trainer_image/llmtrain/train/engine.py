@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from llmop.api.v1alpha1.training import Offload, OptimizerType
 from llmop.render.deepspeed import render_deepspeed_config
-from torch import nn
-
 from llmtrain.logs import Logger
 
 

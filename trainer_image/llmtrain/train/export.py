@@ -10,9 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
-from llmop.api.v1alpha1.model import ModelSpec
 from torch import Tensor
 
+from llmop.api.v1alpha1.model import ModelSpec
 from llmtrain.model.llama import RMS_NORM_EPS, ROPE_THETA
 from llmtrain.train.data import Manifest
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from llmop.render.deepspeed import gradient_accumulation_steps
-
 from llmtrain import exitcodes
 from llmtrain.logs import Logger
 from llmtrain.model.llama import Llama, build_model
@@ -115,13 +115,13 @@ def setup(cfg: TrainerConfig) -> Run:
     val = validation_batches(
         val_windows, tr.micro_batch_size, env.rank, env.world_size, tr.evaluation.max_batches
     )
-    metrics = Metrics()
     throughput = Throughput(
         tokens_per_step=tr.global_batch_size * tr.sequence_length,
         samples_per_step=tr.global_batch_size,
         flops_per_token=flops_per_token(spec.model, tr.sequence_length),
         world=env.world_size,
     )
+    metrics = Metrics(with_mfu=throughput.peak_total is not None)
     total = total_steps(tr)
     metrics.total_steps.set(total)
     if env.is_main:
@@ -222,7 +222,7 @@ def report_progress(r: Run, step: int, local_loss: float, lr: float) -> None:
     m.samples_per_second.set(rates["samples_per_second"])
     m.eta.set(rates["eta_seconds"])
     m.memory.set(memory_bytes())
-    if "mfu" in rates:
+    if m.mfu is not None and m.flops_per_second is not None:
         m.flops_per_second.set(rates["flops_per_second"])
         m.mfu.set(rates["mfu"])
     r.log.event(

@@ -7,8 +7,9 @@ import resource
 import sys
 
 import torch
-from llmop.api.v1alpha1.model import ModelSpec
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from llmop.api.v1alpha1.model import ModelSpec
 
 # Dense BF16/FP16 tensor-core peak per device, FLOP/s (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
@@ -58,7 +59,7 @@ def memory_bytes() -> int:
 class Metrics:
     """The llmtrain_* series. Every rank updates them; only rank 0 serves them."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_mfu: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.step = Gauge("llmtrain_step", "Optimiser steps completed", registry=r)
@@ -76,14 +77,12 @@ class Metrics:
         self.samples_per_second = Gauge(
             "llmtrain_samples_per_second", "Training samples/s (all ranks)", registry=r
         )
-        self.flops_per_second = Gauge(
-            "llmtrain_flops_per_second",
-            "Model FLOP/s (all ranks; only when the device peak is known)",
-            registry=r,
-        )
-        self.mfu = Gauge(
-            "llmtrain_mfu", "Model FLOPs utilisation, 0-1 (only when the device peak is known)", registry=r
-        )
+        # Without a known device peak (CPU, unknown GPU) MFU is meaningless, so the series do not exist.
+        self.flops_per_second: Gauge | None = None
+        self.mfu: Gauge | None = None
+        if with_mfu:
+            self.flops_per_second = Gauge("llmtrain_flops_per_second", "Model FLOP/s, all ranks", registry=r)
+            self.mfu = Gauge("llmtrain_mfu", "Model FLOPs utilisation (PaLM), 0-1", registry=r)
         self.checkpoint_seconds = Gauge(
             "llmtrain_checkpoint_seconds", "Duration of the last checkpoint", registry=r
         )

@@ -12,9 +12,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from llmop.api.v1alpha1.training import Sparsity
 from torch import nn
 
+from llmop.api.v1alpha1.training import Sparsity
 from llmtrain.model.llama import Linear, Llama
 
 
