@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import threading
 
 from llmop.settings import Settings
 
@@ -19,7 +18,6 @@ def run_operator(settings: Settings) -> int:
     kopf.configure(log_format=kopf.LogFormat[settings.log_format.upper()], verbose=False)
     start_http_server(settings.metrics_port, addr=settings.bind_address, registry=metrics.REGISTRY)
     host = settings.bind_address or "0.0.0.0"
-    stop = threading.Event()
     return_code = 0
     try:
         asyncio.run(
@@ -28,7 +26,6 @@ def run_operator(settings: Settings) -> int:
                 clusterwide=not settings.namespaces,
                 namespaces=settings.namespaces,
                 liveness_endpoint=f"http://{host}:{settings.health_port}/healthz",
-                stop_flag=stop,
             )
         )
     except KeyboardInterrupt:

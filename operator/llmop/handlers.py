@@ -117,10 +117,11 @@ async def run_job(
             timeout = min(delay or SETTINGS.resync_seconds, SETTINGS.resync_seconds)
             if memory.status and memory.status.get("state") == "Running":
                 timeout = min(timeout, SETTINGS.progress_interval_seconds)
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=timeout)
-            except TimeoutError:
-                pass
+            # Sleep until a child or the job changes, the operator stops, or the resync is due.
+            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+            _, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
     finally:
         _wakeups.pop(key, None)
 

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+
 from llmop.api.v1alpha1.data import NearDuplicates
 from llmtrain import corpus
 from llmtrain.prepare import dedup, lsh, minhash, parallel

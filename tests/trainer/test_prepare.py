@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from llmop.api.v1alpha1.data import Augmentation, Cleaning, DataSource, Normalization, SourceFormat
 from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain import corpus

@@ -12,9 +12,9 @@ import logging
 import sys
 
 import yaml
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from pydantic import ValidationError
 
+from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.prepare import ConfigError, run
 
 

@@ -11,9 +11,9 @@ import html
 import re
 import unicodedata
 from collections import Counter
+from typing import Literal
 
 from llmop.api.v1alpha1.data import Cleaning, Normalization
-
 from llmtrain.prepare import pii
 
 _SCRIPT = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
@@ -93,14 +93,17 @@ def quality_failure(text: str, cfg: Cleaning) -> str | None:
     return None
 
 
+_FORMS: dict[Normalization, Literal["NFC", "NFKC"]] = {Normalization.NFC: "NFC", Normalization.NFKC: "NFKC"}
+
+
 def clean(text: str, cfg: Cleaning) -> tuple[str | None, Counter[str]]:
     """(cleaned text or None, events): events count edits (e.g. ``boilerplate_lines``, ``pii_email``)
     and, for a rejected document, ``removed:<rule>``."""
     events: Counter[str] = Counter()
     if not cfg.enabled:
         return (text if text.strip() else None), events
-    if cfg.unicode_normalization != Normalization.NONE:
-        text = unicodedata.normalize(cfg.unicode_normalization.value, text)
+    if form := _FORMS.get(cfg.unicode_normalization):
+        text = unicodedata.normalize(form, text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     stripped = _strip_controls(text)
     if stripped != text:

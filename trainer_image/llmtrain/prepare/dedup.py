@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from llmop.api.v1alpha1.data import NearDuplicates
 
+from llmop.api.v1alpha1.data import NearDuplicates
 from llmtrain.prepare import lsh, minhash
 from llmtrain.prepare.parallel import map_chunks
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import fsspec
 import pyarrow.parquet as pq
-from llmop.api.v1alpha1.data import DataSource, SourceFormat
 
+from llmop.api.v1alpha1.data import DataSource, SourceFormat
 from llmtrain import corpus
 from llmtrain.prepare.errors import ConfigError
 

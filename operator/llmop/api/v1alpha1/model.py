@@ -63,8 +63,8 @@ class ModelSpec(TransformerShape):
 
     architecture: Architecture = Architecture.LLAMA
     """Block layout; Llama (RMSNorm, rotary positions, SwiGLU) exports as LlamaForCausalLM."""
-    vocab_size: int = Field(8192, ge=256, le=262144)
-    """Vocabulary size; a tokenizer trained by the data stage gets exactly this many tokens."""
+    vocab_size: int = Field(8192, ge=258, le=262144)
+    """Vocabulary size; a tokenizer trained by the data stage gets exactly this many tokens (at least the 256 bytes plus end-of-text and padding)."""
     context_length: int = Field(256, ge=16, le=131072)
     """Longest sequence the model supports (rotary table size)."""
     initialization: Initialization = Field(default_factory=Initialization)
