@@ -52,4 +52,4 @@ test: venv bins ## Install everything, then run the whole suite (cluster tests i
 
 .PHONY: demo
 demo: venv ## Prepare data and train the embedded default model locally, then sample from it
-	$(PY) -m llmtrain.demo
+	DS_ACCELERATOR=cpu $(PY) -m llmtrain.demo
