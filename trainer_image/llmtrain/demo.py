@@ -79,7 +79,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir)  # transformers types generate() loosely
     prompt = "The software is provided"
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
