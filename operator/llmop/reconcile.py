@@ -75,6 +75,8 @@ class _Planner:
         self.status = self.plan.status
         self.status.setdefault("conditions", [])
         self.status.setdefault("stages", [])
+        self.status.setdefault("restartCount", 0)
+        self.status.setdefault("disruptionCount", 0)
 
     # -- helpers -------------------------------------------------------------------------------
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
