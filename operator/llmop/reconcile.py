@@ -239,6 +239,17 @@ class _Planner:
 
     def placement(self, current: list[PodView]) -> None:
         gated = [p for p in current if p.gated]
+        if gated and self.seen.fit is None:
+            # Someone else's gate (Kueue admission): the whole group is released together by them.
+            queue = self.spec.scheduling.queue_name
+            self.condition(
+                cond.GANG_SCHEDULED,
+                False,
+                "AwaitingAdmission",
+                f"{len(gated)} workers wait for Kueue to admit the pod group (queue {queue})",
+            )
+            self.state("Pending")
+            return
         if gated and self.seen.fit is not None:
             if self.seen.fit.fits:
                 self.plan.ungate = [p.name for p in gated]
