@@ -57,7 +57,7 @@ def test_cubic_sparsity_schedule_and_masks() -> None:
     assert sparsity.target_sparsity(40, sp) == 0.5
     assert [s for s in range(45) if sparsity.due(s, sp)] == [10, 15, 20, 25, 30]
 
-    spec = ModelSpec(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=96, vocab_size=256)
+    spec = ModelSpec(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=96, vocab_size=512)
     model = build_model(spec, seed=0, sparse=True)
     before = {id(m): m.weight.detach().clone() for m in sparsity.prunable(model)}
     sparsity.update_masks(model, 0.3, zero3=False)
@@ -127,7 +127,7 @@ def test_validation_batches_fixed_and_wrap(windows: Windows) -> None:
 
 
 def test_palm_flops_per_token() -> None:
-    spec = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, vocab_size=256)
+    spec = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, vocab_size=512)
     assert flops_per_token(spec, 32) == 6 * spec.num_parameters() + 12 * 2 * 4 * 16 * 32
 
 
