@@ -50,6 +50,10 @@ lint: venv ## ruff (lint + format check) and mypy --strict on both packages
 test: venv bins ## Install everything, then run the whole suite (cluster tests included)
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+.PHONY: runtime
+runtime: venv ## Run the development runtime (pods on nodes local-0/1 as local processes) in the foreground
+	$(PY) -m llmop.cli dev runtime
+
 .PHONY: demo
-demo: venv ## Prepare data and train the embedded default model locally, then sample from it
-	DS_ACCELERATOR=cpu $(PY) -m llmtrain.demo
+demo: venv bins ## Cluster + runtime + operator; train examples/quickstart.yaml from kubectl apply to a model
+	$(PY) -m llmop.dev.demo

@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
     cluster = dev_sub.add_parser("cluster", help="the local kwok cluster")
     cluster.add_argument("action", choices=["up", "down"])
+    runtime = dev_sub.add_parser("runtime", help="run pods bound to the local nodes as local processes")
+    runtime.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, else the dev cluster's")
+    runtime.add_argument("--nodes", type=int, default=2, help="local nodes to serve (local-0, local-1, ...)")
+    logs = sub.add_parser("logs", help="print a job's pod logs written by the development runtime")
+    logs.add_argument("job")
+    logs.add_argument("-n", "--namespace", default="default")
+    logs.add_argument("--tail", type=int, default=None, help="last N lines of each container")
     args = parser.parse_args(argv)
 
     if args.command == "operator":
@@ -55,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         from llmop.dev import cluster as devcluster
 
         return devcluster.main(["cluster", args.action])
+    if args.command == "dev" and args.dev_command == "runtime":
+        from llmop.dev.runtime import main as devruntime
+
+        return devruntime.main(
+            [*(["--kubeconfig", args.kubeconfig] if args.kubeconfig else []), "--nodes", str(args.nodes)]
+        )
+    if args.command == "logs":
+        from llmop.dev.runtime import logs as joblogs
+
+        return joblogs.main(args.job, args.namespace, args.tail)
     return 2
 
 

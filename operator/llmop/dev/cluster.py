@@ -144,9 +144,16 @@ def render_config(bin_dir: Path) -> str:
                 "extraArgs": [{"key": "enable-hostpath-provisioner", "value": "true"}],
             },
             # Flags rather than a KwokConfiguration document: a partial one drops kwok's defaults.
+            # kwok plays only the fake nodes (annotated kwok.x-k8s.io/node=fake), so the nodes of the
+            # development runtime (`llmop dev runtime`) and their pods are left to that runtime.
             {
                 "name": "kwok-controller",
-                "extraArgs": [{"key": "cidr", "value": POD_CIDR}, {"key": "node-ip", "value": "127.0.0.1"}],
+                "extraArgs": [
+                    {"key": "cidr", "value": POD_CIDR},
+                    {"key": "node-ip", "value": "127.0.0.1"},
+                    {"key": "manage-all-nodes", "value": "false"},
+                    {"key": "manage-nodes-with-annotation-selector", "value": "kwok.x-k8s.io/node=fake"},
+                ],
             },
         ],
     }

@@ -42,6 +42,11 @@ def setup() -> DistEnv:
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (a C++ build of minutes
+        # on a small machine, repeated in every fresh container) that serves only inference all-reduce
+        # among ranks of one host; training all-reduces go through gloo. Mark it unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return env

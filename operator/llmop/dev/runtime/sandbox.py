@@ -1,0 +1,88 @@
+"""A container as a local process tree in its own mount, UTS and PID namespaces.
+
+``unshare --mount --uts --pid --fork --mount-proc --kill-child`` gives the process:
+- its volumes bind-mounted at their mountPaths (/etc/llmop, /var/lib/llmop, /tmp, /dev/shm, ...) and
+  the pod's hosts file over /etc/hosts, visible to it alone;
+- the pod's hostname, which gloo resolves (via that hosts file) to the pod IP and binds;
+- a PID namespace: when its first process dies the kernel kills everything left inside, and
+  --kill-child kills that first process when unshare itself dies, so no process of a pod outlives it.
+The bindpod LD_PRELOAD shim turns wildcard binds (torch's TCPStore) into binds to the pod IP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from llmop.dev.runtime import paths
+from llmop.dev.runtime.volumes import Mount
+
+SHIM_SOURCE = Path(__file__).with_name("bindpod.c")
+
+
+def venv_bin() -> Path:
+    return Path(sys.prefix) / "bin"
+
+
+def image_env() -> dict[str, str]:
+    """What the trainer image's ENV provides (trainer_image/Dockerfile), with this venv as /opt/venv."""
+    return {
+        "PATH": f"{venv_bin()}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "VIRTUAL_ENV": sys.prefix,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "LANG": "C.UTF-8",
+    }
+
+
+def build_shim() -> Path | None:
+    """Compile bindpod.c once per content; None (with a warning) where no C compiler exists."""
+    source = SHIM_SOURCE.read_bytes()
+    out = paths.root() / "lib" / f"bindpod-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if out.exists():
+        return out
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("[runtime] no C compiler: wildcard listeners are not moved to pod IPs", file=sys.stderr)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"], check=True
+    )
+    tmp.replace(out)
+    return out
+
+
+def _mount_lines(mounts: list[Mount]) -> list[str]:
+    lines = []
+    for m in mounts:
+        target = shlex.quote(m.target)
+        if m.source is None:
+            lines.append(f"mkdir -p {target} && mount -t tmpfs -o mode=1777 tmpfs {target}")
+            continue
+        # Creating a missing mount point touches the host's filesystem (an empty directory such as
+        # /etc/llmop); the content stays in the runtime's directories.
+        make = f"mkdir -p {target}" if m.source.is_dir() else f"[ -e {target} ] || touch {target}"
+        lines.append(f"{make} && mount --bind {shlex.quote(str(m.source))} {target}")
+        if m.read_only:
+            lines.append(f"mount -o remount,bind,ro {target}")
+    return lines
+
+
+def command(argv: list[str], mounts: list[Mount], hostname: str, workdir: str) -> list[str]:
+    script = "\n".join(
+        [
+            "set -e",
+            *_mount_lines(mounts),
+            f"hostname {shlex.quote(hostname)}",
+            f"cd {shlex.quote(workdir)}",
+            'exec "$@"',
+        ]
+    )
+    unshare = ["unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    return [*unshare, "/bin/sh", "-c", script, "pod-sandbox", *argv]
