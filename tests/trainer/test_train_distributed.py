@@ -1,7 +1,7 @@
 """Real multi-process DeepSpeed training on CPU (gloo): convergence, crash/resume, preemption.
 
 Every run here is `llmtrain train` under torchrun (or under its own per-node launcher) with two ranks,
-on licence texts tokenised by a locally trained BPE. Logs are JSON lines, parsed for the assertions.
+on the bundled English corpus prepared by `llmtrain prepare`. Logs are JSON lines, parsed for the assertions.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from llmtrain.testing import debug_config, license_documents, write_shards
+from llmtrain.testing import debug_config
 from llmtrain.train.checkpoint import latest_tag
 from llmtrain.train.dist import free_port
 
@@ -29,7 +29,15 @@ TRAIN = ["-m", "llmtrain.cli", "train"]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("data"), license_documents())
+    """The bundled English corpus through the real data stage (clean, dedup, BPE, shards)."""
+    from llmtrain import prepare
+    from llmtrain.config import load_config
+
+    work = tmp_path_factory.mktemp("prepared")
+    data = work / "data"
+    cfg = load_config(str(debug_config(work, data, {"data": {"sources": [{"uri": "builtin://english"}]}})))
+    prepare.run(cfg)
+    return data
 
 
 def env(**extra: str) -> dict[str, str]:
