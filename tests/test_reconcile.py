@@ -31,7 +31,7 @@ def spec(**run_policy: Any) -> LLMTrainingJobSpec:
 def pod(index: int, attempt: int = 1, phase: str = "Running", **kw: Any) -> PodView:
     base = PodView(
         name=f"j-worker-{index}", index=index, attempt=attempt, phase=phase, ready=phase == "Running",
-        deleting=False, gated=False, node=f"n{index}", ip=f"127.1.0.{index + 1}", exit_code=None,
+        deleting=False, gated=False, gates=(), node=f"n{index}", ip=f"127.1.0.{index + 1}", exit_code=None,
         reason="", message="", disrupted=False, unschedulable=None, gpus=1,
     )  # fmt: skip
     return replace(base, **kw)

@@ -5,10 +5,12 @@ leave the rest Pending: a half-placed gang that holds GPUs and never trains. So 
 workers behind a scheduling gate and lifts the gate only when every worker fits on a distinct
 feasible node (GPU, CPU and memory requests, node selector, taints). Pods already ungated but not yet
 bound count as using capacity, so two gangs released together cannot both claim the same GPUs.
+(Released-but-unbound pods are assumed to land on the most-free nodes, whatever their selectors.)
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -115,13 +117,20 @@ def gang_fits(nodes: list[NodeView], pod_spec: Mapping[str, Any], count: int) ->
     return Fit(fits=len(ok) >= count, feasible_nodes=len(ok), needed=count, message=message)
 
 
-def reserve(nodes: list[NodeView], pod_spec: Mapping[str, Any], count: int) -> None:
-    """Account `count` just-released pods against the most-free feasible nodes."""
-    request = requests_of(pod_spec)
-    ok = sorted(
-        (n for n in nodes if feasible(n, pod_spec, request)),
-        key=lambda n: -n.free("nvidia.com/gpu"),
-    )
-    for node in ok[:count]:
+def reserve(nodes: list[NodeView], requests: Iterable[Mapping[str, float]]) -> None:
+    """Account pods that are released but not yet bound against the most-free nodes.
+
+    The scheduler will put them somewhere; assuming the nodes with the most free GPUs keeps the
+    check conservative for gangs of large workers. One heap pass, O(pods x log nodes): this runs on
+    every reconcile of every waiting gang, so it must not sort per pod.
+    """
+    heap = [(-n.free("nvidia.com/gpu"), i) for i, n in enumerate(nodes) if n.ready and not n.unschedulable]
+    heapq.heapify(heap)
+    for request in requests:
+        if not heap:
+            return
+        _, i = heapq.heappop(heap)
+        node = nodes[i]
         for r in TRACKED:
             node.used[r] += request.get(r, 0.0)
+        heapq.heappush(heap, (-node.free("nvidia.com/gpu"), i))

@@ -35,20 +35,32 @@ class JobMemory:
     status: dict[str, Any] | None = None
     last_scrape: float = 0.0
     attempt_started: float = field(default_factory=time.monotonic)
+    done: dict[tuple[Any, ...], float] = field(default_factory=dict)
 
+    def not_recently(self, action: tuple[Any, ...], items: list[Any], window: float = 15.0) -> list[Any]:
+        """The items not acted on within `window` seconds, now marked as acted on.
 
-@dataclass
-class Reservation:
-    pod_spec: Mapping[str, Any]
-    count: int
-    expires: float
+        Idempotent actions may repeat, but while the watch catches up with our own writes a repeat
+        is a wasted request; after the window it is a genuine retry (e.g. a pod deleted meanwhile).
+        """
+        now = time.monotonic()
+        fresh = [i for i in items if now - self.done.get((*action, i), -window) >= window]
+        for i in fresh:
+            self.done[(*action, i)] = now
+        if len(self.done) > 4096:  # old attempts' entries
+            self.done = {k: v for k, v in self.done.items() if now - v < window}
+        return fresh
 
 
 class Cluster:
-    """Shared, in-process view used by the all-or-nothing placement check."""
+    """Shared, in-process view used by the all-or-nothing placement check.
+
+    ``releasing`` holds gangs whose gates the operator just lifted but whose pods the index still
+    shows gated (the watch lags the patch); they count as used until the index catches up.
+    """
 
     def __init__(self) -> None:
-        self.reservations: dict[tuple[str, str], Reservation] = {}
+        self.releasing: dict[tuple[str, str], list[dict[str, float]]] = {}
 
     def fit(
         self,
@@ -63,16 +75,17 @@ class Cluster:
             for n in nodes
         ]
         by_name = {n.name: n for n in views}
+        unbound: list[dict[str, float]] = []
         for node_name, req in usage:
             if node_name in by_name:
                 for r in capacity.TRACKED:
                     by_name[node_name].used[r] += req.get(r, 0.0)
-        now = time.monotonic()
-        for key, res in list(self.reservations.items()):
-            if res.expires < now:
-                del self.reservations[key]
-            elif key != job:  # a job's own earlier release must not block its own retry
-                capacity.reserve(views, res.pod_spec, res.count)
+            elif node_name is None:
+                unbound.append(req)
+        for key, requests in self.releasing.items():
+            if key != job:  # a job's own earlier release must not block its own retry
+                unbound.extend(requests)
+        capacity.reserve(views, unbound)
         return capacity.gang_fits(views, pod_spec, count)
 
 
@@ -117,6 +130,8 @@ async def reconcile_once(
     now = datetime.now(UTC)
     seen = Observed(pods=pods, prepare=prepare_jobs[0] if prepare_jobs else None, now=now)
     attempt = status.get("attempt") or 1
+    if not any(p.gated for p in pods):
+        CLUSTER.releasing.pop((namespace, name), None)  # the index shows them released now
     if any(p.gated and p.attempt == attempt for p in pods) and workers.scheduling_gates(ref) == [
         naming.GANG_GATE
     ]:
@@ -131,14 +146,16 @@ async def reconcile_once(
         seen = Observed(pods=pods, prepare=seen.prepare, now=now, fit=fit)
 
     result = plan(job, seen)
-    await act(kube, ref, result, body)
+    await act(kube, ref, result, body, pods, memory)
     await report_progress(ref, result, pods, memory, progress_interval)
     await write_status(kube, ref, status, result, memory, body)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return result.requeue_after
 
 
-async def act(kube: Kube, ref: JobRef, result: Plan, body: kopf.Body) -> None:
+async def act(
+    kube: Kube, ref: JobRef, result: Plan, body: kopf.Body, pods: list[PodView], memory: JobMemory
+) -> None:
     ns = ref.namespace
     if result.delete_job:
         await kube.delete_job(ns, ref.name)
@@ -157,12 +174,18 @@ async def act(kube: Kube, ref: JobRef, result: Plan, body: kopf.Body) -> None:
         await asyncio.gather(*(kube.delete_pod(ns, p) for p in result.delete_pods))
     if result.create_workers:
         attempt = result.status["attempt"]
-        manifests = [workers.build_worker(ref, i, attempt) for i in result.create_workers]
+        # The index lags our own creates; re-posting every pass would only collect 409s.
+        todo = memory.not_recently(("create", attempt), result.create_workers)
+        manifests = [workers.build_worker(ref, i, attempt) for i in todo]
         await asyncio.gather(*(kube.create(m) for m in manifests))
     if result.ungate:
         worker = workers.build_worker(ref, 0, result.status["attempt"])["spec"]
-        CLUSTER.reservations[(ns, ref.name)] = Reservation(worker, len(result.ungate), time.monotonic() + 30)
-        await asyncio.gather(*(kube.remove_scheduling_gate(ns, p, naming.GANG_GATE) for p in result.ungate))
+        CLUSTER.releasing[(ns, ref.name)] = [capacity.requests_of(worker)] * len(result.ungate)
+        gated = {p.name: p.gates for p in pods}
+        todo = memory.not_recently(("ungate", result.status["attempt"]), result.ungate)
+        await asyncio.gather(
+            *(kube.remove_scheduling_gate(ns, p, naming.GANG_GATE, gated.get(p)) for p in todo)
+        )
 
 
 async def report_progress(

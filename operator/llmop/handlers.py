@@ -1,4 +1,8 @@
-"""Kopf entry points. Thin: indexes feed observations, one daemon per job runs the reconcile loop."""
+"""Kopf entry points. Thin: indexes feed observations, one daemon per job runs the reconcile loop.
+
+Index and event handlers are coroutines on purpose: Kopf runs sync handlers in threads, which costs
+thread hops per pod event and would make waking a daemon's asyncio.Event thread-unsafe.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
+    # Kopf logs every handler call at INFO: one line per pod event, thousands a minute at scale.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     # API calls run in threads; creating a 128-worker gang at once needs more than the default few.
@@ -42,12 +48,14 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 # -- observations -----------------------------------------------------------------------------
 @kopf.index("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT, naming.ROLE_LABEL: naming.ROLE_WORKER})
-def worker_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodView]:
+async def worker_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, PodView]:
     return {(namespace, labels[naming.JOB_NAME_LABEL]): pod_view(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
-def batch_jobs(
+async def batch_jobs(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, BatchJobView]:
     key = (namespace, labels[naming.JOB_NAME_LABEL], labels.get(naming.ROLE_LABEL, ""))
@@ -55,12 +63,12 @@ def batch_jobs(
 
 
 @kopf.index("nodes")
-def nodes(body: kopf.Body, **_: Any) -> dict[None, capacity.NodeView]:
+async def nodes(body: kopf.Body, **_: Any) -> dict[None, capacity.NodeView]:
     return {None: capacity.NodeView.from_node(body)}
 
 
 @kopf.index("pods", when=lambda status, **_: status.get("phase") in (None, "Pending", "Running"))
-def resource_usage(spec: kopf.Spec, **_: Any) -> dict[None, tuple[str | None, dict[str, float]]] | None:
+async def resource_usage(spec: kopf.Spec, **_: Any) -> dict[None, tuple[str | None, dict[str, float]]] | None:
     if spec.get("schedulingGates"):
         return None  # gated pods hold nothing yet
     return {None: (spec.get("nodeName"), capacity.requests_of(spec))}
@@ -68,12 +76,12 @@ def resource_usage(spec: kopf.Spec, **_: Any) -> dict[None, tuple[str | None, di
 
 @kopf.on.event("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
 @kopf.on.event("batch", "v1", "jobs", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
-def child_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+async def child_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     _wake(namespace, labels.get(naming.JOB_NAME_LABEL))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
+async def job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     _wake(namespace, name)
 
 

@@ -22,11 +22,15 @@ Manifest = dict[str, Any]
 class Kube:
     def __init__(self, api: client.ApiClient | None = None) -> None:
         if api is None:
+            conf = client.Configuration()
             try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
+                config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
             except config.ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-            api = client.ApiClient()
+                config.load_kube_config(client_configuration=conf)  # type: ignore[no-untyped-call]
+            # As many pooled connections as API worker threads (handlers.py), or each burst of
+            # creates beyond the default 10 pays a fresh TLS handshake.
+            conf.connection_pool_maxsize = 32
+            api = client.ApiClient(conf)
         self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -72,22 +76,19 @@ class Kube:
 
         await asyncio.to_thread(call)
 
-    async def remove_scheduling_gate(self, namespace: str, name: str, gate: str) -> None:
-        """Lift one scheduling gate, keeping any others (e.g. another controller's)."""
+    async def remove_scheduling_gate(
+        self, namespace: str, name: str, gate: str, known: tuple[str, ...] | None = None
+    ) -> None:
+        """Lift one scheduling gate, keeping any others (e.g. another controller's).
 
-        def call() -> None:
-            try:
-                pod = self.core.read_namespaced_pod(name, namespace)
-            except ApiException as e:
-                if e.status == 404:
-                    return
-                raise
-            gates = [g.name for g in (pod.spec.scheduling_gates if pod.spec else None) or []]
-            if gate not in gates:
-                return
+        ``known`` is the pod's gate list as last watched, which saves a GET; if it is stale the
+        patch's test op fails and the pod is read fresh once.
+        """
+
+        def patch(gates: list[str]) -> None:
             # A JSON patch: a strategic merge of a shorter list would keep the gate. The test op makes
             # the patch fail rather than drop a gate another controller added meanwhile.
-            patch = [
+            ops = [
                 {"op": "test", "path": "/spec/schedulingGates", "value": [{"name": g} for g in gates]},
                 {
                     "op": "replace",
@@ -95,7 +96,27 @@ class Kube:
                     "value": [{"name": g} for g in gates if g != gate],
                 },
             ]
-            self.core.patch_namespaced_pod(name, namespace, patch)
+            self.core.patch_namespaced_pod(name, namespace, ops)
+
+        def call() -> None:
+            if known is not None and gate in known:
+                try:
+                    patch(list(known))
+                    return
+                except ApiException as e:
+                    if e.status == 404:
+                        return
+                    if e.status not in (409, 422):
+                        raise
+            try:
+                pod = self.core.read_namespaced_pod(name, namespace)
+            except ApiException as e:
+                if e.status == 404:
+                    return
+                raise
+            gates = [g.name for g in (pod.spec.scheduling_gates if pod.spec else None) or []]
+            if gate in gates:
+                patch(gates)
 
         await asyncio.to_thread(call)
 

@@ -30,6 +30,7 @@ class PodView:
     ready: bool
     deleting: bool
     gated: bool
+    gates: tuple[str, ...]
     node: str | None
     ip: str | None
     exit_code: int | None
@@ -97,6 +98,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
         deleting=bool(meta.get("deletionTimestamp")),
         gated=bool(spec.get("schedulingGates")),
+        gates=tuple(g.get("name", "") for g in spec.get("schedulingGates") or []),
         node=spec.get("nodeName"),
         ip=status.get("podIP"),
         exit_code=exit_code,

@@ -48,8 +48,11 @@ def test_killed_mid_restart_converges(jobs: Jobs, operator: OperatorProcess) -> 
     jobs.annotate_pods(
         "mid", {"llmop.io/kwok-exit-after": "1s", "llmop.io/kwok-exit-code": "1"}, only=["mid-worker-1"]
     )
-    # Kill as soon as the restart is decided: old gang deleting, new gang not yet created.
-    jobs.wait_condition("mid", "Restarting", timeout=30)
+    # Kill as soon as the restart is decided (the new attempt is recorded before the old gang is
+    # deleted): the old gang is deleting and the new one not yet fully created.
+    wait_for(
+        lambda: jobs.status("mid").get("attempt") == 2, interval=0.05, timeout=30, what="attempt 2 recorded"
+    )
     operator.kill()
     operator.start()
     _one_gang(jobs, "mid", attempt=2)
