@@ -74,7 +74,7 @@ class Demo:
                 where = f"on {pod['spec'].get('nodeName', '-')}, IP {pod['status'].get('podIP', '-')}"
                 note(f"pod/{pod['metadata']['uid']}", phase, f"pod {name}: {phase} ({where})")
             progress = status.get("progress") or {}
-            if progress.get("step", 0) != last_step and progress.get("totalSteps"):
+            if progress.get("step", 0) not in (last_step, 0) and progress.get("totalSteps"):
                 last_step = progress["step"]
                 val = progress.get("validationLoss")
                 say(
@@ -118,6 +118,9 @@ def sample(model_dir: Path) -> str:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir)  # transformers types generate() loosely
