@@ -172,7 +172,7 @@ def test_gated_gang_released_only_when_it_fits() -> None:
     no = plan(
         snapshot(spec()), Observed(gated, None, NOW, fit=Fit(False, 1, 2, "needs 2 nodes; 1 available"))
     )
-    assert not no.ungate and no.status["state"] == "Pending"
+    assert not no.ungate and no.status["state"] == "Pending" and no.requeue_after == 2.0
     assert (
         any(t.type == "GangScheduled" for t in no.transitions) is False
     )  # False on first appearance: no event

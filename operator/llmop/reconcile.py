@@ -18,6 +18,8 @@ from llmop.api.v1alpha1.workload import ExitCodeAction, RestartPolicy
 from llmop.capacity import Fit
 from llmop.observe import BatchJobView, PodView
 
+CAPACITY_RECHECK_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class JobSnapshot:
@@ -257,6 +259,8 @@ class _Planner:
             else:
                 self.condition(cond.GANG_SCHEDULED, False, "InsufficientCapacity", self.seen.fit.message)
                 self.state("Pending")
+                # Capacity frees up without any event on this job's children: look again soon.
+                self.plan.requeue_after = CAPACITY_RECHECK_SECONDS
                 return
         if unschedulable := [p for p in current if p.unschedulable]:
             self.condition(
