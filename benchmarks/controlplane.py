@@ -459,6 +459,26 @@ class Bench:
         return parse_metrics(self.kubectl("get", "--raw", "/metrics"))
 
     # The operator's own identity, so FlowSchemas can single its requests out.
+    def wait_nodes_ready(self, count: int, timeout: float = 300) -> None:
+        """Measure gangs, not fresh nodes coming up: a gang waits for schedulable nodes by design.
+
+        New nodes carry the node-lifecycle controller's not-ready NoSchedule taint until its next
+        pass (kwokctl runs it every 25 s), even after they report Ready.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+            ready = sum(
+                any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                and not any(t.get("effect") == "NoSchedule" for t in n["spec"].get("taints", []))
+                for n in nodes
+            )
+            if ready >= count:
+                log(f"{ready} nodes Ready and untainted")
+                return
+            time.sleep(2)
+        raise TimeoutError(f"fewer than {count} nodes became Ready")
+
     def setup_operator_identity(self) -> None:
         self.kubectl("create", "namespace", OP_NAMESPACE, check=False)
         self.kubectl("-n", OP_NAMESPACE, "create", "serviceaccount", OP_SERVICE_ACCOUNT, check=False)
@@ -737,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bringing up cluster {CLUSTER_NAME} with {args.nodes} fake GPU nodes")
         cluster.up(node_count=args.nodes)
         bench = Bench(args, cluster)
+        bench.wait_nodes_ready(args.nodes)
         bench.setup_operator_identity()
         if not args.skip_big:
             results.append(

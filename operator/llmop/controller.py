@@ -132,19 +132,18 @@ async def reconcile_once(
     attempt = status.get("attempt") or 1
     if not any(p.gated for p in pods):
         CLUSTER.releasing.pop((namespace, name), None)  # the index shows them released now
-    if any(p.gated and p.attempt == attempt for p in pods) and workers.scheduling_gates(ref) == [
-        naming.GANG_GATE
-    ]:
-        worker = workers.build_worker(ref, 0, attempt)["spec"]
-        fit = CLUSTER.fit(
-            (namespace, name),
-            _store(indexes.nodes, None),
-            _store(indexes.resource_usage, None),
-            worker,
-            spec.workers.num_nodes,
-        )
+    current = [p for p in pods if p.attempt == attempt]
+    if any(p.gated for p in current) and workers.scheduling_gates(ref) == [naming.GANG_GATE]:
+        if all(p.gated for p in current):
+            worker = workers.build_worker(ref, 0, attempt)["spec"]
+            nodes, usage = _store(indexes.nodes, None), _store(indexes.resource_usage, None)
+            fit = CLUSTER.fit((namespace, name), nodes, usage, worker, spec.workers.num_nodes)
+        else:
+            # Part of the gang is already released: the rest is only our watch lagging behind our
+            # own patches. Re-checking would count the released half against the other half.
+            n = spec.workers.num_nodes
+            fit = capacity.Fit(True, n, n, "the gang was admitted; releasing the remaining workers")
         seen = Observed(pods=pods, prepare=seen.prepare, now=now, fit=fit)
-
     result = plan(job, seen)
     await act(kube, ref, result, body, pods, memory)
     await report_progress(ref, result, pods, memory, progress_interval)
