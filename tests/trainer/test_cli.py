@@ -72,7 +72,7 @@ def test_launcher_only_without_world_size() -> None:
             "NNODES": "2",
             "NODE_RANK": "1",
             "NPROC_PER_NODE": "4",
-            "MASTER_ADDR": "10.0.0.7",
+            "MASTER_ADDR": "127.3.0.7",
             "MASTER_PORT": "29500",
         },
     )
@@ -81,7 +81,7 @@ def test_launcher_only_without_world_size() -> None:
         "--nnodes=2",
         "--node_rank=1",
         "--nproc_per_node=4",
-        "--master_addr=10.0.0.7",
+        "--master_addr=127.3.0.7",
         "--master_port=29500",
     ):
         assert arg in cmd
