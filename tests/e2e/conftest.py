@@ -42,7 +42,7 @@ def local_operator(
     op = OperatorProcess(cluster, namespace, tmp_path)
     op.start()
     yield op
-    op.stop()
+    op.shutdown()
     print(f"\n--- operator log (tail) ---\n{op.log()}")
 
 

@@ -74,6 +74,26 @@ class OperatorProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def shutdown(self) -> None:
+        """Delete the namespace's jobs while an operator still runs, then stop it.
+
+        The jobs' finalizer is Kopf's to remove; without an operator the test namespace would hang
+        in Terminating and its jobs would linger in the cluster.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self.cluster.kubectl(
+            "delete",
+            "llmtrainingjobs",
+            "--all",
+            "-n",
+            self.namespace,
+            "--wait=true",
+            "--timeout=60s",
+            check=False,
+        )
+        self.stop()
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
@@ -87,7 +107,7 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Opera
     op = OperatorProcess(cluster, namespace, tmp_path)
     op.start()
     yield op
-    op.stop()
+    op.shutdown()
     print(f"\n--- operator log (tail) ---\n{op.log()}")
 
 

@@ -58,27 +58,55 @@ def build_shim() -> Path | None:
     return out
 
 
-def _mount_lines(mounts: list[Mount]) -> list[str]:
-    lines = []
-    for m in mounts:
-        target = shlex.quote(m.target)
+# Inside the pod's private mount namespace: a tmpfs holding bind mounts of every source (and of the
+# host paths the process needs) taken before any volume covers them.
+STASH = "/run/llmop-sandbox"
+# Host paths the container must still see, e.g. the venv and the editable install when the
+# checkout lives under /tmp, which the pod's emptyDir covers.
+PROJECT_ROOT = Path(__file__).resolve().parents[4]
+
+
+def _covered(path: str, mounts: list[Mount]) -> bool:
+    return any(path == m.target or path.startswith(m.target.rstrip("/") + "/") for m in mounts)
+
+
+def _mount_lines(mounts: list[Mount], keep: list[str]) -> list[str]:
+    q = shlex.quote
+    lines = [f"mkdir -p {STASH} && mount -t tmpfs -o mode=700 tmpfs {STASH}"]
+    # 1. Stash every source first: a later mount (an emptyDir at /tmp) may cover another's source
+    #    (a claim directory under /tmp/hostpath_pv).
+    for i, m in enumerate(mounts):
+        if m.source is not None:
+            stash = f"{STASH}/src{i}"
+            make = f"mkdir -p {stash}" if m.source.is_dir() else f"touch {stash}"
+            lines.append(f"{make} && mount --bind {q(str(m.source))} {stash}")
+    kept = [path for path in keep if _covered(path, mounts)]
+    for i, path in enumerate(kept):
+        lines.append(f"mkdir -p {STASH}/keep{i} && mount --bind {q(path)} {STASH}/keep{i}")
+    # 2. The volumes at their mountPaths.
+    for i, m in enumerate(mounts):
+        target = q(m.target)
         if m.source is None:
             lines.append(f"mkdir -p {target} && mount -t tmpfs -o mode=1777 tmpfs {target}")
             continue
         # Creating a missing mount point touches the host's filesystem (an empty directory such as
         # /etc/llmop); the content stays in the runtime's directories.
         make = f"mkdir -p {target}" if m.source.is_dir() else f"[ -e {target} ] || touch {target}"
-        lines.append(f"{make} && mount --bind {shlex.quote(str(m.source))} {target}")
+        lines.append(f"{make} && mount --bind {STASH}/src{i} {target}")
         if m.read_only:
             lines.append(f"mount -o remount,bind,ro {target}")
+    # 3. Host paths a volume covered, put back where they were.
+    for i, path in enumerate(kept):
+        lines.append(f"mkdir -p {q(path)} && mount --bind {STASH}/keep{i} {q(path)}")
     return lines
 
 
 def command(argv: list[str], mounts: list[Mount], hostname: str, workdir: str) -> list[str]:
+    keep = sorted({str(Path(sys.prefix).resolve()), sys.prefix, str(PROJECT_ROOT), workdir})
     script = "\n".join(
         [
             "set -e",
-            *_mount_lines(mounts),
+            *_mount_lines(mounts, keep),
             f"hostname {shlex.quote(hostname)}",
             f"cd {shlex.quote(workdir)}",
             'exec "$@"',
