@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -134,6 +135,10 @@ class Jobs:
         }
         self.cluster.kubectl("apply", "-n", self.ns, "-f", "-", input=yaml.safe_dump(manifest))
         return manifest
+
+    def patch_spec(self, name: str, patch: dict[str, Any]) -> None:
+        body = json.dumps({"spec": patch})
+        self.cluster.kubectl("patch", "llmtrainingjob", name, "-n", self.ns, "--type=merge", "-p", body)
 
     def get(self, name: str) -> dict[str, Any]:
         return dict(self.cluster.kubectl_json("get", "llmtrainingjob", name, "-n", self.ns))

@@ -122,29 +122,11 @@ def test_active_deadline(jobs: Jobs, operator: OperatorProcess) -> None:
 def test_suspend_and_resume(jobs: Jobs, operator: OperatorProcess, cluster: Cluster) -> None:
     jobs.create("sus")
     jobs.wait_pods("sus", 4, attempt=1)
-    cluster.kubectl(
-        "patch",
-        "llmtrainingjob",
-        "sus",
-        "-n",
-        jobs.ns,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":true}}}',
-    )
+    jobs.patch_spec("sus", {"runPolicy": {"suspend": True}})
     jobs.wait_condition("sus", "Suspended")
     wait_for(lambda: not jobs.pods("sus"), what="pods deleted while suspended")
     assert jobs.status("sus")["state"] == "Suspended"
-    cluster.kubectl(
-        "patch",
-        "llmtrainingjob",
-        "sus",
-        "-n",
-        jobs.ns,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":false}}}',
-    )
+    jobs.patch_spec("sus", {"runPolicy": {"suspend": False}})
     jobs.wait_pods("sus", 4, attempt=2)
     jobs.wait_condition("sus", "Running")
     status = jobs.status("sus")
