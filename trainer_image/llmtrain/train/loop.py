@@ -16,7 +16,7 @@ import torch
 
 from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from llmop.render.deepspeed import gradient_accumulation_steps
-from llmtrain import exitcodes
+from llmtrain import exitcodes, termination
 from llmtrain.logs import Logger
 from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
@@ -204,6 +204,17 @@ def run(cfg: TrainerConfig) -> Result:
         result.step = step
         result.export_dir = export(r)
         r.log.event("done", step=step, validation_loss=result.validation_loss, export_dir=result.export_dir)
+        if env.is_main:
+            # The operator copies these final figures into the job's status (HPO reads its objective).
+            termination.write(
+                {
+                    "stage": "train",
+                    "step": step,
+                    "totalSteps": r.total_steps,
+                    "validationLoss": result.validation_loss,
+                    "modelPath": result.export_dir,
+                }
+            )
         return result
     finally:
         r.loader.close()

@@ -130,7 +130,10 @@ class Kubelet:
         elif not alive and not run.finished:
             run.finished = True
             final = {name: code for name, code in codes.items() if code is not None}
-            self.api.patch_pod_status(run.pod, podstatus.terminated(run.pod, final, run.started_at))
+            messages = {name: self.termination_message(run, name) for name in final}
+            self.api.patch_pod_status(
+                run.pod, podstatus.terminated(run.pod, final, run.started_at, messages=messages)
+            )
             log(f"{run.key}: exited {final}")
 
     def stop(self, run: PodRun, alive: bool) -> None:
@@ -158,6 +161,17 @@ class Kubelet:
         self.runs.pop(run.uid, None)
         log(f"{run.key}: {why}; IP {run.ip} released")
 
+    @staticmethod
+    def termination_file(run: PodRun, container: str) -> Path:
+        return run.scratch / "termination" / container
+
+    def termination_message(self, run: PodRun, container: str) -> str:
+        try:
+            data = self.termination_file(run, container).read_bytes()
+        except OSError:
+            return ""
+        return data[: podstatus.MESSAGE_LIMIT].decode(errors="replace")
+
     # -- starting containers ----------------------------------------------------------------------
 
     def start(self, run: PodRun) -> None:
@@ -177,6 +191,13 @@ class Kubelet:
         for container, env in prepared:
             mounts = volumes.container_mounts(container, vols)
             mounts.append(volumes.Mount(run.scratch / "hosts", "/etc/hosts"))
+            # Like the kubelet: an empty, writable file per container at terminationMessagePath.
+            message = self.termination_file(run, container["name"])
+            message.parent.mkdir(parents=True, exist_ok=True)
+            message.write_text("")
+            message.chmod(0o666)
+            target = container.get("terminationMessagePath") or "/dev/termination-log"
+            mounts.append(volumes.Mount(message, target))
             argv = [
                 envvars.expand(a, env)
                 for a in (container.get("command") or []) + (container.get("args") or [])

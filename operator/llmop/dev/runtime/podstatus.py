@@ -61,7 +61,17 @@ def running(pod: Obj, pod_ip: str, host_ip: str, started_at: str) -> Obj:
     }
 
 
-def terminated(pod: Obj, exit_codes: dict[str, int], started_at: str, message: str = "") -> Obj:
+# The kubelet's cap on a container's termination message.
+MESSAGE_LIMIT = 4096
+
+
+def terminated(
+    pod: Obj,
+    exit_codes: dict[str, int],
+    started_at: str,
+    message: str = "",
+    messages: dict[str, str] | None = None,
+) -> Obj:
     """Succeeded when every container exited 0 (restartPolicy Never/OnFailure), else Failed."""
     finished = now()
     containers = []
@@ -73,8 +83,8 @@ def terminated(pod: Obj, exit_codes: dict[str, int], started_at: str, message: s
             "startedAt": started_at,
             "finishedAt": finished,
         }
-        if message:
-            term["message"] = message
+        if text := (messages or {}).get(c["name"]) or message:
+            term["message"] = text
         containers.append(_container(c, {"terminated": term}, False, False))
     phase = "Succeeded" if all(code == 0 for code in exit_codes.values()) else "Failed"
     return {
