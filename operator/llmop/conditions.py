@@ -16,6 +16,10 @@ GANG_SCHEDULED = "GangScheduled"
 RUNNING = "Running"
 RESTARTING = "Restarting"
 SUSPENDED = "Suspended"
+TRAINED = "Trained"
+COMPRESSED = "Compressed"
+# One condition per compression stage, in the "domain/name" form the conventions allow for extensions.
+STAGE_PREFIX = "compress.llmop.io/"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 

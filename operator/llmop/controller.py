@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -15,7 +16,7 @@ import kopf
 from llmop import capacity, metrics, naming, progress
 from llmop import conditions as cond
 from llmop.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop.builders import JobRef, config, prepare, scheduling, storage, workers
+from llmop.builders import JobRef, compress, config, prepare, scheduling, storage, workers
 from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView
 from llmop.reconcile import JobSnapshot, Observed, Plan, plan
@@ -97,6 +98,7 @@ class Indexes:
     """Kopf's live indexes (see handlers.py), keyed by (namespace, job) or None for cluster-wide."""
 
     worker_pods: Any
+    compress_pods: Any
     batch_jobs: Any
     nodes: Any
     resource_usage: Any
@@ -128,7 +130,13 @@ async def reconcile_once(
     pods: list[PodView] = _store(indexes.worker_pods, (namespace, name))
     prepare_jobs: list[BatchJobView] = _store(indexes.batch_jobs, (namespace, name, naming.ROLE_PREPARE))
     now = datetime.now(UTC)
-    seen = Observed(pods=pods, prepare=prepare_jobs[0] if prepare_jobs else None, now=now)
+    seen = Observed(
+        pods=pods,
+        prepare=prepare_jobs[0] if prepare_jobs else None,
+        now=now,
+        compress_jobs=_store(indexes.batch_jobs, (namespace, name, naming.ROLE_COMPRESS)),
+        compress_pods=_store(indexes.compress_pods, (namespace, name)),
+    )
     attempt = status.get("attempt") or 1
     if not any(p.gated for p in pods):
         CLUSTER.releasing.pop((namespace, name), None)  # the index shows them released now
@@ -143,7 +151,7 @@ async def reconcile_once(
             # own patches. Re-checking would count the released half against the other half.
             n = spec.workers.num_nodes
             fit = capacity.Fit(True, n, n, "the gang was admitted; releasing the remaining workers")
-        seen = Observed(pods=pods, prepare=seen.prepare, now=now, fit=fit)
+        seen = dataclasses.replace(seen, fit=fit)
     result = plan(job, seen)
     await act(kube, ref, result, body, pods, memory)
     await report_progress(ref, result, pods, memory, progress_interval)
@@ -169,6 +177,11 @@ async def act(
                 kopf.warn(body, reason="PodGroupUnavailable", message=problem)
     if result.create_prepare:
         await kube.create(prepare.build_prepare_job(ref))
+    if result.create_compress:
+        todo = memory.not_recently(("compress",), result.create_compress)
+        await asyncio.gather(*(kube.create(compress.build_compress_job(ref, st)) for st in todo))
+    if result.delete_batch_jobs:
+        await asyncio.gather(*(kube.delete("batch/v1", "Job", ns, j) for j in result.delete_batch_jobs))
     if result.delete_pods:
         await asyncio.gather(*(kube.delete_pod(ns, p) for p in result.delete_pods))
     if result.create_workers:
@@ -226,6 +239,8 @@ async def write_status(
         metrics.TIME_TO_RUNNING.observe(time.monotonic() - memory.attempt_started)
     if len(result.create_workers) == ref.spec.workers.num_nodes:
         memory.attempt_started = time.monotonic()  # a whole gang was just created
+    for stage in result.finished_stages:
+        metrics.record_stage(ns, name, stage)
     metrics.set_state(ns, name, result.status.get("state"))
     metrics.JOB_RESTARTS.labels(ns, name).set(result.status.get("restartCount", 0))
 

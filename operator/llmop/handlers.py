@@ -54,6 +54,14 @@ async def worker_pods(
     return {(namespace, labels[naming.JOB_NAME_LABEL]): pod_view(body)}
 
 
+@kopf.index("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT, naming.ROLE_LABEL: naming.ROLE_COMPRESS})
+async def compress_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, PodView]:
+    # Only for their termination messages: a compression stage reports its figures there.
+    return {(namespace, labels[naming.JOB_NAME_LABEL]): pod_view(body)}
+
+
 @kopf.index("batch", "v1", "jobs", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
 async def batch_jobs(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
@@ -97,7 +105,7 @@ async def run_job(
 ) -> None:
     # Kopf passes every index by its function's name.
     indexes = controller.Indexes(
-        **{k: kwargs[k] for k in ("worker_pods", "batch_jobs", "nodes", "resource_usage")}
+        **{k: kwargs[k] for k in ("worker_pods", "compress_pods", "batch_jobs", "nodes", "resource_usage")}
     )
     assert _kube is not None and namespace is not None
     key = (namespace, name)

@@ -66,6 +66,19 @@ class Kube:
         except ResourceNotFoundError:
             return f"{manifest['apiVersion']} {manifest['kind']} is not installed in the cluster"
 
+    def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        try:
+            # Background: a Job's pods (a Deployment's ReplicaSets) go with it, without waiting.
+            resource.delete(name=name, namespace=namespace, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete any namespaced object; already gone is success."""
+        await asyncio.to_thread(self._delete, api_version, kind, namespace, name)
+
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
         def call() -> None:
             try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llmop.conditions import parse_time
 
 REGISTRY = CollectorRegistry()
 
@@ -61,10 +65,36 @@ JOB_TOKENS = Gauge(
     ["namespace", "job"],
     registry=REGISTRY,
 )
+STAGE_DURATION = Histogram(
+    "llmop_stage_duration_seconds",
+    "Wall time of finished lifecycle stages (prepare, train, each compression method)",
+    ["namespace", "stage", "method", "result"],
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+    registry=REGISTRY,
+)
+COMPRESSION_RESULT = Gauge(
+    "llmop_compression_result",
+    "Key figures of a finished compression stage relative to the trained model",
+    ["namespace", "job", "stage", "method", "figure"],
+    registry=REGISTRY,
+)
+# The figures worth a time series; the rest stays in status.
+COMPRESSION_FIGURES = ("sizeRatio", "perplexityIncreasePercent", "speedup", "sparsity", "parameterRatio")
 JOB_RESTARTS = Gauge("llmop_job_restarts", "restartCount of the job", ["namespace", "job"], registry=REGISTRY)
 
 _states: dict[tuple[str, str], str] = {}
-STATES = ("Pending", "Preparing", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+STATES = (
+    "Pending",
+    "Preparing",
+    "Starting",
+    "Running",
+    "Restarting",
+    "Compressing",
+    "Serving",
+    "Suspended",
+    "Succeeded",
+    "Failed",
+)
 
 
 def set_state(namespace: str, job: str, state: str | None) -> None:
@@ -81,6 +111,20 @@ def _publish_states() -> None:
         JOBS_BY_STATE.labels(state).set(n)
 
 
+def record_stage(namespace: str, job: str, stage: dict[str, Any]) -> None:
+    """A stage just ended: its duration, and for compression its headline figures."""
+    method = stage.get("method") or stage["name"]
+    start, end = stage.get("startTime"), stage.get("completionTime")
+    if start and end:
+        seconds = (parse_time(end) - parse_time(start)).total_seconds()
+        STAGE_DURATION.labels(namespace, stage["name"].split("-")[0], method, stage["state"]).observe(seconds)
+    for figure in COMPRESSION_FIGURES:
+        if figure in (stage.get("results") or {}):
+            COMPRESSION_RESULT.labels(namespace, job, stage["name"], method, figure).set(
+                stage["results"][figure]
+            )
+
+
 def job_info(namespace: str, job: str, nodes: int, gpus: int) -> None:
     JOB_INFO.labels(namespace, job, str(nodes), str(gpus)).set(1)
 
@@ -94,6 +138,7 @@ def forget(namespace: str, job: str) -> None:
             gauge.remove(namespace, job)
         except KeyError:
             pass
-    for labels in list(JOB_INFO._metrics):
-        if labels[0] == namespace and labels[1] == job:
-            JOB_INFO.remove(*labels)
+    for family in (JOB_INFO, COMPRESSION_RESULT):
+        for labels in list(family._metrics):
+            if labels[0] == namespace and labels[1] == job:
+                family.remove(*labels)

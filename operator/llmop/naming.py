@@ -9,8 +9,11 @@ ATTEMPT_LABEL = f"{GROUP}/attempt"
 INDEX_LABEL = f"{GROUP}/worker-index"
 MANAGED_BY = "llmop"
 
+STAGE_LABEL = f"{GROUP}/stage"
+
 ROLE_WORKER = "worker"
 ROLE_PREPARE = "prepare"
+ROLE_COMPRESS = "compress"
 
 # Our own scheduling gate: pods of a gang stay gated until the whole gang fits (see capacity.py).
 GANG_GATE = f"{GROUP}/gang"
@@ -46,6 +49,11 @@ def claim_name(job: str) -> str:
 
 def prepare_job_name(job: str) -> str:
     return f"{job}-prepare"
+
+
+def compress_job_name(job: str, stage: str) -> str:
+    # job names are at most 40 characters and stages at most 12 ("quantize-7"), well within 63.
+    return f"{job}-{stage}"
 
 
 def pod_group_name(job: str) -> str:

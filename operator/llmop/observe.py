@@ -39,6 +39,8 @@ class PodView:
     disrupted: bool
     unschedulable: str | None
     gpus: int
+    termination_message: str = ""  # the container's last words (see llmtrain/termination.py)
+    stage: str = ""  # compression stage of a compression pod
 
     @property
     def failed(self) -> bool:
@@ -71,6 +73,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         for cs in status.get("containerStatuses") or []
         if (cs.get("state") or {}).get("terminated")
     ]
+    message = next((t["message"] for t in terminated if t.get("message")), "")
     exit_code = next((t.get("exitCode") for t in terminated if t.get("exitCode")), None)
     if exit_code is None and terminated:
         exit_code = terminated[0].get("exitCode")
@@ -107,6 +110,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         disrupted=disrupted,
         unschedulable=unschedulable,
         gpus=gpus,
+        termination_message=message,
+        stage=labels.get(naming.STAGE_LABEL, ""),
     )
 
 
@@ -119,6 +124,8 @@ class BatchJobView:
     failed: bool
     message: str
     active: int
+    failures: int = 0  # pods that failed (each a retry, up to the Job's backoffLimit)
+    stage: str = ""
 
 
 def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
@@ -135,4 +142,6 @@ def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
         failed=failed is not None,
         message=(failed or {}).get("message", "") if failed else "",
         active=status.get("active") or 0,
+        failures=status.get("failed") or 0,
+        stage=job.get("metadata", {}).get("labels", {}).get(naming.STAGE_LABEL, ""),
     )

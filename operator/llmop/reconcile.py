@@ -15,8 +15,11 @@ from typing import Any
 from llmop import conditions as cond
 from llmop.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop.api.v1alpha1.workload import ExitCodeAction, RestartPolicy
+from llmop.builders.compress import Stage, stages
 from llmop.capacity import Fit
 from llmop.observe import BatchJobView, PodView
+from llmop.selection import select
+from llmop.termination import final_figures
 
 CAPACITY_RECHECK_SECONDS = 2.0
 
@@ -37,6 +40,8 @@ class Observed:
     prepare: BatchJobView | None
     now: datetime
     fit: Fit | None = None  # only computed when gated workers wait for capacity
+    compress_jobs: list[BatchJobView] = field(default_factory=list)
+    compress_pods: list[PodView] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +52,9 @@ class Plan:
     create_workers: list[int] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
     ungate: list[str] = field(default_factory=list)
+    create_compress: list[Stage] = field(default_factory=list)
+    delete_batch_jobs: list[str] = field(default_factory=list)
+    finished_stages: list[dict[str, Any]] = field(default_factory=list)  # stage entries that just ended
     delete_job: bool = False
     transitions: list[cond.Transition] = field(default_factory=list)
     requeue_after: float | None = None
@@ -88,21 +96,23 @@ class _Planner:
         if t:
             self.plan.transitions.append(t)
 
-    def stage(self, name: str, state: str, message: str | None = None) -> None:
-        stages: list[dict[str, Any]] = self.status["stages"]
-        entry = next((s for s in stages if s["name"] == name), None)
+    def stage(self, name: str, state: str, message: str | None = None) -> dict[str, Any]:
+        entries: list[dict[str, Any]] = self.status["stages"]
+        entry = next((s for s in entries if s["name"] == name), None)
         if entry is None:
             entry = {"name": name, "state": "Pending"}
-            stages.append(entry)
+            entries.append(entry)
         now = cond.now_iso(self.seen.now)
         if state == "Running" and not entry.get("startTime"):
             entry["startTime"] = now
         if state in ("Succeeded", "Failed") and entry["state"] not in ("Succeeded", "Failed"):
             entry.setdefault("startTime", now)
             entry["completionTime"] = now
+            self.plan.finished_stages.append(entry)
         entry["state"] = state
         if message is not None:
             entry["message"] = message
+        return entry
 
     def state(self, value: str) -> None:
         self.status["state"] = value
@@ -113,6 +123,8 @@ class _Planner:
 
     def delete_all_pods(self) -> None:
         self.plan.delete_pods = [p.name for p in self.seen.pods if not p.deleting]
+        # Compression still running when the job fails (deadline, deletion of the gang) stops too.
+        self.plan.delete_batch_jobs = [j.name for j in self.seen.compress_jobs if j.active]
 
     def fail(self, reason: str, message: str) -> None:
         self.delete_all_pods()
@@ -136,10 +148,21 @@ class _Planner:
         self.status["observedGeneration"] = self.job.generation
         if self.deadline_exceeded() or self.suspended():
             return self.plan
+        if cond.is_true(self.status["conditions"], cond.TRAINED):
+            # The trained model is on the volume: never train again, even if the workers' pods vanish.
+            self.compress()
+            return self.plan
         if self.spec.data.prepare and not self.prepared():
             return self.plan
         self.train()
         return self.plan
+
+    def succeed(self, reason: str, message: str) -> None:
+        self.condition(cond.RUNNING, False, reason, message)
+        self.condition(cond.SUCCEEDED, True, reason, message)
+        self.status["completionTime"] = cond.now_iso(self.seen.now)
+        self.state("Succeeded")
+        self.after_finish()
 
     def after_finish(self) -> None:
         # A failed job keeps no running pods (a Succeeded one has none); then TTL clean-up.
@@ -228,16 +251,98 @@ class _Planner:
             self.restart_or_fail(failed[0], attempt)
             return
         if all(p.succeeded for p in current):
-            self.stage("train", "Succeeded")
-            self.condition(cond.RUNNING, False, "TrainingSucceeded", "every worker exited 0")
-            self.condition(
-                cond.SUCCEEDED, True, "TrainingSucceeded", f"training finished in attempt {attempt}"
-            )
-            self.status["completionTime"] = cond.now_iso(self.seen.now)
-            self.state("Succeeded")
-            self.after_finish()
+            self.trained(current, attempt)
             return
         self.placement(current)
+
+    def trained(self, current: list[PodView], attempt: int) -> None:
+        self.stage("train", "Succeeded")
+        rank0 = next((p for p in current if p.index == 0), None)
+        figures = final_figures(rank0.termination_message if rank0 else "")
+        if figures.progress:
+            # The last scrape may predate the final step; the trainer's own summary is authoritative.
+            self.status["progress"] = {**(self.status.get("progress") or {}), **figures.progress}
+            self.status["progress"]["updateTime"] = cond.now_iso(self.seen.now)
+        if figures.model_path:
+            self.status["outputModelPath"] = figures.model_path
+        message = f"training finished in attempt {attempt}"
+        self.condition(cond.TRAINED, True, "TrainingSucceeded", message)
+        self.condition(cond.RESTARTING, False, "TrainingSucceeded", message)
+        if not stages(self.spec):
+            self.succeed("TrainingSucceeded", message)
+            return
+        self.compress()
+
+    def compress(self) -> None:
+        wanted = stages(self.spec)
+        if not wanted:
+            self.succeed("TrainingSucceeded", "training finished; no compression requested")
+            return
+        jobs = {j.stage: j for j in self.seen.compress_jobs}
+        entries = {s["name"]: s for s in self.status["stages"]}
+        for st in wanted:
+            entry = entries.get(st.name)
+            if entry is not None and entry["state"] in ("Succeeded", "Failed"):
+                continue  # recorded; the Job itself may be gone by now
+            self.compress_stage(st, jobs.get(st.name))
+        done = {s["name"]: s for s in self.status["stages"]}
+        states = [done[st.name]["state"] for st in wanted]
+        if any(s not in ("Succeeded", "Failed") for s in states):
+            running = sum(s == "Running" for s in states)
+            self.condition(
+                cond.RUNNING, True, "Compressing", f"{running} of {len(wanted)} compression stages running"
+            )
+            self.state("Compressing")
+            return
+        failed = [st.name for st in wanted if done[st.name]["state"] == "Failed"]
+        if failed:
+            what = ", ".join(f"{n}: {done[n].get('message') or 'failed'}" for n in failed)
+            self.condition(cond.COMPRESSED, False, "CompressionFailed", what)
+            self.fail(
+                "CompressionFailed", f"{len(failed)} of {len(wanted)} compression stages failed ({what})"
+            )
+            return
+        self.condition(cond.COMPRESSED, True, "CompressionSucceeded", f"all {len(wanted)} stages succeeded")
+        self.choose_output(wanted)
+        self.succeed("CompressionSucceeded", f"training and {len(wanted)} compression stages succeeded")
+
+    def compress_stage(self, st: Stage, job: BatchJobView | None) -> None:
+        ctype = cond.STAGE_PREFIX + st.name
+        if job is None:
+            self.plan.create_compress.append(st)
+            entry = self.stage(st.name, "Running")
+            self.condition(ctype, False, "Running", f"{st.method} started")
+        elif job.failed:
+            entry = self.stage(st.name, "Failed", job.message or "the compression Job failed")
+            self.condition(ctype, False, "Failed", entry["message"])
+        elif job.succeeded:
+            pod = next((p for p in self.seen.compress_pods if p.stage == st.name and p.succeeded), None)
+            figures = final_figures(pod.termination_message if pod else "")
+            entry = self.stage(st.name, "Succeeded", "; ".join(figures.summary) or None)
+            entry["results"] = figures.results
+            if figures.model_path:
+                entry["outputPath"] = figures.model_path
+            self.condition(ctype, True, "Succeeded", entry.get("message") or f"{st.method} done")
+        else:
+            entry = self.stage(st.name, "Running")
+            retry = f" (retry {job.failures} after a failed pod)" if job.failures else ""
+            self.condition(ctype, False, "Running", f"{st.method} running{retry}")
+        entry["method"] = st.method
+        if job is not None and job.failures:
+            entry["retries"] = job.failures
+
+    def choose_output(self, wanted: list[Stage]) -> None:
+        rule = self.spec.compression.selection if self.spec.compression else None
+        if rule is None:
+            return
+        names = {st.name for st in wanted}
+        candidates = [s for s in self.status["stages"] if s["name"] in names]
+        pick, why = select(rule, candidates)
+        if pick is not None:
+            self.status["selectedStage"] = pick["name"]
+            if pick.get("outputPath"):
+                self.status["outputModelPath"] = pick["outputPath"]
+        self.condition("OutputSelected", pick is not None, "Selected" if pick else "NoneEligible", why)
 
     def placement(self, current: list[PodView]) -> None:
         gated = [p for p in current if p.gated]

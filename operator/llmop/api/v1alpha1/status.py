@@ -68,6 +68,12 @@ class StageStatus(ApiModel):
     """Detail, e.g. the failure reason."""
     results: dict[str, float] = Field(default_factory=dict, max_length=64)
     """Key figures of the stage (documents kept, perplexity, size ratio, ...)."""
+    method: str | None = Field(None, max_length=64)
+    """Compression method of a compress stage (Int8WeightOnly, Magnitude, Distillation, ...)."""
+    output_path: str | None = Field(None, max_length=1024)
+    """Where the stage wrote its model, on the job's volume."""
+    retries: int | None = Field(None, ge=0)
+    """Failed pods of the stage's Job so far (each retried up to the backoff limit)."""
 
 
 class Progress(ApiModel):
@@ -129,5 +135,7 @@ class LLMTrainingJobStatus(ApiModel):
     """Training progress."""
     output_model_path: str | None = None
     """Model directory chosen as the job's output."""
+    selected_stage: str | None = None
+    """Compression stage picked by compression.selection (unset: the trained model is the output)."""
     serving: ServingStatus | None = None
     """Serving endpoint."""
