@@ -52,6 +52,11 @@ def kubeconfig_path(name: str = CLUSTER_NAME) -> Path:
     return kwok_home() / "clusters" / name / "kubeconfig.yaml"
 
 
+def audit_log_path(name: str = CLUSTER_NAME) -> Path:
+    """The kube-apiserver's audit log (ServiceAccount requests only, kwok/audit-policy.yaml)."""
+    return kwok_home() / "clusters" / name / "logs" / "audit.log"
+
+
 def tool_env(bin_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     # kwokctl shells out to kubectl; it must find ours (v1.36), not an older one on the system.
@@ -135,6 +140,8 @@ def render_config(bin_dir: Path) -> str:
             "kwokControllerBinary": str(bin_dir / "kwok"),
             "etcdBinary": str(bin_dir / "etcd"),
             "kubectlBinary": str(bin_dir / "kubectl"),
+            # ServiceAccount requests land in logs/audit.log (audit_log_path()); see the policy file.
+            "kubeAuditPolicy": str(KWOK_DIR / "audit-policy.yaml"),
         },
         "componentsPatches": [
             {"name": "kube-apiserver", "extraArgs": [{"key": "advertise-address", "value": "127.0.0.1"}]},
