@@ -39,6 +39,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     # Kopf logs every handler call at INFO: one line per pod event, thousands a minute at scale.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # No watching of CRDs and Namespaces: the served resources are known, so the operator needs no
+    # cluster-wide read of either (least-privilege RBAC, helm/llmop); restart it after adding a CRD.
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     # API calls run in threads; creating a 128-worker gang at once needs more than the default few.
