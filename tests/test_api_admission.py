@@ -158,11 +158,6 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         put("spec.data.augmentation", {"synonymReplacement": 0.1}),
         "spec.data.augmentation.thesaurusPath",
     ),
-    (
-        "contradiction: serve selection that does not exist",
-        put("spec.serving", {"enabled": True}),
-        "spec.serving.source",
-    ),
     ("unknown field (strict)", put("spec.training.learningRate", 0.001), "spec.training.learningRate"),
     ("unknown top-level spec field (strict)", put("spec.epochs", 3), "spec.epochs"),
     ("name too long for derived pod names", put("metadata.name", "x" * 41), "metadata.name"),

@@ -72,7 +72,7 @@ def test_training_success_starts_every_stage_and_records_final_figures() -> None
     assert is_true(p.status["conditions"], "Trained")
     assert p.status["progress"]["validationLoss"] == 4.25 and p.status["progress"]["percent"] == 100
     assert p.status["outputModelPath"] == "/m/model"
-    condition = get(p.status["conditions"], "compress.llmop.io/quantize-1")
+    condition = get(p.status["conditions"], "stage.llmop.io/quantize-1")
     assert condition is not None and condition["status"] == "False" and condition["reason"] == "Running"
 
 
@@ -135,7 +135,7 @@ def test_a_failed_stage_fails_the_job_only_after_the_others_finish() -> None:
 def test_retries_are_visible_while_a_stage_runs() -> None:
     status = step(spec(), {"attempt": 1}, pods=trained_pods()).status
     p = step(spec(), status, compress_jobs=[job("quantize-0", failures=1), job("quantize-1"), job("prune-0")])
-    condition = get(p.status["conditions"], "compress.llmop.io/quantize-0")
+    condition = get(p.status["conditions"], "stage.llmop.io/quantize-0")
     assert condition is not None and "retry 1" in condition["message"]
 
 

@@ -18,8 +18,9 @@ RESTARTING = "Restarting"
 SUSPENDED = "Suspended"
 TRAINED = "Trained"
 COMPRESSED = "Compressed"
-# One condition per compression stage, in the "domain/name" form the conventions allow for extensions.
-STAGE_PREFIX = "compress.llmop.io/"
+SERVING = "Serving"
+# One condition per post-training stage, in the "domain/name" form the conventions allow for extensions.
+STAGE_PREFIX = "stage.llmop.io/"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -12,13 +14,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from llmop import capacity, metrics, naming, progress
 from llmop import conditions as cond
 from llmop.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop.builders import JobRef, compress, config, prepare, scheduling, storage, workers
+from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
 from llmop.kube import Kube
-from llmop.observe import BatchJobView, PodView
+from llmop.observe import BatchJobView, PodView, ServingView, inference_service_view
 from llmop.reconcile import JobSnapshot, Observed, Plan, plan
 
 log = logging.getLogger("llmop.controller")
@@ -100,6 +103,7 @@ class Indexes:
     worker_pods: Any
     compress_pods: Any
     batch_jobs: Any
+    deployments: Any
     nodes: Any
     resource_usage: Any
 
@@ -137,6 +141,8 @@ async def reconcile_once(
         compress_jobs=_store(indexes.batch_jobs, (namespace, name, naming.ROLE_COMPRESS)),
         compress_pods=_store(indexes.compress_pods, (namespace, name)),
     )
+    if cond.is_true(status.get("conditions") or [], cond.SUCCEEDED):
+        seen = await observe_serving(kube, ref, seen, indexes)
     attempt = status.get("attempt") or 1
     if not any(p.gated for p in pods):
         CLUSTER.releasing.pop((namespace, name), None)  # the index shows them released now
@@ -158,6 +164,22 @@ async def reconcile_once(
     await write_status(kube, ref, status, result, memory, body)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return result.requeue_after
+
+
+async def observe_serving(kube: Kube, ref: JobRef, seen: Observed, indexes: Indexes) -> Observed:
+    """The serving Deployment from the index, or the InferenceService (no index: its CRD is optional)."""
+    if ref.spec.serving is None or not ref.spec.serving.kserve:
+        views: list[ServingView] = _store(indexes.deployments, (ref.namespace, ref.name))
+        return dataclasses.replace(seen, serving=views[0] if views else None)
+    try:
+        obj = await kube.get(
+            serving.KSERVE_API, "InferenceService", ref.namespace, naming.serving_name(ref.name)
+        )
+    except ResourceNotFoundError:
+        return dataclasses.replace(
+            seen, serving_unavailable="serving.kserve is true but the KServe CRDs are not installed"
+        )
+    return dataclasses.replace(seen, serving=inference_service_view(obj) if obj else None)
 
 
 async def act(
@@ -190,6 +212,22 @@ async def act(
         todo = memory.not_recently(("create", attempt), result.create_workers)
         manifests = [workers.build_worker(ref, i, attempt) for i in todo]
         await asyncio.gather(*(kube.create(m) for m in manifests))
+    if result.serve_model is not None:
+        manifests = serving.build(ref, result.serve_model)
+        # Server-side apply is idempotent, but a finished job is reconciled on every resync: apply
+        # when the desired objects change, and re-assert them every few minutes (someone edited them).
+        digest = hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest()[:16]
+        if memory.not_recently(("serve", digest), [ref.name], window=300):
+            for manifest in manifests:
+                await kube.apply(manifest)
+    if result.remove_serving:
+        name = naming.serving_name(ref.name)
+        await kube.delete("apps/v1", "Deployment", ns, name)
+        await kube.delete("v1", "Service", ns, name)
+        try:
+            await kube.delete(serving.KSERVE_API, "InferenceService", ns, name)
+        except ResourceNotFoundError:
+            pass  # KServe not installed: nothing of that kind can exist
     if result.ungate:
         worker = workers.build_worker(ref, 0, result.status["attempt"])["spec"]
         CLUSTER.releasing[(ns, ref.name)] = [capacity.requests_of(worker)] * len(result.ungate)

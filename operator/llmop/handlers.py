@@ -7,6 +7,7 @@ thread hops per pod event and would make waking a daemon's asyncio.Event thread-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +17,7 @@ import kopf
 from llmop import capacity, controller, metrics, naming
 from llmop.api.v1alpha1.job import GROUP, PLURAL, VERSION
 from llmop.kube import Kube
-from llmop.observe import BatchJobView, PodView, batch_job_view, pod_view
+from llmop.observe import BatchJobView, PodView, ServingView, batch_job_view, deployment_view, pod_view
 from llmop.settings import Settings
 
 SETTINGS = Settings.from_env()
@@ -73,6 +74,14 @@ async def batch_jobs(
     return {key: batch_job_view(body)}
 
 
+@kopf.index("apps", "v1", "deployments", labels={naming.ROLE_LABEL: naming.ROLE_SERVE})
+async def deployments(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, ServingView] | None:
+    job = labels.get(naming.JOB_NAME_LABEL)
+    return {(namespace, job): deployment_view(body)} if job else None
+
+
 @kopf.index("nodes")
 async def nodes(body: kopf.Body, **_: Any) -> dict[None, capacity.NodeView]:
     return {None: capacity.NodeView.from_node(body)}
@@ -87,6 +96,7 @@ async def resource_usage(spec: kopf.Spec, **_: Any) -> dict[None, tuple[str | No
 
 @kopf.on.event("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
 @kopf.on.event("batch", "v1", "jobs", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
+@kopf.on.event("apps", "v1", "deployments", labels={naming.JOB_NAME_LABEL: kopf.PRESENT})
 async def child_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
     _wake(namespace, labels.get(naming.JOB_NAME_LABEL))
 
@@ -107,9 +117,7 @@ async def run_job(
     **kwargs: Any,
 ) -> None:
     # Kopf passes every index by its function's name.
-    indexes = controller.Indexes(
-        **{k: kwargs[k] for k in ("worker_pods", "compress_pods", "batch_jobs", "nodes", "resource_usage")}
-    )
+    indexes = controller.Indexes(**{f.name: kwargs[f.name] for f in dataclasses.fields(controller.Indexes)})
     assert _kube is not None and namespace is not None
     key = (namespace, name)
     wake = _wakeups.setdefault(key, asyncio.Event())

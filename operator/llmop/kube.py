@@ -19,6 +19,9 @@ from llmop.api.v1alpha1.job import GROUP, PLURAL, VERSION
 Manifest = dict[str, Any]
 
 
+FIELD_MANAGER = "llmop"
+
+
 class Kube:
     def __init__(self, api: client.ApiClient | None = None) -> None:
         if api is None:
@@ -65,6 +68,37 @@ class Kube:
             return None
         except ResourceNotFoundError:
             return f"{manifest['apiVersion']} {manifest['kind']} is not installed in the cluster"
+
+    def _apply(self, manifest: Manifest) -> None:
+        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+        meta = manifest["metadata"]
+        # Server-side apply: creates or updates only the fields we own, leaving what others set
+        # (HPA-managed replicas excepted: we own replicas) untouched.
+        resource.server_side_apply(
+            body=manifest,
+            name=meta["name"],
+            namespace=meta.get("namespace"),
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+
+    async def apply(self, manifest: Manifest) -> None:
+        """Create or update to match the manifest (server-side apply)."""
+        await asyncio.to_thread(self._apply, manifest)
+
+    def _get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
+        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        try:
+            obj: Manifest = resource.get(name=name, namespace=namespace).to_dict()
+            return obj
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
+        """The object, None when absent; raises ResourceNotFoundError when its API is not installed."""
+        return await asyncio.to_thread(self._get, api_version, kind, namespace, name)
 
     def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         resource = self.dynamic.resources.get(api_version=api_version, kind=kind)

@@ -14,6 +14,7 @@ STAGE_LABEL = f"{GROUP}/stage"
 ROLE_WORKER = "worker"
 ROLE_PREPARE = "prepare"
 ROLE_COMPRESS = "compress"
+ROLE_SERVE = "serve"
 
 # Our own scheduling gate: pods of a gang stay gated until the whole gang fits (see capacity.py).
 GANG_GATE = f"{GROUP}/gang"
@@ -54,6 +55,10 @@ def prepare_job_name(job: str) -> str:
 def compress_job_name(job: str, stage: str) -> str:
     # job names are at most 40 characters and stages at most 12 ("quantize-7"), well within 63.
     return f"{job}-{stage}"
+
+
+def serving_name(job: str) -> str:
+    return f"{job}-serve"
 
 
 def pod_group_name(job: str) -> str:

@@ -116,6 +116,33 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
 
 
 @dataclass(frozen=True)
+class ServingView:
+    """The serving Deployment (or KServe InferenceService) of a job."""
+
+    kind: str
+    replicas: int
+    ready_replicas: int
+    ready: bool
+    url: str | None = None  # KServe reports its own
+
+
+def deployment_view(obj: Mapping[str, Any]) -> ServingView:
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    replicas, ready = spec.get("replicas", 1), status.get("readyReplicas") or 0
+    current = status.get("observedGeneration", 0) >= obj.get("metadata", {}).get("generation", 0)
+    updated = (status.get("updatedReplicas") or 0) >= replicas
+    return ServingView("Deployment", replicas, ready, current and updated and ready >= replicas > 0)
+
+
+def inference_service_view(obj: Mapping[str, Any]) -> ServingView:
+    status = obj.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    replicas = (obj.get("spec") or {}).get("predictor", {}).get("minReplicas", 1)
+    return ServingView("InferenceService", replicas, replicas if ready else 0, ready, status.get("url"))
+
+
+@dataclass(frozen=True)
 class BatchJobView:
     """A batch Job the operator created (data preparation, compression)."""
 

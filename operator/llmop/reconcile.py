@@ -13,11 +13,14 @@ from datetime import datetime
 from typing import Any
 
 from llmop import conditions as cond
+from llmop import naming
 from llmop.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop.api.v1alpha1.lifecycle import ServingSource
 from llmop.api.v1alpha1.workload import ExitCodeAction, RestartPolicy
-from llmop.builders.compress import Stage, stages
+from llmop.builders import storage
+from llmop.builders.compress import ONNX, Stage, stages
 from llmop.capacity import Fit
-from llmop.observe import BatchJobView, PodView
+from llmop.observe import BatchJobView, PodView, ServingView
 from llmop.selection import select
 from llmop.termination import final_figures
 
@@ -42,6 +45,8 @@ class Observed:
     fit: Fit | None = None  # only computed when gated workers wait for capacity
     compress_jobs: list[BatchJobView] = field(default_factory=list)
     compress_pods: list[PodView] = field(default_factory=list)
+    serving: ServingView | None = None
+    serving_unavailable: str | None = None  # e.g. KServe asked for but its CRDs are not installed
 
 
 @dataclass
@@ -55,6 +60,8 @@ class Plan:
     create_compress: list[Stage] = field(default_factory=list)
     delete_batch_jobs: list[str] = field(default_factory=list)
     finished_stages: list[dict[str, Any]] = field(default_factory=list)  # stage entries that just ended
+    serve_model: str | None = None  # ensure serving of this model directory
+    remove_serving: bool = False
     delete_job: bool = False
     transitions: list[cond.Transition] = field(default_factory=list)
     requeue_after: float | None = None
@@ -150,7 +157,7 @@ class _Planner:
             return self.plan
         if cond.is_true(self.status["conditions"], cond.TRAINED):
             # The trained model is on the volume: never train again, even if the workers' pods vanish.
-            self.compress()
+            self.post_training()
             return self.plan
         if self.spec.data.prepare and not self.prepared():
             return self.plan
@@ -168,6 +175,8 @@ class _Planner:
         # A failed job keeps no running pods (a Succeeded one has none); then TTL clean-up.
         running = [p.name for p in self.seen.pods if not p.deleting and p.phase in ("Pending", "Running")]
         self.plan.delete_pods = running
+        if cond.is_true(self.status["conditions"], cond.SUCCEEDED):
+            self.serve()
         ttl = self.spec.run_policy.ttl_seconds_after_finished
         done = self.status.get("completionTime")
         if ttl is not None and done:
@@ -263,21 +272,27 @@ class _Planner:
             # The last scrape may predate the final step; the trainer's own summary is authoritative.
             self.status["progress"] = {**(self.status.get("progress") or {}), **figures.progress}
             self.status["progress"]["updateTime"] = cond.now_iso(self.seen.now)
-        if figures.model_path:
-            self.status["outputModelPath"] = figures.model_path
+        entry = self.stage("train", "Succeeded")
+        entry["outputPath"] = figures.model_path or f"{storage.OUTPUT_DIR}/model"
+        self.status["outputModelPath"] = entry["outputPath"]
         message = f"training finished in attempt {attempt}"
         self.condition(cond.TRAINED, True, "TrainingSucceeded", message)
         self.condition(cond.RESTARTING, False, "TrainingSucceeded", message)
-        if not stages(self.spec):
-            self.succeed("TrainingSucceeded", message)
-            return
-        self.compress()
+        self.post_training()
 
-    def compress(self) -> None:
+    def post_training(self) -> None:
+        """Compression stages in parallel, then the ONNX export of the chosen model, then success."""
         wanted = stages(self.spec)
-        if not wanted:
-            self.succeed("TrainingSucceeded", "training finished; no compression requested")
+        if not self.compressed(wanted) or not self.exported():
             return
+        if wanted:
+            self.succeed("CompressionSucceeded", f"training and {len(wanted)} compression stages succeeded")
+        else:
+            self.succeed("TrainingSucceeded", "training finished; no compression requested")
+
+    def compressed(self, wanted: list[Stage]) -> bool:
+        if not wanted:
+            return True
         jobs = {j.stage: j for j in self.seen.compress_jobs}
         entries = {s["name"]: s for s in self.status["stages"]}
         for st in wanted:
@@ -289,11 +304,10 @@ class _Planner:
         states = [done[st.name]["state"] for st in wanted]
         if any(s not in ("Succeeded", "Failed") for s in states):
             running = sum(s == "Running" for s in states)
-            self.condition(
-                cond.RUNNING, True, "Compressing", f"{running} of {len(wanted)} compression stages running"
-            )
+            message = f"{running} of {len(wanted)} compression stages running"
+            self.condition(cond.RUNNING, True, "Compressing", message)
             self.state("Compressing")
-            return
+            return False
         failed = [st.name for st in wanted if done[st.name]["state"] == "Failed"]
         if failed:
             what = ", ".join(f"{n}: {done[n].get('message') or 'failed'}" for n in failed)
@@ -301,10 +315,75 @@ class _Planner:
             self.fail(
                 "CompressionFailed", f"{len(failed)} of {len(wanted)} compression stages failed ({what})"
             )
+            return False
+        if not cond.is_true(self.status["conditions"], cond.COMPRESSED):
+            self.condition(
+                cond.COMPRESSED, True, "CompressionSucceeded", f"all {len(wanted)} stages succeeded"
+            )
+            self.choose_output(wanted)
+        return True
+
+    def exported(self) -> bool:
+        """serving.onnxExport: the chosen model exported to ONNX and checked, before the job succeeds."""
+        if self.spec.serving is None or not self.spec.serving.onnx_export:
+            return True
+        entry = next((s for s in self.status["stages"] if s["name"] == ONNX), None)
+        if entry is None or entry["state"] not in ("Succeeded", "Failed"):
+            job = next((j for j in self.seen.compress_jobs if j.stage == ONNX), None)
+            self.compress_stage(Stage(ONNX, "ONNX", self.served_model()), job)
+            entry = next(s for s in self.status["stages"] if s["name"] == ONNX)
+        if entry["state"] == "Failed":
+            self.fail("OnnxExportFailed", f"ONNX export failed: {entry.get('message') or 'see the Job'}")
+            return False
+        if entry["state"] != "Succeeded":
+            self.condition(cond.RUNNING, True, "ExportingOnnx", "exporting the chosen model to ONNX")
+            self.state("Compressing")
+            return False
+        return True
+
+    def served_model(self) -> str:
+        """The model the spec's serving.source names: the trained one or the selected output."""
+        train: dict[str, Any] = next((s for s in self.status["stages"] if s["name"] == "train"), {})
+        trained = train.get("outputPath") or f"{storage.OUTPUT_DIR}/model"
+        if self.spec.serving is not None and self.spec.serving.source == ServingSource.TRAINED:
+            return str(trained)
+        return str(self.status.get("outputModelPath") or trained)
+
+    def serve(self) -> None:
+        s = self.spec.serving
+        if s is None or not s.enabled:
+            if self.seen.serving is not None or self.status.get("serving"):
+                self.plan.remove_serving = True
+                self.status.pop("serving", None)
+                self.condition(cond.SERVING, False, "ServingDisabled", "serving.enabled is false: removed")
+            if self.status.get("state") == "Serving":
+                self.state("Succeeded")
             return
-        self.condition(cond.COMPRESSED, True, "CompressionSucceeded", f"all {len(wanted)} stages succeeded")
-        self.choose_output(wanted)
-        self.succeed("CompressionSucceeded", f"training and {len(wanted)} compression stages succeeded")
+        if self.seen.serving_unavailable:
+            self.condition(cond.SERVING, False, "ServingUnavailable", self.seen.serving_unavailable)
+            return
+        model = self.served_model()
+        self.plan.serve_model = model
+        view = self.seen.serving
+        default_url = f"http://{naming.serving_name(self.job.name)}.{self.job.namespace}.svc:{s.port}/v1"
+        serving: dict[str, Any] = {
+            "url": view.url if view and view.url else default_url,
+            "ready": bool(view and view.ready),
+            "readyReplicas": view.ready_replicas if view else 0,
+            "kind": "InferenceService" if s.kserve else "Deployment",
+            "modelPath": model,
+        }
+        onnx = next((x for x in self.status["stages"] if x["name"] == ONNX and x.get("outputPath")), None)
+        if onnx:
+            serving["onnxPath"] = onnx["outputPath"]
+        self.status["serving"] = serving
+        if serving["ready"]:
+            self.condition(cond.SERVING, True, "Ready", f"{model} answers at {serving['url']}")
+            self.state("Serving")
+        else:
+            ready = serving["readyReplicas"]
+            self.condition(cond.SERVING, False, "Starting", f"{ready}/{s.replicas} serving replicas ready")
+            self.state("Succeeded")
 
     def compress_stage(self, st: Stage, job: BatchJobView | None) -> None:
         ctype = cond.STAGE_PREFIX + st.name

@@ -95,7 +95,7 @@ def test_compression_runs_after_training_and_a_failing_method_is_retried_alone(
         assert stages[name]["state"] == "Succeeded", stages[name]
         assert stages[name]["results"]["sizeRatio"] == 0.27
         assert stages[name]["outputPath"] == "/var/lib/llmop/output/model"
-        condition = jobs.condition("cmp", f"compress.llmop.io/{name}")
+        condition = jobs.condition("cmp", f"stage.llmop.io/{name}")
         assert condition and condition["status"] == "True"
     assert stages["prune-0"]["method"] == "Structured"
     # Training's own figures arrived too, and the trained model stays the output.

@@ -136,6 +136,13 @@ PRINTER_COLUMNS = [
         "jsonPath": ".status.restartCount",
         "description": "Gang restarts counted against backoffLimit",
     },
+    {
+        "name": "Endpoint",
+        "type": "string",
+        "jsonPath": ".status.serving.url",
+        "description": "Completions API of the served model",
+        "priority": 1,  # a URL is long: `kubectl get -o wide` shows it
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

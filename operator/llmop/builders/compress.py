@@ -15,6 +15,11 @@ class Stage:
 
     name: str
     method: str
+    model_dir: str | None = None  # input of the ONNX export stage (the chosen model)
+
+
+ONNX = "onnx"
+ONNX_DIR = f"{storage.OUTPUT_DIR}/onnx"
 
 
 def stages(spec: LLMTrainingJobSpec) -> list[Stage]:
@@ -46,7 +51,11 @@ def build_compress_job(job: JobRef, stage: Stage) -> Manifest:
     worker = workers.build_worker(job, 0, attempt=0)
     container = worker["spec"]["containers"][0]
     container["name"] = "compress"
-    container["args"] = ["compress", f"{naming.CONFIG_MOUNT}/{naming.CONFIG_FILE}", "--stage", stage.name]
+    if stage.name == ONNX:
+        assert stage.model_dir is not None
+        container["args"] = ["export-onnx", "--model-dir", stage.model_dir, "--out", ONNX_DIR]
+    else:
+        container["args"] = ["compress", f"{naming.CONFIG_MOUNT}/{naming.CONFIG_FILE}", "--stage", stage.name]
     # Not the rendezvous or metrics variables of a gang member; the user's env (DS_ACCELERATOR, ...) stays.
     keep = {"HOME", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "LLMOP_JOB_NAME", "LLMOP_JOB_NAMESPACE"}
     keep |= {e.name for e in job.spec.workers.env}

@@ -60,18 +60,6 @@ class LLMTrainingJobSpec(ApiModel):
             "FP16 with ZeRO 3 parameter offload is not supported; use BF16",
             ".training.precision",
         ),
-        Rule(
-            "!has(self.serving) || !self.serving.enabled || self.serving.source == 'Trained'"
-            " || (has(self.compression) && has(self.compression.selection))",
-            lambda m: (
-                m.serving is None
-                or not m.serving.enabled
-                or m.serving.source == "Trained"
-                or (m.compression is not None and m.compression.selection is not None)
-            ),
-            "serving.source Selected needs compression.selection",
-            ".serving.source",
-        ),
     )
 
     model: ModelSpec = Field(default_factory=ModelSpec)

@@ -108,7 +108,7 @@ class ServingSpec(ApiModel):
     enabled: bool = False
     """Create the serving Deployment and Service."""
     source: ServingSource = ServingSource.SELECTED
-    """Selected serves compression.selection's pick (the trained model when there is none)."""
+    """Selected serves compression.selection's pick, or the trained model when nothing was picked."""
     replicas: int = Field(1, ge=0, le=100)
     """Serving pods."""
     port: int = Field(8000, ge=1024, le=65535)

@@ -106,8 +106,14 @@ class ServingStatus(ApiModel):
     """In-cluster URL of the completions API."""
     ready: bool = False
     """All serving replicas are ready."""
+    ready_replicas: int = Field(0, ge=0)
+    """Serving replicas that pass their readiness probe."""
+    kind: str | None = Field(None, max_length=64)
+    """What serves the model: Deployment or InferenceService."""
     model_path: str | None = None
     """Model directory being served."""
+    onnx_path: str | None = None
+    """ONNX export of the served model (serving.onnxExport), verified with onnxruntime."""
 
 
 class LLMTrainingJobStatus(ApiModel):
