@@ -1,0 +1,58 @@
+{{/*
+The operator's API rights, in two parts so the namespace-scoped mode can grant the first per
+namespace. tests/helm/test_rbac.py derives what the operator really calls from the apiserver's audit
+log during a job's lifecycle and fails if a rule here grants more (beyond a short, commented list of
+rules for features that run did not exercise). No wildcards, no secrets, no pods/exec, no RBAC.
+*/}}
+
+{{- define "llmop.rbac.namespacedRules" -}}
+# LLMTrainingJobs: Kopf watches them and patches only metadata (its finalizer and handler-progress
+# annotations, never spec); the daemon writes status through /status; a finished job with
+# ttlSecondsAfterFinished is deleted. create: an LLMHyperparameterSearch creates its trial jobs.
+- apiGroups: [llmop.io]
+  resources: [llmtrainingjobs]
+  verbs: [list, watch, patch, delete, create]
+- apiGroups: [llmop.io]
+  resources: [llmtrainingjobs/status]
+  verbs: [patch]
+# LLMHyperparameterSearch (issue 7): watched like a job, its own status, Kopf's finalizer.
+- apiGroups: [llmop.io]
+  resources: [llmhyperparametersearches]
+  verbs: [list, watch, patch]
+- apiGroups: [llmop.io]
+  resources: [llmhyperparametersearches/status]
+  verbs: [patch]
+# Worker pods: indexed (list/watch; the placement check also counts every pod's requests), created
+# per attempt, deleted on gang restarts, patched to lift the llmop.io/gang scheduling gate; get
+# re-reads a pod whose gate list changed under the patch.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch, get, create, patch, delete]
+# Per-job children: the trainer's ServiceAccount (bound to nothing), its config, the headless
+# Service of the gang (and a serving Service, issue 9), the storage claim.
+- apiGroups: [""]
+  resources: [serviceaccounts, configmaps, persistentvolumeclaims]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create]
+# Kubernetes Events on the jobs (one per condition transition), posted by Kopf.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# batch Jobs: data preparation and one per compression method; deleted when a stage is redone.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, delete]
+# Gang scheduling PodGroups (spec.scheduling.gangScheduler: Coscheduling / Volcano).
+- apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
+  resources: [podgroups]
+  verbs: [create]
+{{- end }}
+
+{{- define "llmop.rbac.clusterRules" -}}
+# Nodes: the all-or-nothing placement check reads every node's allocatable resources and taints.
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [list, watch]
+{{- end }}
