@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmop.dev.runtime import envvars, hosts, ipam, paths, podstatus, sandbox, volumes
+from llmop.dev.runtime import envvars, hosts, ipam, paths, podstatus, probes, sandbox, volumes
 from llmop.dev.runtime.api import Api, Obj
 from llmop.dev.runtime.nodes import LocalNode, now
 from llmop.dev.runtime.process import Container
@@ -39,6 +39,8 @@ class PodRun:
     kill_at: float | None = None  # set once SIGTERM was sent for a deletion
     hosts_text: str = ""
     waiting: str = ""  # last Pending reason reported
+    readiness: dict[str, probes.Readiness] = field(default_factory=dict)
+    ready: bool = False  # last readiness reported
 
     @property
     def uid(self) -> str:
@@ -127,6 +129,8 @@ class Kubelet:
             self.stop(run, alive)
         elif not run.containers:
             self.start(run)
+        elif alive and run.readiness:
+            self.probe(run)
         elif not alive and not run.finished:
             run.finished = True
             final = {name: code for name, code in codes.items() if code is not None}
@@ -135,6 +139,19 @@ class Kubelet:
                 run.pod, podstatus.terminated(run.pod, final, run.started_at, messages=messages)
             )
             log(f"{run.key}: exited {final}")
+
+    def probe(self, run: PodRun) -> None:
+        now = time.monotonic()
+        for r in run.readiness.values():
+            if r.due(now):
+                r.observe(probes.http_ok(r.url, r.timeout), now)
+        ready = all(r.ready for r in run.readiness.values())
+        if ready != run.ready:
+            run.ready = ready
+            self.api.patch_pod_status(
+                run.pod, podstatus.running(run.pod, run.ip, run.host_ip, run.started_at, ready=ready)
+            )
+            log(f"{run.key}: {'ready' if ready else 'not ready'}")
 
     def stop(self, run: PodRun, alive: bool) -> None:
         if alive and run.kill_at is None:
@@ -222,7 +239,11 @@ class Kubelet:
             )
             run.containers[container["name"]] = Container(cmd, full_env, log_file)
         run.started_at = started
-        self.api.patch_pod_status(pod, podstatus.running(pod, run.ip, run.host_ip, started))
+        run.readiness = {
+            c["name"]: r for c in pod["spec"]["containers"] if (r := probes.readiness(c, run.ip)) is not None
+        }
+        run.ready = not run.readiness
+        self.api.patch_pod_status(pod, podstatus.running(pod, run.ip, run.host_ip, started, ready=run.ready))
         log(f"{run.key}: running ({', '.join(f'{n} pid {c.pid}' for n, c in run.containers.items())})")
 
     # -- shutdown ---------------------------------------------------------------------------------

@@ -50,14 +50,14 @@ def pending(pod: Obj, pod_ip: str, host_ip: str, reason: str, message: str = "")
     }
 
 
-def running(pod: Obj, pod_ip: str, host_ip: str, started_at: str) -> Obj:
+def running(pod: Obj, pod_ip: str, host_ip: str, started_at: str, ready: bool = True) -> Obj:
     state = {"running": {"startedAt": started_at}}
     return {
         "phase": "Running",
         **_ips(pod_ip, host_ip),
         "startTime": started_at,
-        "conditions": _conditions(True),
-        "containerStatuses": [_container(c, state, True, True) for c in pod["spec"]["containers"]],
+        "conditions": _conditions(ready, "" if ready else "ContainersNotReady"),
+        "containerStatuses": [_container(c, state, ready, True) for c in pod["spec"]["containers"]],
     }
 
 
