@@ -29,8 +29,9 @@ bins: ## Build the pinned cluster binaries into ~/.cache/llmop (once per version
 	hack/build-cluster-bins.sh
 
 .PHONY: crds
-crds: venv ## Regenerate crds/ from the API models
+crds: venv ## Regenerate crds/ from the API models, and the Helm chart's copies of them
 	$(PY) -m llmop.api.crdgen crds
+	rm -f helm/llmop/crds/*.yaml && cp crds/*.yaml helm/llmop/crds/
 
 .PHONY: cluster-up
 cluster-up: venv ## Start (or reuse) the local kwok cluster; prints the kubeconfig path last
@@ -46,8 +47,16 @@ lint: venv ## ruff (lint + format check) and mypy --strict on both packages
 	$(PY) -m ruff format --check operator trainer_image tests benchmarks
 	$(PY) -m mypy operator/llmop trainer_image/llmtrain
 
+.PHONY: prometheus
+prometheus: ## Unpack Debian's prometheus + promtool into ~/.cache/llmop/bin for the monitoring tests
+	hack/install-prometheus.sh
+
+.PHONY: helm-lint
+helm-lint: bins ## helm lint --strict the chart (tests/helm also renders it, validates it and installs it)
+	$${LLMOP_CACHE_DIR:-$$HOME/.cache/llmop}/bin/helm lint --strict helm/llmop --kube-version $$(. hack/versions.env && echo $$K8S_VERSION)
+
 .PHONY: test
-test: venv bins ## Install everything, then run the whole suite (cluster tests included)
+test: venv bins prometheus ## Install everything, then run the whole suite (cluster tests included)
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 .PHONY: runtime
