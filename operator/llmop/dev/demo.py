@@ -2,9 +2,11 @@
 
 Starts (or reuses) the local cluster, then the development runtime and the operator in the
 background, applies examples/quickstart.yaml in namespace llmop-demo and follows it: the data
-preparation Job, the training gang (DeepSpeed over gloo across two local pods), Succeeded. Ends with a
-summary (stages, losses, throughput, restarts, the exported model and a sample from it, operator and
-trainer metrics) and stops the processes it started; the cluster keeps running (`make cluster-down`).
+preparation Job, the training gang (DeepSpeed over gloo across two local pods), the compression Jobs
+(int8 quantisation, magnitude pruning), the selection, and the serving Deployment until it is ready.
+Ends with a summary (stages and their figures, losses, throughput, restarts, the chosen model, a
+completion from the served endpoint on its pod IP, operator and trainer metrics) and stops the
+processes it started; the cluster keeps running (`make cluster-down`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -85,7 +88,9 @@ class Demo:
                     f"  tokens/s {progress.get('tokensPerSecond', 0):.0f}  eta {progress.get('etaSeconds', '?')}s",
                 )
                 self.scrape_trainer(pods)
-            if status.get("state") in ("Succeeded", "Failed"):
+            serving = (job.get("spec", {}).get("serving") or {}).get("enabled", False)
+            done = ("Serving", "Failed") if serving else ("Succeeded", "Failed")
+            if status.get("state") in done:
                 return dict(job)
             time.sleep(2)
         raise TimeoutError(f"{JOB} did not finish within {TIMEOUT_SECONDS} s")
@@ -98,9 +103,24 @@ class Demo:
                 url = f"http://{pod['status']['podIP']}:{env.get('LLMOP_METRICS_PORT', '9400')}/metrics"
                 self.trainer_metrics = http_get(url) or self.trainer_metrics
 
-    def model_dir(self) -> Path:
+    def model_dir(self, path_in_pod: str) -> Path:
+        """Where a path on the job's volume (/var/lib/llmop/...) lives on this machine."""
         source = volumes.claim_source(f"{JOB}-storage", NAMESPACE, self.api.get_optional)
-        return source / "output" / "model"
+        return source / Path(path_in_pod).relative_to("/var/lib/llmop")
+
+    def complete(self, port: int) -> tuple[str, float]:
+        """One completion from the serving pod, on its loopback pod IP."""
+        pods = self.get("pods", "-l", f"llmop.io/job-name={JOB},llmop.io/role=serve")["items"]
+        ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
+        body = json.dumps({"model": JOB, "prompt": PROMPT, "max_tokens": 30, "temperature": 0}).encode()
+        request = urllib.request.Request(
+            f"http://{ip}:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        started = time.monotonic()
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        say(self.t0, f"POST http://{ip}:{port}/v1/completions -> {resp.status}")
+        return PROMPT + answer["choices"][0]["text"], time.monotonic() - started
 
 
 def seconds_between(start: str | None, end: str | None) -> str:
@@ -145,16 +165,27 @@ def summary(demo: Demo, job: dict[str, Any], operator_metrics: str, wall: float)
     print(f"  result            {status.get('state')} in {wall:.0f} s (apply -> {status.get('state')})")
     for stage in status.get("stages") or []:
         took = seconds_between(stage.get("startTime"), stage.get("completionTime"))
-        print(f"  stage {stage['name']:<11} {stage['state']:<10} {took}")
+        detail = f"  {stage['method']}: {stage.get('message', '')}" if stage.get("method") else ""
+        print(f"  stage {stage['name']:<11} {stage['state']:<10} {took:>6}{detail}")
     print(f"  steps             {progress.get('step')}/{progress.get('totalSteps')}")
     print(f"  training loss     {progress.get('loss', float('nan')):.3f}")
     print(f"  validation loss   {progress.get('validationLoss', float('nan')):.3f}")
     print(f"  tokens/s          {progress.get('tokensPerSecond', 0):.0f} (2 pods x 1 process, gloo)")
     print(f"  restarts          {status.get('restartCount', 0)}")
-    model_dir = demo.model_dir()
-    print(f"  exported model    {model_dir} (PVC {JOB}-storage)")
-    if status.get("state") == "Succeeded":
-        print(f"  sample            {sample(model_dir)!r}")
+    trained = next((s.get("outputPath") for s in status.get("stages", []) if s["name"] == "train"), None)
+    if trained:
+        print(f"  trained model     {demo.model_dir(trained)} (PVC {JOB}-storage)")
+    if status.get("outputModelPath"):
+        chosen = status.get("selectedStage") or "the trained model"
+        print(f"  output model      {status['outputModelPath']} ({chosen})")
+    serving = status.get("serving") or {}
+    if serving.get("ready"):
+        port = job["spec"]["serving"].get("port", 8000)
+        text, seconds = demo.complete(port)
+        print(f"  serving           {serving['url']} ({serving['kind']}, {serving['readyReplicas']} ready)")
+        print(f"  completion        {text!r} ({seconds:.2f} s)")
+    elif status.get("state") == "Succeeded" and trained:
+        print(f"  sample            {sample(demo.model_dir(trained))!r}")
     print("\n==> operator metrics (llmop_*)")
     print("\n".join(f"  {line}" for line in metric_lines(operator_metrics, "llmop_")))
     print("\n==> trainer metrics (rank 0, last scrape while running)")
@@ -182,7 +213,7 @@ def main() -> int:
         wall = time.monotonic() - applied
         operator_metrics = http_get(f"http://127.0.0.1:{metrics_port}/metrics") or ""
         summary(demo, job, operator_metrics, wall)
-        ok = (job.get("status") or {}).get("state") == "Succeeded"
+        ok = (job.get("status") or {}).get("state") in ("Succeeded", "Serving")
     finally:
         for proc in reversed(started):
             proc.stop()
