@@ -46,10 +46,18 @@ def local_operator(
     print(f"\n--- operator log (tail) ---\n{op.log()}")
 
 
-def tiny_job(name: str, max_steps: int = 100, checkpoint_every: int = 20) -> dict[str, Any]:
-    """A job small enough for CI: 200k parameters, 2 pods x 1 process on the local nodes."""
+def tiny_job(
+    name: str, max_steps: int = 100, checkpoint_every: int = 20, after_training: bool = False
+) -> dict[str, Any]:
+    """A job small enough for CI: 200k parameters, 2 pods x 1 process on the local nodes.
+
+    Training only, unless after_training keeps the quickstart's compression and serving sections.
+    """
     quickstart = yaml.safe_load((devcluster.REPO / "examples" / "quickstart.yaml").read_text())
     spec = quickstart["spec"]
+    if not after_training:
+        spec.pop("compression", None)
+        spec.pop("serving", None)
     spec["model"] = {
         "hiddenSize": 64,
         "numLayers": 2,
