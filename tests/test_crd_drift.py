@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from llmop.api import crdgen
 
@@ -17,8 +21,9 @@ def test_checked_in_crds_match_models() -> None:
         assert on_disk[name] == text, f"crds/{name} drifted from the models: run `make crds`"
 
 
-def test_every_spec_field_is_described() -> None:
-    crd = crdgen.llmtrainingjob_crd()
+@pytest.mark.parametrize("build", [crdgen.llmtrainingjob_crd, crdgen.llmhyperparametersearch_crd])
+def test_every_spec_field_is_described(build: Callable[[], dict[str, Any]]) -> None:
+    crd = build()
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     missing: list[str] = []
 
