@@ -28,14 +28,24 @@ rules for features that run did not exercise). No wildcards, no secrets, no pods
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, get, create, patch, delete]
-# Per-job children: the trainer's ServiceAccount (bound to nothing), its config, the headless
-# Service of the gang (and a serving Service, issue 9), the storage claim.
+# Per-job children: the trainer's ServiceAccount (bound to nothing), its config, the storage claim.
 - apiGroups: [""]
   resources: [serviceaccounts, configmaps, persistentvolumeclaims]
   verbs: [create]
+# Services: the gang's headless Service (create); the serving Service, server-side applied and
+# deleted when serving is switched off.
 - apiGroups: [""]
   resources: [services]
-  verbs: [create]
+  verbs: [create, patch, delete]
+# Serving: the model server Deployment, indexed for its readiness, server-side applied (an apply
+# that creates the object is authorised as create), deleted when serving is switched off.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch, create, patch, delete]
+# Serving through KServe (spec.serving.kserve): the InferenceService, read for its URL and readiness.
+- apiGroups: [serving.kserve.io]
+  resources: [inferenceservices]
+  verbs: [get, create, patch, delete]
 # Kubernetes Events on the jobs (one per condition transition), posted by Kopf.
 - apiGroups: [""]
   resources: [events]
