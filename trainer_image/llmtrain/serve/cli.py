@@ -1,0 +1,157 @@
+"""``llmtrain serve``: an OpenAI-compatible completions server for one model directory.
+
+    llmtrain serve --model-dir DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 8]
+                   [--model-name NAME] [--max-tokens-limit 512] [--drain-timeout 25]
+
+The port opens at once: /healthz answers while the model loads, /readyz and /v1/completions answer
+503 until the model is loaded and one warm-up generation has run. SIGTERM (or SIGINT) starts a
+drain: /readyz and new completions answer 503, running and queued sequences finish, then the
+process exits 0. Exit 1 when the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from llmtrain.logs import Logger
+from llmtrain.serve.app import ServerState, build_app
+from llmtrain.serve.metrics import ServingMetrics
+
+DEFAULT_DRAIN_SECONDS = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds
+
+
+def default_model_name(model_dir: str) -> str:
+    """The directory's own name: the trained export's job directory or the compression stage."""
+    return Path(model_dir).resolve().name
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llmtrain serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", required=True, help="model directory (trained export or compressed stage)")
+    p.add_argument(
+        "--host",
+        action="append",
+        help="address to listen on (default 127.0.0.1); repeat to listen on several, e.g. the pod IP and loopback",
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one and logs it)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--model-name", help="the `model` clients send (default: the directory's name)")
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_SECONDS,
+        help="seconds SIGTERM waits for running requests before exiting",
+    )
+    args = p.parse_args(argv)
+    if args.max_batch_size < 1 or args.max_tokens_limit < 1 or not 0 <= args.port <= 65535:
+        p.error("--max-batch-size and --max-tokens-limit must be >= 1, --port in [0, 65535]")
+    args.host = args.host or ["127.0.0.1"]
+    args.model_name = args.model_name or default_model_name(args.model_dir)
+    return args
+
+
+async def _start_engine(
+    state: ServerState, args: argparse.Namespace, executor: ThreadPoolExecutor
+) -> asyncio.Task[None]:
+    """Load (on the model thread), start the scheduler, warm up, then report ready."""
+    from llmtrain.serve.engine import Engine
+    from llmtrain.serve.loader import load
+
+    loaded = await asyncio.get_running_loop().run_in_executor(executor, load, args.model_dir)
+    state.log.event(
+        "model_loaded",
+        model_dir=args.model_dir,
+        parameters=loaded.parameters,
+        context_length=loaded.context_length,
+        seconds=loaded.seconds,
+    )
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        eos_ids=loaded.eos_ids,
+        pad_id=loaded.pad_id,
+        max_batch_size=args.max_batch_size,
+        metrics=state.metrics,
+        executor=executor,
+        log=state.log,
+    )
+    task = asyncio.create_task(engine.run(), name="llmserve-engine")
+    start = time.monotonic()
+    await engine.warm_up()
+    state.context_length = loaded.context_length
+    state.engine = engine
+    state.metrics.ready.set(1)
+    state.log.event("ready", model=state.model_name, warmup_seconds=time.monotonic() - start)
+    return task
+
+
+async def _drain(state: ServerState, deadline: float) -> bool:
+    """Wait until every accepted request is answered; False if the deadline came first."""
+    if state.engine is not None and not await state.engine.wait_idle(max(deadline - time.monotonic(), 0)):
+        return False
+    while state.inflight and time.monotonic() < deadline:  # last bytes of answers already generated
+        await asyncio.sleep(0.01)
+    return state.inflight == 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    log = Logger(rank=0)
+    state = ServerState(
+        model_name=args.model_name, max_tokens_limit=args.max_tokens_limit, metrics=ServingMetrics(), log=log
+    )
+    runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    for host in args.host:
+        await web.TCPSite(runner, host, args.port, shutdown_timeout=1.0).start()
+    for address in runner.addresses:
+        log.event("listening", host=address[0], port=address[1], model=args.model_name)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmserve-model")
+    startup = asyncio.create_task(_start_engine(state, args, executor))
+    stopping = asyncio.create_task(stop.wait())
+    code = 0
+    await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    engine_task: asyncio.Task[None] | None = None
+    if startup.done() and startup.exception() is not None:
+        log.event("model_load_failed", model_dir=args.model_dir, error=repr(startup.exception()))
+        code = 1
+    elif startup.done():
+        engine_task = startup.result()
+        await asyncio.wait({engine_task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if engine_task.done():  # the scheduler never ends by itself: this is a bug, let Kubernetes restart
+            log.event("engine_failed", error=repr(engine_task.exception()))
+            code = 1
+
+    state.draining = True
+    state.metrics.ready.set(0)
+    if code == 0 and state.engine is not None:
+        log.event(
+            "draining", running=state.engine.running, waiting=state.engine.waiting, requests=state.inflight
+        )
+        drained = await _drain(state, time.monotonic() + args.drain_timeout)
+        log.event("drained" if drained else "drain_timeout", requests=state.inflight)
+    await runner.cleanup()
+    for task in (startup, stopping, engine_task):
+        if task is not None:
+            task.cancel()
+    executor.shutdown(wait=False, cancel_futures=True)
+    log.event("stopped", exit_code=code)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    return asyncio.run(serve(parse_args(argv)))
