@@ -18,6 +18,7 @@ from llmop import capacity, controller, metrics, naming
 from llmop.api.v1alpha1.job import GROUP, PLURAL, VERSION
 from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView, ServingView, batch_job_view, deployment_view, pod_view
+from llmop.search import handlers as _search  # noqa: F401 - Kopf registers the search handlers on import
 from llmop.settings import Settings
 
 SETTINGS = Settings.from_env()

@@ -1,0 +1,98 @@
+"""Early stopping: should a running trial stop, judged by Optuna's pruners on the recorded history.
+
+Optuna's pruners expect a live study in which ``trial.report(value, step)`` is followed by
+``should_prune()``. Here the study is rebuilt from status for each judgement, with the judged trial
+last. SuccessiveHalving keeps per-trial "rung" values in Optuna's storage; those are recomputed from
+the recorded intermediate values (a rung's value is the first one reported at or after its step,
+which is what Optuna itself stores when it is asked after every report).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.pruners import BasePruner, MedianPruner, SuccessiveHalvingPruner
+
+from llmop.api.v1alpha1.search import Direction, EarlyStopping, EarlyStoppingRule, LLMHyperparameterSearchSpec
+from llmop.search import study
+from llmop.search.study import Record
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: str
+    step: int
+    message: str
+
+
+def _pruner(es: EarlyStopping) -> BasePruner:
+    if es.rule == EarlyStoppingRule.SUCCESSIVE_HALVING:
+        return SuccessiveHalvingPruner(min_resource=es.min_steps, reduction_factor=es.reduction_factor)
+    return MedianPruner(n_startup_trials=es.startup_trials, n_warmup_steps=es.min_steps)
+
+
+def rung_values(values: dict[int, float], es: EarlyStopping, before: int | None = None) -> dict[str, Any]:
+    """Optuna's ``completed_rung_<k>`` attributes of a trial that reported ``values`` (steps < before)."""
+    attrs: dict[str, Any] = {}
+    rung = 0
+    for step in sorted(values):
+        if before is not None and step >= before:
+            break
+        while step >= es.min_steps * es.reduction_factor**rung:
+            attrs[f"completed_rung_{rung}"] = values[step]
+            rung += 1
+    return attrs
+
+
+def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: int) -> Decision | None:
+    """A Decision to stop trial ``index`` at its latest intermediate value, or None to let it run."""
+    es = spec.early_stopping
+    target = next((r for r in records if r["index"] == index), None)
+    if es is None or target is None or not (values := study.intermediate(target)):
+        return None
+    last = max(values)
+
+    def attrs(record: Record) -> dict[str, Any]:
+        if es.rule != EarlyStoppingRule.SUCCESSIVE_HALVING:
+            return {}
+        mine = record["index"] == index
+        return rung_values(study.intermediate(record), es, before=last if mine else None)
+
+    # Every other trial is replayed: Median reads only the succeeded ones, SuccessiveHalving ranks
+    # against every trial that reached a rung, running ones included (asynchronous halving).
+    others = [r for r in records if r["index"] != index]
+    pruner = _pruner(es)
+    replayed = study.build(spec, [*others, target], pruner=pruner, system_attrs=attrs)
+    judged = replayed.get_trials(deepcopy=False)[-1]
+    if judged.number != len(replayed.trials) - 1 or judged.intermediate_values != values:
+        return None  # the target could not be replayed (values outside the current space)
+    if not pruner.prune(replayed, judged):
+        return None
+    return Decision(es.rule.value, last, _explain(spec, records, index, values[last], last))
+
+
+def _explain(
+    spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: int, value: float, step: int
+) -> str:
+    metric = spec.objective.metric.value
+    es = spec.early_stopping
+    assert es is not None
+    if es.rule == EarlyStoppingRule.MEDIAN:
+        peers = [
+            v
+            for r in records
+            if r.get("state") == "Succeeded" and (v := study.intermediate(r).get(step)) is not None
+        ]
+        median = f" ({statistics.median(peers):.4g})" if peers else ""
+        worse = "higher" if spec.objective.direction == Direction.MINIMIZE else "lower"
+        return (
+            f"{metric} {value:.4g} at step {step} is {worse} than the median of the succeeded trials"
+            f" at that step{median}"
+        )
+    return (
+        f"{metric} {value:.4g} at step {step} is not in the best 1/{es.reduction_factor} of the trials"
+        " that reached this rung"
+    )

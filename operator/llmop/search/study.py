@@ -1,0 +1,88 @@
+"""An in-memory Optuna study rebuilt from the trials recorded in a search's status.
+
+The operator keeps no Optuna storage: status is the only memory, so a restarted operator (or a
+second pass) sees exactly the history the first one saw. Each recorded trial is replayed with its
+parameters, final value and intermediate values through ``create_trial`` + ``add_trial``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.pruners import BasePruner, NopPruner
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from llmop.api.v1alpha1.search import Direction, LLMHyperparameterSearchSpec
+from llmop.search import space
+
+Record = dict[str, Any]  # one entry of status.trials, in manifest form
+
+# Rebuilding a study many times a minute would log every replayed trial.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+_STATES = {
+    "Succeeded": TrialState.COMPLETE,
+    "StoppedEarly": TrialState.PRUNED,
+    "Failed": TrialState.FAIL,
+    "Pending": TrialState.RUNNING,
+    "Running": TrialState.RUNNING,
+}
+
+
+def intermediate(record: Record) -> dict[int, float]:
+    return {int(iv["step"]): float(iv["value"]) for iv in record.get("intermediateValues") or []}
+
+
+def frozen(
+    record: Record, dists: dict[str, BaseDistribution], system_attrs: dict[str, Any] | None = None
+) -> FrozenTrial | None:
+    """A recorded trial as Optuna sees it; None when it cannot be replayed (cancelled, or values the
+    current space does not contain)."""
+    state = _STATES.get(record.get("state", ""))
+    params = record.get("parameters") or {}
+    if state is None or set(params) != set(dists):
+        return None
+    try:
+        if not all(d._contains(d.to_internal_repr(params[n])) for n, d in dists.items()):
+            return None
+    except (ValueError, TypeError):
+        return None
+    value = record.get("value")
+    if state == TrialState.COMPLETE and value is None:
+        return None
+    return create_trial(
+        state=state,
+        params=params,
+        distributions=dists,
+        value=value if state == TrialState.COMPLETE else None,
+        intermediate_values=intermediate(record),
+        system_attrs=system_attrs,
+    )
+
+
+def build(
+    spec: LLMHyperparameterSearchSpec,
+    records: Iterable[Record],
+    sampler: BaseSampler | None = None,
+    pruner: BasePruner | None = None,
+    system_attrs: Callable[[Record], dict[str, Any]] | None = None,
+) -> optuna.Study:
+    maximize = spec.objective.direction == Direction.MAXIMIZE
+    direction = StudyDirection.MAXIMIZE if maximize else StudyDirection.MINIMIZE
+    study = optuna.create_study(
+        storage=optuna.storages.InMemoryStorage(),
+        sampler=sampler or RandomSampler(seed=0),
+        pruner=pruner or NopPruner(),
+        direction=direction,
+    )
+    dists = space.distributions(spec.parameters)
+    for record in records:
+        attrs = system_attrs(record) if system_attrs else None
+        if (trial := frozen(record, dists, attrs)) is not None:
+            study.add_trial(trial)
+    return study
