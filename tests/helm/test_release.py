@@ -1,0 +1,510 @@
+"""The installed chart, end to end: the operator runs as the chart's ServiceAccount (RBAC enforced
+by the apiserver) through real job lifecycles, while a real Prometheus scrapes it and a trainer.
+
+One release and one scenario for the module (it is the expensive part); each test then checks one
+promise against what the scenario recorded or left behind:
+  * job `ok`: data preparation, 2 workers, a rank-0 trainer metrics endpoint, one compression
+    method, serving switched on then off again by a spec change;
+  * job `bad`: a worker fails, the gang restarts, fails again: Failed (BackoffLimitExceeded), then
+    deleted by its ttlSecondsAfterFinished.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helm import argocd
+from tests.helm.chart import CHART, Tools
+from tests.helm.prometheus import KubernetesDiscovery, Prometheus, scrape_job
+from tests.helm.release import (
+    Release,
+    ServiceAccountOperator,
+    audit_events,
+    audit_offset,
+    install_monitoring_crds,
+    stop_process,
+    wait_state,
+)
+from tests.kube import Cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+EXIT_AFTER = "llmop.io/kwok-exit-after"
+EXIT_CODE = "llmop.io/kwok-exit-code"
+# What the kwok-played pods report when they end (the trainer and `llmtrain compress` write the same
+# JSON to their termination message): the trained model, and the compression figures.
+TERMINATION = {
+    "step": 100,
+    "totalSteps": 100,
+    "validationLoss": 2.9,
+    "modelPath": "/var/lib/llmop/output/model",
+    "results": {"sizeBytes": 1000.0, "sizeRatio": 0.27, "perplexityIncreasePercent": 1.2, "speedup": 1.6},
+}
+MONITORING_VALUES = {
+    "operator": {"progressIntervalSeconds": 1, "resyncSeconds": 5},
+    "serviceMonitor": {"enabled": True, "interval": "1s"},
+    "podMonitor": {"enabled": True, "interval": "1s"},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True},
+}
+
+
+@dataclass
+class Scenario:
+    release: Release
+    ns: str  # the jobs' namespace
+    operator: ServiceAccountOperator
+    prometheus: Prometheus
+    started: float
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)  # captured objects, by name
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    bad_deleted_by_ttl: bool = False
+
+    def kubectl_json(self, *args: str) -> Any:
+        return self.release.cluster.kubectl_json(*args, "-n", self.ns)
+
+
+def job_manifest(name: str, spec: dict[str, Any]) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "llmop.io/v1alpha1",
+            "kind": "LLMTrainingJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+    )
+
+
+def worker_pods(
+    cluster: Cluster, ns: str, job: str, attempt: int, phase: str = "Running"
+) -> list[dict[str, Any]]:
+    def check() -> list[dict[str, Any]] | None:
+        pods = cluster.kubectl_json(
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            f"llmop.io/job-name={job},llmop.io/attempt={attempt},llmop.io/role=worker",
+        )["items"]
+        live = [p for p in pods if p["status"].get("phase") == phase and p["status"].get("podIP")]
+        return live if len(live) == 2 else None
+
+    return list(wait_for(check, timeout=60, what=f"2 {phase} workers of {job} attempt {attempt}"))
+
+
+def annotate(cluster: Cluster, ns: str, pods: list[str], **annotations: str) -> None:
+    for pod in pods:
+        cluster.kubectl(
+            "annotate", "pod", pod, "-n", ns, "--overwrite", *(f"{k}={v}" for k, v in annotations.items())
+        )
+
+
+def fail_bad_job(cluster: Cluster, ns: str, states: dict[str, dict[str, Any]]) -> None:
+    for attempt in (1, 2):
+        pods = worker_pods(cluster, ns, "bad", attempt)
+        annotate(cluster, ns, [pods[-1]["metadata"]["name"]], **{EXIT_AFTER: "1s", EXIT_CODE: "1"})
+    states["bad-Failed"] = wait_state(cluster, ns, "bad", ("Failed",))
+
+
+def run_ok_job(s: Scenario, tmp: Path) -> None:
+    cluster = s.release.cluster
+    pods = worker_pods(cluster, s.ns, "ok", 1)
+    rank0 = next(p for p in pods if p["metadata"]["labels"]["llmop.io/worker-index"] == "0")
+    port = next(p["containerPort"] for p in rank0["spec"]["containers"][0]["ports"] if p["name"] == "metrics")
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.helm.trainer_metrics",
+            rank0["status"]["podIP"],
+            str(port),
+            "100",
+            "12",
+        ],
+        stdout=(tmp / "trainer.log").open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def progressed() -> dict[str, Any] | None:
+            job = s.kubectl_json("get", "llmtrainingjob", "ok")
+            step = ((job.get("status") or {}).get("progress") or {}).get("step", 0)
+            return dict(job) if job["status"]["state"] == "Running" and 20 <= step < 100 else None
+
+        s.states["ok-Running"] = wait_for(
+            progressed, timeout=60, interval=0.3, what="ok's progress in status"
+        )
+        wait_for(
+            lambda: s.prometheus.query('llmtrain_step{job="ok"} == 100'),
+            timeout=60,
+            what="rank 0 at its last step, scraped",
+        )
+    finally:
+        stop_process(trainer)
+    annotate(cluster, s.ns, [p["metadata"]["name"] for p in pods], **{EXIT_AFTER: "1s"})
+    s.states["ok-Serving"] = wait_state(cluster, s.ns, "ok", ("Serving",), timeout=120)
+    # Switching serving off in the spec (as a Git commit would) removes the model server.
+    cluster.kubectl(
+        "patch",
+        "llmtrainingjob",
+        "ok",
+        "-n",
+        s.ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"serving":{"enabled":false}}}',
+    )
+
+    def served_off() -> dict[str, Any] | None:
+        job = s.kubectl_json("get", "llmtrainingjob", "ok")
+        serving = next((c for c in job["status"]["conditions"] if c["type"] == "Serving"), {})
+        return (
+            dict(job)
+            if job["status"]["state"] == "Succeeded" and serving.get("reason") == "ServingDisabled"
+            else None
+        )
+
+    s.states["ok-Succeeded"] = wait_for(served_off, timeout=60, what="ok without serving")
+    wait_for(
+        lambda: not s.kubectl_json("get", "deployments", "-l", "llmop.io/job-name=ok")["items"],
+        timeout=30,
+        what="serving Deployment removed",
+    )
+
+
+@pytest.fixture(scope="module")
+def scenario(cluster: Cluster, tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    tmp = tmp_path_factory.mktemp("release")
+    install_monitoring_crds(cluster)
+    ops_ns, ns = cluster.new_namespace(), cluster.new_namespace()
+    release = Release(cluster, tools, f"rel-{uuid.uuid4().hex[:6]}", ops_ns)
+    (tmp / "values.yaml").write_text(yaml.safe_dump(MONITORING_VALUES))
+    release.install("-f", str(tmp / "values.yaml"))
+    offset = audit_offset()
+    # Cluster-wide mode: the ClusterRole is bound cluster-wide. The operator still watches only this
+    # test's namespace: other tests' operators run jobs in their own namespaces at the same time.
+    operator = ServiceAccountOperator(release, tmp, LLMOP_NAMESPACES=ns)
+    prometheus = Prometheus(tools.bin_dir / "prometheus", tmp)
+    discovery = KubernetesDiscovery(cluster.api())
+    s = Scenario(release, ns, operator, prometheus, time.time())
+    try:
+        operator.start()
+        discovery.start()
+        monitors = [
+            *cluster.kubectl_json("get", "servicemonitors", "-n", ops_ns)["items"],
+            *cluster.kubectl_json("get", "podmonitors", "-n", ops_ns)["items"],
+        ]
+        rule = cluster.kubectl_json("get", "prometheusrules", "-n", ops_ns)["items"][0]
+        prometheus.start([scrape_job(m, discovery) for m in monitors], rule["spec"]["groups"], "1s")
+
+        annotations = {"llmop.io/kwok-termination-message": json.dumps(TERMINATION)}
+        workers = {"numNodes": 2, "procsPerNode": 1, "gpusPerNode": 1}
+        ok = {
+            "data": {"prepare": True, "sources": [{"uri": "builtin://english"}]},
+            "training": {"maxSteps": 100, "globalBatchSize": 8, "microBatchSize": 1},
+            "workers": {**workers, "podAnnotations": annotations},
+            "compression": {"quantization": [{"method": "Int8WeightOnly"}]},
+            "serving": {"enabled": True},
+        }
+        bad = {
+            "data": {"prepare": False, "sources": [{"uri": "builtin://english"}]},
+            "training": {"maxSteps": 100, "globalBatchSize": 8, "microBatchSize": 1},
+            "workers": workers,
+            "runPolicy": {"backoffLimit": 1, "ttlSecondsAfterFinished": 20},
+        }
+        cluster.kubectl(
+            "apply", "-n", ns, "-f", "-", input=job_manifest("ok", ok) + "---\n" + job_manifest("bad", bad)
+        )
+        fail_bad_job(cluster, ns, s.states)
+        run_ok_job(s, tmp)
+        wait_for(
+            lambda: (
+                not s.kubectl_json("get", "llmtrainingjobs", "--field-selector", "metadata.name=bad")["items"]
+            ),
+            timeout=60,
+            what="bad deleted after its TTL",
+        )
+        s.bad_deleted_by_ttl = True
+        time.sleep(3)  # a few more scrapes and rule evaluations of the finished state
+        s.audit = audit_events(release.service_account, offset)
+        yield s
+    finally:
+        # Jobs go while the operator still runs (it removes their finalizer), then everything else.
+        cluster.kubectl(
+            "delete", "llmtrainingjobs", "--all", "-n", ns, "--wait=true", "--timeout=60s", check=False
+        )
+        operator.stop()
+        prometheus.stop()
+        discovery.stop()
+        release.helm("uninstall", release.name, "--wait", check=False)
+        for name in (ns, ops_ns):
+            cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+        print(
+            f"\n--- operator log (tail) ---\n{operator.log()}\n--- prometheus log (tail) ---\n{prometheus.log()}"
+        )
+
+
+def condition(job: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in job["status"]["conditions"] if c["type"] == kind)
+
+
+def test_jobs_run_their_whole_lifecycle_with_the_operator_holding_only_the_charts_rights(
+    scenario: Scenario,
+) -> None:
+    ok = scenario.states["ok-Succeeded"]
+    assert condition(ok, "Succeeded")["status"] == "True"
+    assert [(st["name"], st["state"]) for st in ok["status"]["stages"]] == [
+        ("prepare", "Succeeded"),
+        ("train", "Succeeded"),
+        ("quantize-0", "Succeeded"),
+    ]
+    assert scenario.states["ok-Serving"]["status"]["serving"]["ready"] is True
+    bad = scenario.states["bad-Failed"]
+    assert condition(bad, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert bad["status"]["restartCount"] == 1
+    assert scenario.bad_deleted_by_ttl
+    # Not once did the apiserver refuse the operator.
+    denied = [(e["verb"], e["requestURI"]) for e in scenario.audit if e["responseStatus"]["code"] == 403]
+    assert denied == []
+    assert "Forbidden" not in scenario.operator.log()
+
+
+def granted_rules(cluster: Cluster, release: Release) -> set[tuple[str, str, str]]:
+    role = cluster.kubectl_json("get", "clusterrole", release.fullname)
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def used_rules(audit: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    used = set()
+    for event in audit:
+        ref = event.get("objectRef")
+        if not ref or event["responseStatus"]["code"] >= 400:
+            continue  # non-resource URLs (discovery) need no rule
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        used.add((ref.get("apiGroup", ""), resource, event["verb"]))
+        if event["verb"] == "patch" and event["responseStatus"]["code"] == 201:
+            # A server-side apply that created its object was authorised as create as well.
+            used.add((ref.get("apiGroup", ""), resource, "create"))
+    return used
+
+
+# Rules the scenario does not exercise, each for a reason; nothing else may be granted unused.
+NOT_EXERCISED = {
+    # Gang schedulers: PodGroups (their CRDs are not installed in this cluster).
+    ("scheduling.x-k8s.io", "podgroups", "create"): "spec.scheduling.gangScheduler: Coscheduling",
+    ("scheduling.volcano.sh", "podgroups", "create"): "spec.scheduling.gangScheduler: Volcano",
+    # KServe serving (its CRDs are not installed in this cluster).
+    ("serving.kserve.io", "inferenceservices", "get"): "spec.serving.kserve: true",
+    ("serving.kserve.io", "inferenceservices", "create"): "spec.serving.kserve: true",
+    ("serving.kserve.io", "inferenceservices", "patch"): "spec.serving.kserve: true",
+    ("serving.kserve.io", "inferenceservices", "delete"): "spec.serving.kserve: true",
+    # Only after a scheduling-gate patch raced with another change of the pod's gates.
+    ("", "pods", "get"): "re-read of a pod whose gates changed under the patch",
+    # Only when a failed compression stage is retried.
+    ("batch", "jobs", "delete"): "a compression stage retried after it failed",
+    # LLMHyperparameterSearch: it creates trial jobs, writes its status; no search runs here.
+    ("llmop.io", "llmtrainingjobs", "create"): "trials of an LLMHyperparameterSearch",
+    ("llmop.io", "llmhyperparametersearches", "patch"): "Kopf's finalizer on a search",
+    ("llmop.io", "llmhyperparametersearches/status", "patch"): "a search's status",
+}
+
+
+def test_cluster_role_grants_nothing_beyond_the_calls_the_operator_made(scenario: Scenario) -> None:
+    granted = granted_rules(scenario.release.cluster, scenario.release)
+    used = used_rules(scenario.audit)
+    assert ("", "pods", "create") in used and ("llmop.io", "llmtrainingjobs/status", "patch") in used
+    unexplained = granted - used - set(NOT_EXERCISED)
+    assert unexplained == set(), f"granted but never used: {sorted(unexplained)}"
+    # The list stays honest: every entry is a rule the chart really grants.
+    assert set(NOT_EXERCISED) <= granted
+    # And nothing used was missing (the apiserver would have said 403, see the lifecycle test).
+    assert used <= granted
+    print(
+        f"\n{len(granted)} granted (group, resource, verb); {len(granted & used)} used in the run; not exercised:"
+    )
+    for rule in sorted(granted - used):
+        print(f"  {rule}: {NOT_EXERCISED[rule]}")
+
+
+FORBIDDEN = [
+    ("get", "secrets", "-A"),
+    ("list", "secrets", "-n", "{ns}"),
+    ("create", "pods", "--subresource=exec", "-n", "{ns}"),
+    ("get", "pods", "--subresource=log", "-n", "{ns}"),
+    ("delete", "customresourcedefinitions"),
+    ("update", "customresourcedefinitions"),
+    ("create", "clusterrolebindings"),
+    ("create", "rolebindings", "-n", "{ns}"),
+    ("escalate", "clusterroles"),
+    ("impersonate", "serviceaccounts", "-A"),
+    ("create", "serviceaccounts", "--subresource=token", "-n", "{ns}"),
+    ("delete", "nodes"),
+    ("patch", "nodes"),
+    ("delete", "namespaces"),
+    ("update", "llmtrainingjobs", "-n", "{ns}"),
+    ("patch", "pods", "--subresource=status", "-n", "{ns}"),
+]
+
+
+def test_the_operator_cannot_read_secrets_exec_into_pods_or_touch_crds_and_rbac(scenario: Scenario) -> None:
+    release, ns = scenario.release, scenario.ns
+    # Positive controls, so a broken `can-i` call cannot pass the negative checks.
+    assert release.can_i("list", "pods", "-A") and release.can_i(
+        "patch", "llmtrainingjobs", "--subresource=status", "-n", ns
+    )
+    allowed = [args for args in FORBIDDEN if release.can_i(*(a.format(ns=ns) for a in args))]
+    assert allowed == []
+
+
+def test_trainer_pods_service_account_has_no_api_permissions(scenario: Scenario) -> None:
+    release, ns = scenario.release, scenario.ns
+    trainer = f"system:serviceaccount:{ns}:ok-trainer"
+    assert (
+        scenario.kubectl_json("get", "serviceaccount", "ok-trainer")["automountServiceAccountToken"] is False
+    )
+    for verb, resource in [
+        ("get", "pods"),
+        ("list", "configmaps"),
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("get", "llmtrainingjobs"),
+        ("list", "nodes"),
+    ]:
+        assert not release.can_i(verb, resource, "-n", ns, as_user=trainer), f"trainer can {verb} {resource}"
+    # Everything it may do is what every authenticated identity may: ask what it may do.
+    rules = release.cluster.kubectl("auth", "can-i", "--list", "-n", ns, f"--as={trainer}").stdout
+    # Lines of resource rules start with the resource; non-resource URL lines start with blanks.
+    resources = {line.split()[0] for line in rules.splitlines()[1:] if line[:1].strip()}
+    assert resources <= {
+        "selfsubjectreviews.authentication.k8s.io",
+        "selfsubjectaccessreviews.authorization.k8s.io",
+        "selfsubjectrulesreviews.authorization.k8s.io",
+    }, rules
+
+
+def test_prometheus_scrapes_the_operator_and_the_rank0_trainer_with_job_labels(scenario: Scenario) -> None:
+    prom, ns, release = scenario.prometheus, scenario.ns, scenario.release
+    up = {r["metric"]["job"]: r for r in prom.query("up")}
+    # The ServiceMonitor's target is the operator pod's IP behind the metrics Service; the
+    # PodMonitor's was worker 0 of `ok` (gone now that the pod finished, so look back in time).
+    operator_target = up[f"{release.fullname}-metrics"]
+    assert (
+        operator_target["metric"]["instance"]
+        == f"{scenario.operator.ip}:{scenario.operator.ports['metrics']}"
+    )
+    assert operator_target["value"][1] == "1"
+    trainer = prom.query_range('llmtrain_step{job="ok"}', scenario.started, time.time())
+    labels = trainer[0]["metric"]
+    assert (labels["namespace"], labels["pod"], labels["attempt"], labels["container"]) == (
+        ns,
+        "ok-worker-0",
+        "1",
+        "trainer",
+    )
+    assert max(float(v) for _, v in trainer[0]["values"]) == 100
+    assert prom.query_range('llmtrain_mfu{job="ok"}', scenario.started, time.time())
+    # The operator's per-job series carry the job's own namespace and name (honorLabels).
+    loss = prom.query_range(
+        f'llmop_job_training_loss{{namespace="{ns}", job="ok"}}', scenario.started, time.time()
+    )
+    assert loss and float(loss[0]["values"][-1][1]) < float(loss[0]["values"][0][1]), "the loss fell"
+    assert prom.query(f'llmop_jobs_succeeded_total{{namespace="{ns}"}}')[0]["value"][1] == "1"
+    assert (
+        prom.query(f'llmop_jobs_failed_total{{namespace="{ns}", reason="BackoffLimitExceeded"}}')[0]["value"][
+            1
+        ]
+        == "1"
+    )
+    figures = prom.query(f'llmop_compression_result{{namespace="{ns}", job="ok", method="Int8WeightOnly"}}')
+    assert {r["metric"]["figure"]: r["value"][1] for r in figures}["sizeRatio"] == "0.27"
+
+
+# Dashboard targets that may legitimately return no data in this scenario, and why.
+EMPTY_IN_SCENARIO = {
+    "Reconcile errors": "no reconcile pass failed",
+}
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    dashboard = json.loads((CHART / "files" / "dashboards" / "llmop.json").read_text())
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def test_every_dashboard_and_alert_expression_evaluates_against_the_scraped_series(
+    scenario: Scenario,
+) -> None:
+    prom, ns = scenario.prometheus, scenario.ns
+    grafana = {
+        "$namespace": ns,
+        "$job": ".*",
+        "$__rate_interval": "1m",
+        "$__range": "5m",
+        "$__interval": "1s",
+    }
+    empty = []
+    for title, expr in dashboard_targets():
+        for var, value in grafana.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, expr
+        if not prom.query_range(expr, scenario.started, time.time()):
+            empty.append(title)
+    assert set(empty) <= set(EMPTY_IN_SCENARIO), f"panels without data: {empty}"
+
+    groups = prom.api("rules")["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert len(rules) == 5
+    for rule in rules:
+        assert rule["health"] == "ok" and not rule.get("lastError"), rule
+    alerts = {(a["labels"]["alertname"], a["state"]): a for a in prom.api("alerts")["data"]["alerts"]}
+    failed = alerts[("LLMTrainingJobFailed", "firing")]["labels"]
+    assert (failed["namespace"], failed["reason"]) == (ns, "BackoffLimitExceeded")
+    # The operator was scraped all along, and nothing stalled.
+    assert not [k for k in alerts if k[0] in ("LLMOperatorDown", "LLMTrainingJobStalled")]
+
+
+def test_argocd_health_of_the_status_the_operator_wrote(scenario: Scenario) -> None:
+    verdicts = {name: argocd.health(job) for name, job in scenario.states.items()}
+    running = verdicts["ok-Running"]
+    assert running["status"] == "Progressing"
+    assert re.fullmatch(r"Running: step \d+/100 \(\d+%\)", running["message"]), running
+    assert verdicts["ok-Serving"]["status"] == "Healthy"
+    assert "answers at http://ok-serve." in verdicts["ok-Serving"]["message"]
+    assert verdicts["ok-Succeeded"] == {
+        "status": "Healthy",
+        "message": condition(scenario.states["ok-Succeeded"], "Succeeded")["message"],
+    }
+    assert verdicts["bad-Failed"]["status"] == "Degraded"
+    assert verdicts["bad-Failed"]["message"].startswith("BackoffLimitExceeded: ")
+    print("\n" + "\n".join(f"  {name}: {v}" for name, v in verdicts.items()))
+
+
+def test_the_operator_never_writes_spec(scenario: Scenario) -> None:
+    job = scenario.kubectl_json("get", "llmtrainingjob", "ok", "--show-managed-fields")
+    entries = [
+        (m["manager"], m.get("subresource", ""), set(m["fieldsV1"])) for m in job["metadata"]["managedFields"]
+    ]
+    spec_writers = {manager for manager, _, fields in entries if "f:spec" in fields}
+    # Only the user's own kubectl apply and patch own spec fields; the operator's writers own
+    # metadata (Kopf: its finalizer and annotations) and status, so Argo CD / Flux see no drift.
+    assert spec_writers == {"kubectl-client-side-apply", "kubectl-patch"}, entries
+    operator = [(m, sub, fields) for m, sub, fields in entries if m not in spec_writers]
+    assert {sub for _, sub, _ in operator} == {"", "status"}, entries
+    assert all(fields <= {"f:metadata", "f:status"} for _, _, fields in operator), entries
