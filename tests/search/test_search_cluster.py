@@ -1,0 +1,288 @@
+"""Searches on the real cluster with kwok trials: the exact trial sets, failure policy, preemption,
+restart safety after SIGKILL, metrics and clean-up. Each trial's end is scripted from its values."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from typing import Any
+
+import pytest
+
+from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
+from llmop.search import sampler
+from tests.kube import Cluster, wait_for
+from tests.operator.conftest import OperatorProcess
+from tests.search.conftest import EXIT_AFTER, EXIT_CODE, Outcomes, Searches, finishes, kwok_template
+
+pytestmark = pytest.mark.cluster
+LR = {"name": "lr", "path": "training.optimizer.learningRate", "type": "Float", "scale": "Log"}
+
+
+def bowl(values: dict[str, Any], after: str = "1s") -> dict[str, str]:
+    """A trial's loss as a function of its learning rate (minimum at 10^-2.3), like a real sweep."""
+    loss = 5.5 + 0.2 * (math.log10(values["lr"]) + 2.3) ** 2 + (0.1 if values.get("opt") == "SGD" else 0.0)
+    return finishes(round(loss, 6), after=after)
+
+
+def metric_lines(op: OperatorProcess, search: str) -> list[str]:
+    return [line for line in op.metrics().splitlines() if f'search="{search}"' in line]
+
+
+def test_grid_runs_every_point_once_and_reports_the_best(
+    searches: Searches, search_operator: OperatorProcess, cluster: Cluster
+) -> None:
+    spec = {
+        "algorithm": "Grid",
+        "maxTrials": 10,
+        "parallelTrials": 2,
+        "trialTemplate": kwok_template(),
+        "parameters": [
+            {**LR, "min": 0.001, "max": 0.1, "step": 10},
+            {
+                "name": "opt",
+                "path": "training.optimizer.type",
+                "type": "Categorical",
+                "choices": ["AdamW", "SGD"],
+            },
+        ],
+    }
+    searches.create("grid", spec)
+    outcomes, peak = Outcomes(searches, "grid", bowl), 0
+
+    def succeeded() -> dict[str, Any] | None:
+        nonlocal peak
+        outcomes.tick()
+        jobs = searches.jobs("grid")
+        peak = max(
+            peak, sum((j.get("status") or {}).get("state") not in ("Succeeded", "Failed") for j in jobs)
+        )
+        c = searches.condition("grid", "Succeeded")
+        return c if c and c["status"] == "True" else None
+
+    done = wait_for(succeeded, timeout=180, interval=0.5, what="grid Succeeded")
+    assert peak <= 2, f"{peak} trials ran at once with parallelTrials=2"
+    status = searches.status("grid")
+    points = {(t["parameters"]["lr"], t["parameters"]["opt"]) for t in status["trials"]}
+    assert len(status["trials"]) == 6, "the grid has 6 points; maxTrials=10 does not add any"
+    assert points == set(itertools.product((0.001, 0.01, 0.1), ("AdamW", "SGD")))
+    best = min(status["trials"], key=lambda t: t["value"])
+    assert status["bestTrial"]["name"] == best["name"] == "grid-002"
+    assert status["bestTrial"]["parameters"] == {"lr": 0.01, "opt": "AdamW"}
+    assert best["name"] in done["message"]
+    assert status["counts"] == {
+        "total": 6,
+        "pending": 0,
+        "running": 0,
+        "succeeded": 6,
+        "failed": 0,
+        "stoppedEarly": 0,
+        "cancelled": 0,
+        "finished": 6,
+    }
+
+    # Every trial is an LLMTrainingJob owned by the search, named by index, labelled and annotated.
+    jobs = searches.jobs("grid")
+    assert [j["metadata"]["name"] for j in jobs] == [f"grid-{i:03d}" for i in range(6)]
+    by_name = {t["name"]: t for t in status["trials"]}
+    for job in jobs:
+        meta = job["metadata"]
+        owner = meta["ownerReferences"][0]
+        assert owner["kind"] == "LLMHyperparameterSearch" and owner["name"] == "grid" and owner["controller"]
+        assert meta["labels"]["llmop.io/trial-index"] == str(by_name[meta["name"]]["index"])
+        values = json.loads(meta["annotations"]["llmop.io/trial-parameters"])
+        assert values == by_name[meta["name"]]["parameters"]
+        assert job["spec"]["training"]["optimizer"] == {
+            **job["spec"]["training"]["optimizer"],
+            "learningRate": values["lr"],
+            "type": values["opt"],
+        }
+
+    out = cluster.kubectl(
+        "wait", "--for=condition=Succeeded", "llmsearch/grid", "-n", searches.ns, "--timeout=5s"
+    )
+    assert "condition met" in out.stdout
+    table = cluster.kubectl("get", "llmsearch", "grid", "-n", searches.ns).stdout
+    print(table)
+    assert "Succeeded" in table and best["name"] in table
+    reasons = {e["reason"] for e in searches.events("grid")}
+    assert {"SearchCreated", "TrialCreated", "TrialSucceeded", "BestTrialFound"} <= reasons
+
+    series = metric_lines(search_operator, "grid")
+    assert any('state="Succeeded"' in line and line.endswith(" 6.0") for line in series), series
+    assert any(line.startswith("llmop_search_best_objective") for line in series), series
+    cluster.kubectl("delete", "llmsearch", "grid", "-n", searches.ns, "--wait=true", "--timeout=60s")
+    wait_for(lambda: not searches.jobs("grid"), timeout=60, what="trial jobs deleted with their search")
+    assert metric_lines(search_operator, "grid") == [], "no stale series after the search is gone"
+
+
+def test_random_search_runs_exactly_the_trials_its_seed_gives(
+    searches: Searches, search_operator: OperatorProcess
+) -> None:
+    spec = {
+        "algorithm": "Random",
+        "seed": 42,
+        "maxTrials": 6,
+        "parallelTrials": 3,
+        "trialTemplate": kwok_template(**finishes(after="1s")),
+        "parameters": [
+            {**LR, "min": 1e-5, "max": 1.0},
+            {"name": "layers", "path": "model.numLayers", "type": "Int", "min": 2, "max": 8},
+        ],
+    }
+    searches.create("rand", spec)
+    searches.wait_condition("rand", "Succeeded", timeout=180)
+    trials = searches.status("rand")["trials"]
+    model = LLMHyperparameterSearchSpec.model_validate(spec)
+    assert [t["parameters"] for t in trials] == [sampler.suggest(model, [], i) for i in range(6)]
+    assert len({t["parameters"]["lr"] for t in trials}) == 6
+    assert all(1e-5 <= t["parameters"]["lr"] <= 1 and 2 <= t["parameters"]["layers"] <= 8 for t in trials)
+    assert all(isinstance(t["parameters"]["layers"], int) for t in trials)
+
+
+def test_failed_trials_beyond_the_limit_fail_the_search(
+    searches: Searches, search_operator: OperatorProcess
+) -> None:
+    template = kwok_template(**{EXIT_AFTER: "1s", EXIT_CODE: "1"})
+    template["runPolicy"] = {"restartPolicy": "Never"}
+    spec = {"algorithm": "Random", "maxTrials": 10, "maxFailedTrials": 2, "trialTemplate": template}
+    searches.create("broken", {**spec, "parameters": [{**LR, "min": 1e-4, "max": 1e-2}]})
+    failed = searches.wait_condition("broken", "Failed", timeout=120)
+    assert failed["reason"] == "MaxFailedTrialsExceeded" and "3 trials failed" in failed["message"]
+    time.sleep(3)  # no trial is started after the search failed
+    status = searches.status("broken")
+    assert status["state"] == "Failed" and status["counts"]["failed"] == 3 and status["counts"]["total"] == 3
+    assert all("PermanentFailure" in t["message"] for t in status["trials"])
+    assert len(searches.jobs("broken")) == 3
+    assert any(e["type"] == "Warning" and e["reason"] == "TrialFailed" for e in searches.events("broken"))
+
+
+def test_a_preempted_trial_restarts_and_is_not_a_failure(
+    searches: Searches, search_operator: OperatorProcess, cluster: Cluster
+) -> None:
+    spec = {
+        "algorithm": "Random",
+        "maxTrials": 2,
+        "parallelTrials": 2,
+        "maxFailedTrials": 0,
+        "trialTemplate": kwok_template(),
+        "parameters": [{**LR, "min": 1e-4, "max": 1e-2}],
+    }
+    searches.create("pre", spec)
+    evicted: set[str] = set()
+
+    def outcome(values: dict[str, Any]) -> dict[str, str]:
+        # The first pod of trial 0 is evicted (a preemption); every other pod trains to the end.
+        if not evicted and values == searches.status("pre")["trials"][0]["parameters"]:
+            evicted.add("pre-000")
+            return {"llmop.io/kwok-evict-after": "1s"}
+        return finishes(after="2s")
+
+    Outcomes(searches, "pre", outcome).until("Succeeded")
+    status = searches.status("pre")
+    assert evicted and status["trials"][0]["preemptions"] == 1 and status["trials"][0]["state"] == "Succeeded"
+    assert status["counts"]["failed"] == 0
+
+
+def test_sigkilled_operator_neither_duplicates_nor_loses_trials(
+    searches: Searches, search_operator: OperatorProcess, cluster: Cluster
+) -> None:
+    spec = {
+        "algorithm": "TPE",
+        "seed": 3,
+        "randomStartupTrials": 3,
+        "maxTrials": 12,
+        "parallelTrials": 3,
+        "trialTemplate": kwok_template(),
+        "parameters": [{**LR, "min": 1e-5, "max": 1.0}],
+    }
+    searches.create("crash", spec)
+    outcomes = Outcomes(searches, "crash", lambda values: bowl(values, after="3s"))
+    kills = unborn = 0
+    # SIGKILL whenever a new trial has just been recorded: the moment between writing status and
+    # creating jobs, or between a job finishing and its result reaching status.
+    for _ in range(4):
+        seen = len(searches.status("crash").get("trials", []))
+        if seen == 12:
+            break
+
+        def new_trial(seen: int = seen) -> bool:
+            outcomes.tick()
+            return len(searches.status("crash").get("trials", [])) > seen
+
+        wait_for(new_trial, timeout=90, interval=0.2, what="a new trial")
+        search_operator.kill()
+        kills += 1
+        names = {j["metadata"]["name"] for j in searches.jobs("crash")}
+        recorded = searches.status("crash").get("trials", [])
+        unborn += sum(1 for t in recorded if t["name"] not in names)
+        outcomes.tick()
+        time.sleep(1)
+        search_operator.start()
+    outcomes.until("Succeeded", timeout=240)
+
+    status = searches.status("crash")
+    trials = status["trials"]
+    jobs = searches.jobs("crash")
+    print(
+        f"{kills} SIGKILLs; trials in status without a job at a kill: {unborn}; 12 trials, 12 jobs, 12 results"
+    )
+    assert kills >= 3
+    assert [t["index"] for t in trials] == list(range(12))
+    assert [j["metadata"]["name"] for j in jobs] == [f"crash-{i:03d}" for i in range(12)], "one job per trial"
+    for trial, job in zip(trials, jobs, strict=True):
+        assert json.loads(job["metadata"]["annotations"]["llmop.io/trial-parameters"]) == trial["parameters"]
+        expected = json.loads(bowl(trial["parameters"])["llmop.io/kwok-termination-message"])[
+            "validationLoss"
+        ]
+        # (The job's progress keeps 4 decimals.)
+        assert trial["state"] == "Succeeded" and trial["value"] == round(expected, 4), "a result went missing"
+    assert status["bestTrial"]["value"] == min(t["value"] for t in trials)
+
+
+def test_a_search_whose_trials_could_not_be_valid_fails_without_trials(
+    searches: Searches, search_operator: OperatorProcess
+) -> None:
+    # Admitted (the apiserver cannot apply 512 to the template) but sequenceLength 512 exceeds the
+    # template's contextLength 256: no trial could run at that end of the range.
+    seq = {"name": "seq", "path": "training.sequenceLength", "type": "Int", "min": 64, "max": 512}
+    searches.create("never", {"trialTemplate": kwok_template(), "parameters": [seq]})
+    failed = searches.wait_condition("never", "Failed", timeout=60)
+    assert failed["reason"] == "InvalidSpec" and "training.sequenceLength=512" in failed["message"]
+    assert searches.jobs("never") == [] and searches.status("never")["state"] == "Failed"
+
+
+def test_a_trial_recorded_but_not_yet_created_is_created_with_its_recorded_values(
+    searches: Searches, search_operator: OperatorProcess, cluster: Cluster
+) -> None:
+    # The state an operator killed between writing status and creating the job leaves behind
+    # (hard to hit by timing a SIGKILL, so it is written here directly).
+    search_operator.kill()
+    spec = {
+        "algorithm": "TPE",
+        "maxTrials": 3,
+        "trialTemplate": kwok_template(**finishes(after="1s")),
+        "parameters": [{**LR, "min": 1e-5, "max": 1.0}],
+    }
+    searches.create("gap", spec)
+    recorded = {
+        "index": 0,
+        "name": "gap-000",
+        "parameters": {"lr": 0.0123},
+        "state": "Pending",
+        "startTime": "2026-11-24T08:00:00Z",
+    }
+    patch = json.dumps({"status": {"trials": [recorded]}})
+    cluster.kubectl(
+        "patch", "llmsearch", "gap", "-n", searches.ns, "--subresource=status", "--type=merge", "-p", patch
+    )
+    search_operator.start()
+    searches.wait_condition("gap", "Succeeded", timeout=120)
+    jobs = searches.jobs("gap")
+    assert [j["metadata"]["name"] for j in jobs] == ["gap-000", "gap-001", "gap-002"]
+    assert jobs[0]["spec"]["training"]["optimizer"]["learningRate"] == 0.0123, (
+        "the recorded values, not new ones"
+    )
+    assert searches.status("gap")["trials"][0]["parameters"] == {"lr": 0.0123}
