@@ -152,14 +152,15 @@ def test_median_stops_a_trial_behind_the_median_of_finished_ones_after_warm_up()
         record(0, 3e-3, objective(3e-3), intermediateValues=curve(3e-3)),
         record(1, 1e-2, objective(1e-2), intermediateValues=curve(1e-2)),
     ]
-    bad = [{"step": s, "value": 7.0 + (1 - s / 100)} for s in range(0, 41, 10)]
-    early = record(2, 1e-5, state="Running", intermediateValues=bad[:3])
+    bad = [{"step": s, "value": 7.0 + (1 - s / 100)} for s in range(0, 51, 10)]
+    early = record(2, 1e-5, state="Running", intermediateValues=bad[:4])
     assert stopping.judge(sp, [*history, early], 2) is None, "step 20 is inside the warm-up"
     late = record(2, 1e-5, state="Running", intermediateValues=bad)
     decision = stopping.judge(sp, [*history, late], 2)
+    # Judged on its second-latest value: the latest may have been read mid-evaluation.
     assert decision is not None and decision.rule == "Median" and decision.step == 40
     assert "higher than the median" in decision.message
-    good = record(3, 4e-3, state="Running", intermediateValues=curve(4e-3)[:5])
+    good = record(3, 4e-3, state="Running", intermediateValues=curve(4e-3)[:6])
     assert stopping.judge(sp, [*history, good], 3) is None
 
 
@@ -176,12 +177,26 @@ def test_successive_halving_keeps_the_best_third_at_each_rung() -> None:
         record(i, lr, objective(lr), intermediateValues=curve(lr)) for i, lr in enumerate((3e-3, 1e-2, 1e-3))
     ]
     behind = record(
-        3, 1e-5, state="Running", intermediateValues=[{"step": 0, "value": 9.0}, {"step": 20, "value": 8.0}]
+        3,
+        1e-5,
+        state="Running",
+        intermediateValues=[
+            {"step": 0, "value": 9.0},
+            {"step": 20, "value": 8.0},
+            {"step": 30, "value": 7.9},
+        ],
     )
     decision = stopping.judge(sp, [*history, behind], 3)
     assert decision is not None and decision.rule == "SuccessiveHalving" and decision.step == 20
     ahead = record(
-        3, 3e-3, state="Running", intermediateValues=[{"step": 0, "value": 9.0}, {"step": 20, "value": 5.0}]
+        3,
+        3e-3,
+        state="Running",
+        intermediateValues=[
+            {"step": 0, "value": 9.0},
+            {"step": 20, "value": 5.0},
+            {"step": 30, "value": 4.9},
+        ],
     )
     assert stopping.judge(sp, [*history, ahead], 3) is None
 

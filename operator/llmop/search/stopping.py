@@ -47,9 +47,23 @@ def rung_values(values: dict[int, float], es: EarlyStopping, before: int | None 
     return attrs
 
 
+def settled(record: Record) -> Record:
+    """The record with only the values that can no longer change.
+
+    A running trial's latest value may have been read between the trainer moving its step counter
+    to an evaluation step and that evaluation finishing (it then shows the previous evaluation's
+    loss, corrected by the next read). Judging one evaluation later costs a little time and never
+    stops a good trial on such a reading.
+    """
+    if record.get("state") != "Running" or not record.get("intermediateValues"):
+        return record
+    return {**record, "intermediateValues": record["intermediateValues"][:-1]}
+
+
 def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: int) -> Decision | None:
-    """A Decision to stop trial ``index`` at its latest intermediate value, or None to let it run."""
+    """A Decision to stop trial ``index`` at its latest settled value, or None to let it run."""
     es = spec.early_stopping
+    records = [settled(r) for r in records]
     target = next((r for r in records if r["index"] == index), None)
     if es is None or target is None or not (values := study.intermediate(target)):
         return None
