@@ -1,11 +1,15 @@
-"""The serving engine's parts without a server: continuous batching, sampling, streamed text."""
+"""The serving engine's parts without a server: continuous batching, sampling, streamed text, threads."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmtrain.serve.batch import RunningBatch
+from llmtrain.serve.cpus import available_cpus
 from llmtrain.serve.sampling import new_generator, sample_row
 from llmtrain.serve.text import TextAssembler
 
@@ -109,3 +113,22 @@ def test_held_back_text_is_flushed_when_generation_ends() -> None:
     text = TextAssembler(lambda ids: "".join(pieces[i] for i in ids), stop=("world",))
     assert text.add(1) + text.add(2) == "a "
     assert text.flush() == "w" and not text.stopped
+
+
+@pytest.mark.parametrize(
+    ("files", "expected_cap"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit: the affinity mask decides
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs round up
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ],
+)
+def test_threads_follow_the_containers_cpu_quota(
+    files: dict[str, str], expected_cap: int | None, tmp_path: Path
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == min(affinity, expected_cap or affinity)

@@ -1,7 +1,7 @@
 """``llmtrain serve``: an OpenAI-compatible completions server for one model directory.
 
     llmtrain serve --model-dir DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 8]
-                   [--model-name NAME] [--max-tokens-limit 512] [--drain-timeout 25]
+                   [--model-name NAME] [--max-tokens-limit 512] [--threads N] [--drain-timeout 25]
 
 The port opens at once: /healthz answers while the model loads, /readyz and /v1/completions answer
 503 until the model is loaded and one warm-up generation has run. SIGTERM (or SIGINT) starts a
@@ -22,6 +22,7 @@ from aiohttp import web
 
 from llmtrain.logs import Logger
 from llmtrain.serve.app import ServerState, build_app
+from llmtrain.serve.cpus import available_cpus
 from llmtrain.serve.metrics import ServingMetrics
 
 DEFAULT_DRAIN_SECONDS = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds
@@ -47,17 +48,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: the CPUs the container may use, cgroup quota included, minus one)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=DEFAULT_DRAIN_SECONDS,
         help="seconds SIGTERM waits for running requests before exiting",
     )
     args = p.parse_args(argv)
-    if args.max_batch_size < 1 or args.max_tokens_limit < 1 or not 0 <= args.port <= 65535:
-        p.error("--max-batch-size and --max-tokens-limit must be >= 1, --port in [0, 65535]")
+    if min(args.max_batch_size, args.max_tokens_limit, args.threads or 1) < 1 or not 0 <= args.port <= 65535:
+        p.error("--max-batch-size, --max-tokens-limit and --threads must be >= 1, --port in [0, 65535]")
     args.host = args.host or ["127.0.0.1"]
+    # One CPU stays with the event loop (HTTP, JSON, detokenising); the rest run the forward passes.
+    args.threads = args.threads or max(1, available_cpus() - 1)
     args.model_name = args.model_name or default_model_name(args.model_dir)
     return args
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 async def _start_engine(
@@ -73,6 +87,7 @@ async def _start_engine(
         model_dir=args.model_dir,
         parameters=loaded.parameters,
         context_length=loaded.context_length,
+        threads=args.threads,
         seconds=loaded.seconds,
     )
     engine = Engine(
@@ -120,7 +135,10 @@ async def serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmserve-model")
+    # One model thread: every forward pass runs there, one at a time, with its own torch thread count.
+    executor = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="llmserve-model", initializer=_set_threads, initargs=(args.threads,)
+    )
     startup = asyncio.create_task(_start_engine(state, args, executor))
     stopping = asyncio.create_task(stop.wait())
     code = 0
