@@ -286,3 +286,29 @@ def test_a_trial_recorded_but_not_yet_created_is_created_with_its_recorded_value
         "the recorded values, not new ones"
     )
     assert searches.status("gap")["trials"][0]["parameters"] == {"lr": 0.0123}
+
+
+def test_compress_best_trains_the_best_values_again_with_compression(
+    searches: Searches, search_operator: OperatorProcess
+) -> None:
+    template = kwok_template(**finishes(after="1s"))
+    template["compression"] = {"quantization": [{"method": "Int8WeightOnly"}]}
+    spec = {
+        "algorithm": "Grid",
+        "compressBest": True,
+        "trialTemplate": template,
+        "parameters": [
+            {"name": "layers", "path": "model.numLayers", "type": "Categorical", "choices": ["2", "4"]}
+        ],
+    }
+    searches.create("cb", spec)
+    searches.wait_condition("cb", "Succeeded", timeout=180)
+    status = searches.status("cb")
+    jobs = {j["metadata"]["name"]: j for j in searches.jobs("cb")}
+    assert set(jobs) == {"cb-000", "cb-001", "cb-best"}
+    assert all("compression" not in jobs[f"cb-00{i}"]["spec"] for i in range(2)), "trials only train"
+    best = jobs["cb-best"]
+    assert best["metadata"]["labels"]["llmop.io/search-role"] == "best"
+    assert best["spec"]["compression"]["quantization"] == [{"method": "Int8WeightOnly"}]
+    assert best["spec"]["model"]["numLayers"] == status["bestTrial"]["parameters"]["layers"]
+    assert status["bestJob"] == {"name": "cb-best", "state": "Succeeded"}
