@@ -6,7 +6,8 @@ promise against what the scenario recorded or left behind:
   * job `ok`: data preparation, 2 workers, a rank-0 trainer metrics endpoint, one compression
     method, serving switched on then off again by a spec change;
   * job `bad`: a worker fails, the gang restarts, fails again: Failed (BackoffLimitExceeded), then
-    deleted by its ttlSecondsAfterFinished.
+    deleted by its ttlSecondsAfterFinished;
+  * search `hp`: two trial jobs that succeed; search `hpfail`: one trial that fails, so it fails.
 """
 
 from __future__ import annotations
@@ -60,6 +61,39 @@ MONITORING_VALUES = {
 }
 
 
+def trial_template(exit_code: str) -> dict[str, Any]:
+    message = {"step": 100, "totalSteps": 100, "validationLoss": 3.1}
+    annotations = {
+        EXIT_AFTER: "2s",
+        EXIT_CODE: exit_code,
+        "llmop.io/kwok-termination-message": json.dumps(message),
+    }
+    return {
+        "data": {"prepare": False, "sources": [{"uri": "builtin://english"}]},
+        "training": {"maxSteps": 100, "globalBatchSize": 8, "microBatchSize": 1},
+        "workers": {"numNodes": 1, "procsPerNode": 1, "gpusPerNode": 1, "podAnnotations": annotations},
+    }
+
+
+LR = {"name": "lr", "path": "training.optimizer.learningRate", "type": "Float", "min": 1e-4, "max": 1e-3}
+SEARCHES = {
+    "hp": {
+        "algorithm": "Random",
+        "maxTrials": 2,
+        "parallelTrials": 2,
+        "parameters": [LR],
+        "trialTemplate": trial_template("0"),
+    },
+    "hpfail": {
+        "algorithm": "Random",
+        "maxTrials": 1,
+        "maxFailedTrials": 0,
+        "parameters": [LR],
+        "trialTemplate": trial_template("1"),
+    },
+}
+
+
 @dataclass
 class Scenario:
     release: Release
@@ -75,15 +109,18 @@ class Scenario:
         return self.release.cluster.kubectl_json(*args, "-n", self.ns)
 
 
-def job_manifest(name: str, spec: dict[str, Any]) -> str:
+def manifest(name: str, spec: dict[str, Any], kind: str = "LLMTrainingJob") -> str:
     return yaml.safe_dump(
-        {
-            "apiVersion": "llmop.io/v1alpha1",
-            "kind": "LLMTrainingJob",
-            "metadata": {"name": name},
-            "spec": spec,
-        }
+        {"apiVersion": "llmop.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
     )
+
+
+def wait_search(cluster: Cluster, ns: str, name: str, states: tuple[str, ...]) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        search = cluster.kubectl_json("get", "llmhyperparametersearch", name, "-n", ns)
+        return dict(search) if (search.get("status") or {}).get("state") in states else None
+
+    return dict(wait_for(check, timeout=90, interval=0.3, what=f"search {name} in state {states}"))
 
 
 def worker_pods(
@@ -225,9 +262,14 @@ def scenario(cluster: Cluster, tools: Tools, tmp_path_factory: pytest.TempPathFa
             "runPolicy": {"backoffLimit": 1, "ttlSecondsAfterFinished": 20},
         }
         cluster.kubectl(
-            "apply", "-n", ns, "-f", "-", input=job_manifest("ok", ok) + "---\n" + job_manifest("bad", bad)
+            "apply", "-n", ns, "-f", "-", input=manifest("ok", ok) + "---\n" + manifest("bad", bad)
         )
+        searches = [manifest(name, spec, "LLMHyperparameterSearch") for name, spec in SEARCHES.items()]
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input="---\n".join(searches))
+        s.states["hp-Running"] = wait_search(cluster, ns, "hp", ("Running",))
         fail_bad_job(cluster, ns, s.states)
+        s.states["hp-Succeeded"] = wait_search(cluster, ns, "hp", ("Succeeded",))
+        s.states["hpfail-Failed"] = wait_search(cluster, ns, "hpfail", ("Failed",))
         run_ok_job(s, tmp)
         wait_for(
             lambda: (
@@ -241,10 +283,9 @@ def scenario(cluster: Cluster, tools: Tools, tmp_path_factory: pytest.TempPathFa
         s.audit = audit_events(release.service_account, offset)
         yield s
     finally:
-        # Jobs go while the operator still runs (it removes their finalizer), then everything else.
-        cluster.kubectl(
-            "delete", "llmtrainingjobs", "--all", "-n", ns, "--wait=true", "--timeout=60s", check=False
-        )
+        # Searches and jobs go while the operator still runs (it removes their finalizers), then the rest.
+        for kind in ("llmhyperparametersearches", "llmtrainingjobs"):
+            cluster.kubectl("delete", kind, "--all", "-n", ns, "--wait=true", "--timeout=60s", check=False)
         operator.stop()
         prometheus.stop()
         discovery.stop()
@@ -263,6 +304,9 @@ def condition(job: dict[str, Any], kind: str) -> dict[str, Any]:
 def test_jobs_run_their_whole_lifecycle_with_the_operator_holding_only_the_charts_rights(
     scenario: Scenario,
 ) -> None:
+    hp = scenario.states["hp-Succeeded"]["status"]
+    assert hp["counts"]["succeeded"] == 2 and hp["bestTrial"]["value"] == 3.1
+    assert scenario.states["hpfail-Failed"]["status"]["counts"]["failed"] == 1
     ok = scenario.states["ok-Succeeded"]
     assert condition(ok, "Succeeded")["status"] == "True"
     assert [(st["name"], st["state"]) for st in ok["status"]["stages"]] == [
@@ -320,10 +364,6 @@ NOT_EXERCISED = {
     ("", "pods", "get"): "re-read of a pod whose gates changed under the patch",
     # Only when a failed compression stage is retried.
     ("batch", "jobs", "delete"): "a compression stage retried after it failed",
-    # LLMHyperparameterSearch: it creates trial jobs, writes its status; no search runs here.
-    ("llmop.io", "llmtrainingjobs", "create"): "trials of an LLMHyperparameterSearch",
-    ("llmop.io", "llmhyperparametersearches", "patch"): "Kopf's finalizer on a search",
-    ("llmop.io", "llmhyperparametersearches/status", "patch"): "a search's status",
 }
 
 
@@ -428,13 +468,10 @@ def test_prometheus_scrapes_the_operator_and_the_rank0_trainer_with_job_labels(s
     # The gauge reads 0 until rank 0 logs its first step; from then on the loss falls.
     logged = [float(v) for _, v in loss[0]["values"] if float(v) > 0]
     assert len(logged) > 3 and logged[-1] < logged[0], "the loss fell"
-    assert prom.query(f'llmop_jobs_succeeded_total{{namespace="{ns}"}}')[0]["value"][1] == "1"
-    assert (
-        prom.query(f'llmop_jobs_failed_total{{namespace="{ns}", reason="BackoffLimitExceeded"}}')[0]["value"][
-            1
-        ]
-        == "1"
-    )
+    # ok and the two trials of hp succeeded; bad and hpfail's trial failed.
+    succeeded = prom.query(f'llmop_jobs_succeeded_total{{namespace="{ns}"}}')
+    failed = prom.query(f'llmop_jobs_failed_total{{namespace="{ns}", reason="BackoffLimitExceeded"}}')
+    assert (succeeded[0]["value"][1], failed[0]["value"][1]) == ("3", "2")
     figures = prom.query(f'llmop_compression_result{{namespace="{ns}", job="ok", method="Int8WeightOnly"}}')
     assert {r["metric"]["figure"]: r["value"][1] for r in figures}["sizeRatio"] == "0.27"
 
@@ -495,6 +532,15 @@ def test_argocd_health_of_the_status_the_operator_wrote(scenario: Scenario) -> N
     }
     assert verdicts["bad-Failed"]["status"] == "Degraded"
     assert verdicts["bad-Failed"]["message"].startswith("BackoffLimitExceeded: ")
+    # The search kind, on status its controller wrote.
+    assert verdicts["hp-Running"]["status"] == "Progressing"
+    assert re.fullmatch(r"Running: [0-2]/2 trials finished.*", verdicts["hp-Running"]["message"]), verdicts
+    assert verdicts["hp-Succeeded"]["status"] == "Healthy"
+    assert (
+        verdicts["hp-Succeeded"]["message"]
+        == condition(scenario.states["hp-Succeeded"], "Succeeded")["message"]
+    )
+    assert verdicts["hpfail-Failed"]["status"] == "Degraded"
     print("\n" + "\n".join(f"  {name}: {v}" for name, v in verdicts.items()))
 
 
