@@ -55,6 +55,9 @@ class JobMemory:
             self.done = {k: v for k, v in self.done.items() if now - v < window}
         return fresh
 
+    def forget(self, action: tuple[Any, ...], item: Any) -> None:
+        self.done.pop((*action, item), None)
+
 
 class Cluster:
     """Shared, in-process view used by the all-or-nothing placement check.
@@ -218,8 +221,12 @@ async def act(
         # when the desired objects change, and re-assert them every few minutes (someone edited them).
         digest = hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest()[:16]
         if memory.not_recently(("serve", digest), [ref.name], window=300):
-            for manifest in manifests:
-                await kube.apply(manifest)
+            try:
+                for manifest in manifests:
+                    await kube.apply(manifest)
+            except Exception:
+                memory.forget(("serve", digest), ref.name)  # a failed apply is retried on the next pass
+                raise
     if result.remove_serving:
         name = naming.serving_name(ref.name)
         await kube.delete("apps/v1", "Deployment", ns, name)
@@ -267,11 +274,16 @@ async def write_status(
     if result.status != before:
         await kube.patch_job_status(ns, name, result.status)
     memory.status = result.status
-    for t in result.transitions:
+    # One Event per reason and pass: a failure flips Running off and Failed on with the same reason,
+    # and two identical Events would read as two failures.
+    posted: set[str] = set()
+    for t in sorted(result.transitions, key=lambda t: t.status != "True"):
         warning = t.status == "True" and (
             t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS
         )
-        (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
+        if t.reason not in posted:
+            posted.add(t.reason)
+            (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
         record_transition(ns, t)
     if result.gang_running_since is not None:
         metrics.TIME_TO_RUNNING.observe(time.monotonic() - memory.attempt_started)
