@@ -72,6 +72,7 @@ class ExportReport:
     size_bytes: int = 0
     seconds: float = 0.0
     fallback_reason: str | None = None
+    dequantized_layers: int = 0  # quantised linears exported with their dequantised float weights
     samples: list[Sample] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -139,6 +140,26 @@ def _max_abs_diff(session: Any, graph: LogitsGraph, ids: Tensor, mask: Tensor) -
     return float(diff.max())
 
 
+def dequantize(model: nn.Module) -> int:
+    """Swap quantised linears for float ones holding the same (dequantised) weights; returns how many.
+
+    ONNX has no counterpart of PyTorch's int8/int4 weight-packed matmul kernels, so a quantised model
+    is exported with the very weights it computes with, as float; the graph checked against it is
+    this float model. (onnxruntime's own quantisation can shrink the file again; not done here.)
+    """
+    from llmtrain.compress.quantized import QuantizedLinear
+
+    names = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quantized = getattr(parent, child)
+        linear = nn.Linear(quantized.in_features, quantized.out_features, bias=False)
+        linear.weight = nn.Parameter(quantized.dequantized_weight().float(), requires_grad=False)
+        setattr(parent, child, linear)
+    return len(names)
+
+
 def _copy_side_files(source: Path, dest: Path) -> None:
     """Tokenizer, config and generation files: what a consumer needs beside the graph."""
     for item in sorted(source.iterdir()):
@@ -157,7 +178,9 @@ def export_onnx(
 
     start = time.monotonic()
     source, out = Path(model_dir), Path(out_dir)
-    model = load_model(source).float()
+    model = load_model(source)
+    dequantized = dequantize(model)
+    model = model.float()
     tokenizer = load_tokenizer(source)
     config: Any = getattr(model, "config", None)
     context_length = int(config.max_position_embeddings)
@@ -178,6 +201,7 @@ def export_onnx(
         opset=next(o.version for o in header.opset_import if o.domain in ("", "ai.onnx")),
         tolerance=tolerance,
         fallback_reason=reason,
+        dequantized_layers=dequantized,
     )
     for ids, mask in samples:
         diff = _max_abs_diff(session, graph, ids, mask)
