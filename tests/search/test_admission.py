@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from tests.kube import Cluster
 
+REPO = Path(__file__).resolve().parents[2]
 Manifest = dict[str, Any]
 LR = {
     "name": "lr",
@@ -203,3 +205,13 @@ def test_a_trial_that_would_be_invalid_at_a_range_end_is_rejected_by_the_models(
     ]
     with pytest.raises(ValidationError, match=r"training\.sequenceLength=512 gives an invalid trial"):
         LLMHyperparameterSearchSpec.model_validate(manifest["spec"])
+
+
+@pytest.mark.cluster
+def test_the_example_is_accepted_as_written(cluster: Cluster, namespace: str) -> None:
+    manifest = yaml.safe_load((REPO / "examples" / "search.yaml").read_text())
+    code, message = _create(cluster, namespace, manifest)
+    assert code == 0, message
+    stored = cluster.kubectl_json("get", "llmsearch", manifest["metadata"]["name"], "-n", namespace)
+    assert stored["spec"]["parameters"] == manifest["spec"]["parameters"]
+    assert stored["spec"]["trialTemplate"]["training"]["maxSteps"] == 120

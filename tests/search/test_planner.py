@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from llmop.api.v1alpha1 import LLMTrainingJobSpec
-from llmop.search import planner, space
+from llmop.search import planner, sampler, space
 from tests.search.helpers import LR, T0, Search, done, job, spec
 
 
@@ -192,3 +194,15 @@ def test_invalid_spec_is_reported_as_failed() -> None:
     failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSpec" and failed["observedGeneration"] == 3
     assert result.status["state"] == "Failed"
+
+
+def test_a_sampler_missing_from_the_operator_image_fails_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_torch(*_: object) -> None:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(sampler, "suggest", no_torch)
+    s = Search(spec(algorithm="GaussianProcess"))
+    plan = s.step([])
+    failed = s.condition("Failed")
+    assert failed and failed["reason"] == "AlgorithmUnavailable" and "torch" in failed["message"]
+    assert plan.create == [] and s.status["trials"] == []

@@ -222,7 +222,15 @@ class _Planner:
         running = len(self.active())
         while running < self.spec.parallel_trials and not self.exhausted():
             index = max((r["index"] for r in self.records), default=-1) + 1
-            values = sampler.suggest(self.spec, self.records, index)
+            try:
+                values = sampler.suggest(self.spec, self.records, index)
+            except ImportError as exc:
+                # GPSampler needs torch and scipy, which a slim operator image may not have.
+                algorithm = self.spec.algorithm.value
+                self.fail(
+                    "AlgorithmUnavailable", f"{algorithm} needs {exc.name} in the operator's environment"
+                )
+                return
             if values is None:
                 return
             record = records.new(index, builders.trial_name(self.search.name, index), values, self.now)
