@@ -3,7 +3,7 @@
 Starts the server as a child process (`--port 0`), waits for /readyz, then sends --requests
 completion requests from --concurrency client tasks (each sends its next request as soon as the
 previous one is answered), prompts drawn from the system's licence texts. Without --model-dir it
-first trains the debug model (124k parameters) with `llmtrain train`. The server's own view of the
+first trains the debug model (124k parameters, 200 steps) with `llmtrain train`. The server's own view of the
 run (forward passes and their batch sizes, time to first token) comes from its /metrics.
 
     python benchmarks/serving.py [--model-dir DIR] [--requests 200] [--concurrency 8] [--max-tokens 32]
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +29,19 @@ from pathlib import Path
 import aiohttp
 
 from llmtrain.serve.process import ServerProcess
-from llmtrain.testing import license_documents
+from llmtrain.testing import debug_config, license_documents, write_shards
+
+
+def train_debug_model(work: Path, steps: int = 200) -> Path:
+    """`llmtrain train` of configs/debug.yaml (124k parameters) with 128 positions; returns the export."""
+    data = write_shards(work / "data", license_documents()[:300])
+    config = debug_config(work, data, {"model": {"contextLength": 128}, "training": {"maxSteps": steps}})
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "NNODES", "NPROC_PER_NODE")}
+    env.update(DS_ACCELERATOR="cpu", LLMOP_METRICS_PORT="0")
+    subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", "train", str(config)], env=env, check=True, capture_output=True
+    )
+    return work / "output" / "model"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,11 +116,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llmserve-bench-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from tests.trainer.tiny_models import train_tiny_model
-
             print("training the debug model (no --model-dir) ...", flush=True)
-            model_dir = train_tiny_model(Path(tmp))
+            model_dir = train_debug_model(Path(tmp))
         flags = ["--model-name", "bench", "--max-batch-size", str(args.max_batch_size)]
         srv = ServerProcess(model_dir, *flags, *(["--threads", str(args.threads)] if args.threads else []))
         try:

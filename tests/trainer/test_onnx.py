@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.tiny_models import train_tiny_model
+from tests.trainer.conftest import TrainedModel
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_model(tmp_path_factory.mktemp("trained"))
+def model_dir(trained_model: TrainedModel) -> Path:
+    return trained_model.model_dir
 
 
 def export(

@@ -1,4 +1,5 @@
-"""`llmtrain serve` as a user meets it: a child process on 127.0.0.1 serving a really trained model."""
+"""`llmtrain serve` as a user meets it: a child process on 127.0.0.1 serving a really trained model
+(the session's ``trained_model``, 1.7M parameters, 128 positions) and a quantised copy of it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from llmtrain.serve.process import ServerProcess
-from tests.trainer.tiny_models import random_model, train_tiny_model
+from tests.trainer.conftest import TrainedModel
+from tests.trainer.tiny_models import random_model
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
@@ -31,13 +33,15 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_model(tmp_path_factory.mktemp("trained"))
+def model_dir(trained_model: TrainedModel) -> Path:
+    return trained_model.model_dir
 
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(model_dir, "--model-name", MODEL, "--max-batch-size", "8", "--max-tokens-limit", "64")
+    srv = ServerProcess(
+        model_dir, "--model-name", MODEL, "--max-batch-size", "8", "--max-tokens-limit", "128"
+    )
     srv.wait_ready()
     yield srv
     assert srv.stop() == 0
@@ -233,18 +237,18 @@ MALFORMED: list[tuple[str, Any, dict[str, str], str, str, int, str, str | None, 
         400,
         "invalid_request_error",
         "max_tokens",
-        "[1, 64]",
+        "[1, 128]",
     ),
     (
         "max_tokens over the limit",
-        {"prompt": "a", "max_tokens": 65},
+        {"prompt": "a", "max_tokens": 129},
         {},
         "POST",
         "/v1/completions",
         400,
         "invalid_request_error",
         "max_tokens",
-        "[1, 64]",
+        "[1, 128]",
     ),
     (
         "max_tokens a string",
@@ -368,14 +372,25 @@ MALFORMED: list[tuple[str, Any, dict[str, str], str, str, int, str, str | None, 
         "64-bit",
     ),
     (
-        "context exceeded",
-        {"prompt": "word " * 25, "max_tokens": 64},
+        "prompt plus max_tokens over the context",
+        {"prompt": "a", "max_tokens": 128},
         {},
         "POST",
         "/v1/completions",
         400,
         "invalid_request_error",
         "max_tokens",
+        "maximum context length is 128",
+    ),
+    (
+        "prompt longer than the context",
+        {"prompt": "word " * 200},
+        {},
+        "POST",
+        "/v1/completions",
+        400,
+        "invalid_request_error",
+        "prompt",
         "maximum context length is 128",
     ),
     (
@@ -472,6 +487,45 @@ def test_metrics_count_requests_errors_latency_and_tokens(server: ServerProcess)
     generated = metric(server, "llmserve_generated_tokens_total") - before
     assert generated == answer["usage"]["completion_tokens"]
     assert metric(server, "llmserve_tokens_per_second") > 0
+
+
+def quantised_copy(model_dir: Path, dest: Path, method: str) -> Path:
+    """The trained model quantised in the compressed layout ``llmtrain compress`` writes and load_model reads."""
+    from safetensors.torch import save_file
+
+    from llmtrain.compress.layout import FORMAT, LAYOUT_QUANTIZED, MARKER, copy_side_files, write_json
+    from llmtrain.compress.load import load_model
+    from llmtrain.compress.quantize import quantize_model, tensors_to_save
+
+    model: Any = load_model(model_dir)
+    tied = bool(model.config.tie_word_embeddings)
+    formats = quantize_model(model, method, 64, tied=tied)
+    dest.mkdir(parents=True)
+    save_file(tensors_to_save(model, tied=tied), str(dest / "model.safetensors"))
+    model.config.save_pretrained(dest)
+    copy_side_files(model_dir, dest)
+    write_json(dest / MARKER, {"format": FORMAT, "layout": LAYOUT_QUANTIZED, "modules": formats})
+    return dest
+
+
+@pytest.mark.parametrize("method", ["Int8WeightOnly", "Int8Dynamic", "Int4WeightOnly"])
+def test_serves_a_quantised_model_directory(model_dir: Path, tmp_path: Path, method: str) -> None:
+    from llmtrain.compress.load import load_model, load_tokenizer
+
+    quantised = quantised_copy(model_dir, tmp_path / method, method)
+    srv = ServerProcess(quantised, "--model-name", MODEL)
+    try:
+        srv.wait_ready()
+        # Three prompts in one request: one batched prefill, then batched decode steps.
+        answer = complete(srv, prompt=PROMPTS[:3], max_tokens=10, temperature=0)
+    finally:
+        assert srv.stop() == 0
+    model: Any = load_model(quantised)
+    tok = load_tokenizer(quantised)
+    for choice, prompt in zip(answer["choices"], PROMPTS[:3], strict=True):
+        ids = tok(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids["input_ids"].shape[1] :]
+        assert choice["text"] == tok.decode(out, skip_special_tokens=True), prompt
 
 
 def test_not_ready_until_loaded_then_ready(model_dir: Path) -> None:

@@ -1,37 +1,12 @@
-"""Small local models for the serving and ONNX tests: one really trained, one random and slower.
-
-Nothing is downloaded: the trained one comes from `llmtrain train` on the system's licence texts,
-the random one reuses its tokenizer.
-"""
+"""A random-init model for serving mechanics that need generation to take a while (no download: it
+reuses the trained model's tokenizer). Behaviour tests use the session's ``trained_model`` instead."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from llmtrain.testing import debug_config, license_documents, write_shards
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def train_tiny_model(work: Path, steps: int = 150) -> Path:
-    """`llmtrain train` of the debug model (124k parameters, 128 positions); returns the export."""
-    data = write_shards(work / "data", license_documents()[:300])
-    config = debug_config(work, data, {"model": {"contextLength": 128}, "training": {"maxSteps": steps}})
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "NNODES", "NPROC_PER_NODE")}
-    env.update(DS_ACCELERATOR="cpu", LLMOP_METRICS_PORT="0")
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmtrain.cli", "train", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work / "output" / "model"
 
 
 def random_model(

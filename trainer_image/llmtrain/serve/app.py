@@ -62,7 +62,7 @@ def build_app(state: ServerState) -> web.Application:
 
 def _error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.Response:
     response = web.json_response(err.body(), status=err.status, headers=headers)
-    response["error_type"] = err.type
+    response["error_type"], response["error_message"] = err.type, err.message
     return response
 
 
@@ -105,7 +105,13 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     state.metrics.latency.labels(route).observe(time.monotonic() - start)
     if "error_type" in response:  # an error body; /readyz's 503 while loading is a state, not an error
         state.metrics.errors.labels(response["error_type"]).inc()
-        state.log.event("request_error", route=route, method=request.method, status=response.status)
+        state.log.event(
+            "request_error",
+            route=route,
+            method=request.method,
+            status=response.status,
+            message=response["error_message"],
+        )
     return response
 
 
