@@ -28,6 +28,8 @@ def load_model(path: str | Path) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: not a model directory (no config.json)")
     marker = read_marker(root)
     layout = LAYOUT_HF if marker is None else marker.get("layout")
     model: Any

@@ -80,6 +80,7 @@ class QuantizedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    qweight: Tensor
 
     def dequantized_weight(self) -> Tensor:
         raise NotImplementedError

@@ -1,0 +1,196 @@
+"""Which compression a stage name asks for, and whether it can work on this model, checked up front.
+
+Pure Python (no torch): ``llmtrain compress`` resolves and checks the stage in well under a second, so
+a bad combination exits 2 with one line naming the field before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from llmop.api.v1alpha1.lifecycle import (
+    CompressionSpec,
+    Distillation,
+    Pruning,
+    PruningMethod,
+    Quantization,
+    QuantizationMethod,
+)
+from llmop.api.v1alpha1.model import ModelSpec, TransformerShape
+from llmop.api.v1alpha1.trainer_config import TrainerConfig
+
+DEFAULT_INT4_GROUP = 64
+_STAGE = re.compile(r"^(quantize|prune)-(\d+)$|^(distill)$")
+
+
+class StageError(ValueError):
+    """The stage or its combination with the model is invalid (exit 2); the message names the field."""
+
+
+class MissingModel(RuntimeError):
+    """There is no trained model to compress (a failure of the job, not of the configuration)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The trained model's shape, read from its config.json (the export, not the spec: HPO may vary it)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    context_length: int
+    tie_embeddings: bool
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelShape:
+        path = model_dir / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise MissingModel(
+                f"no trained model at {model_dir} ({path}: {exc}); run the train stage first"
+            ) from exc
+        heads = int(raw["num_attention_heads"])
+        return cls(
+            hidden_size=int(raw["hidden_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+            intermediate_size=int(raw["intermediate_size"]),
+            vocab_size=int(raw["vocab_size"]),
+            context_length=int(raw["max_position_embeddings"]),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        )
+
+    def num_parameters(self) -> int:
+        attn = 2 * self.hidden_size * self.head_dim * (self.num_heads + self.num_key_value_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        block = attn + mlp + 2 * self.hidden_size
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return self.num_layers * block + emb + self.hidden_size
+
+    def in_features(self) -> dict[str, int]:
+        """In-features of each kind of linear layer (what int4 groups must divide)."""
+        return {
+            "hiddenSize (q/k/v/gate/up projections)": self.hidden_size,
+            "numHeads x headDim (o_proj)": self.num_heads * self.head_dim,
+            "intermediateSize (down_proj)": self.intermediate_size,
+        }
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """The stage as given: quantize-<i>, prune-<i> or distill."""
+    kind: Literal["quantize", "prune", "distill"]
+    """What it does."""
+    field: str
+    """The spec field it comes from, e.g. spec.compression.quantization[0]; error messages start with it."""
+    spec: Quantization | Pruning | Distillation
+    """That field's value."""
+
+    @property
+    def method(self) -> str:
+        """Method name as reported: Int8WeightOnly, Int8Dynamic, Int4WeightOnly, Magnitude, Structured, Distillation."""
+        if isinstance(self.spec, Distillation):
+            return "Distillation"
+        return str(self.spec.method.value)
+
+
+def resolve(cfg: TrainerConfig, name: str) -> Stage:
+    """The stage ``name`` of cfg.spec.compression, or StageError."""
+    match = _STAGE.match(name)
+    if match is None:
+        raise StageError(f"--stage {name!r}: expected quantize-<i>, prune-<i> or distill")
+    comp: CompressionSpec | None = cfg.spec.compression
+    if comp is None:
+        raise StageError(f"spec.compression: not set, so there is no stage {name!r}")
+    if match.group(3):
+        if comp.distillation is None:
+            raise StageError("spec.compression.distillation: not set, so there is no stage 'distill'")
+        return Stage(name, "distill", "spec.compression.distillation", comp.distillation)
+    kind, index = match.group(1), int(match.group(2))
+    items: list[Quantization] | list[Pruning] = comp.quantization if kind == "quantize" else comp.pruning
+    field = "spec.compression." + ("quantization" if kind == "quantize" else "pruning")
+    if index >= len(items):
+        raise StageError(f"{field}[{index}]: no such entry (the list has {len(items)}), so no stage {name!r}")
+    return Stage(name, "quantize" if kind == "quantize" else "prune", f"{field}[{index}]", items[index])
+
+
+def kept(units: int, sparsity: float) -> int:
+    """Units kept when removing ``sparsity`` of them: the nearest count, ties keeping one more."""
+    return math.floor((1.0 - sparsity) * units + 0.5)
+
+
+def head_units(shape: ModelShape) -> tuple[int, int]:
+    """(units, query heads per unit) that structured pruning removes whole.
+
+    With grouped-query attention a unit is one key/value head and the query heads that share it, so
+    the pruned model is still a valid GQA model; with multi-head attention (and with a single
+    key/value head) a unit is one query head.
+    """
+    if 1 < shape.num_key_value_heads < shape.num_heads:
+        return shape.num_key_value_heads, shape.num_heads // shape.num_key_value_heads
+    return shape.num_heads, 1
+
+
+def check(stage: Stage, shape: ModelShape) -> None:
+    """Raise StageError when the method and its parameters cannot work on a model of this shape."""
+    spec = stage.spec
+    if isinstance(spec, Quantization):
+        if spec.method == QuantizationMethod.INT4_WEIGHT_ONLY:
+            group = spec.group_size or DEFAULT_INT4_GROUP
+            for what, size in shape.in_features().items():
+                if size % group:
+                    raise StageError(
+                        f"{stage.field}.groupSize: {group} does not divide the in-features of every "
+                        f"linear layer ({what} is {size})"
+                    )
+    elif isinstance(spec, Pruning):
+        if spec.method == PruningMethod.STRUCTURED:
+            units, per_unit = head_units(shape)
+            if kept(units, spec.sparsity) < 1:
+                what = "key/value head groups" if per_unit > 1 else "heads"
+                raise StageError(
+                    f"{stage.field}.sparsity: removing {spec.sparsity:g} of {units} attention {what} "
+                    "would remove every attention head"
+                )
+            if kept(shape.intermediate_size, spec.sparsity) < 1:
+                raise StageError(
+                    f"{stage.field}.sparsity: removing {spec.sparsity:g} of {shape.intermediate_size} "
+                    "MLP channels would remove every channel"
+                )
+    else:
+        student = student_spec(spec.student, shape)
+        if student.num_parameters() >= shape.num_parameters():
+            raise StageError(
+                f"{stage.field}.student: {student.num_parameters():,} parameters is not smaller than the "
+                f"teacher's {shape.num_parameters():,}"
+            )
+
+
+def student_spec(student: TransformerShape, teacher: ModelShape, base: ModelSpec | None = None) -> ModelSpec:
+    """The student's full ModelSpec: its shape from the spec, vocabulary/context/tying from the teacher,
+    everything else (initialisation) from ``base`` (the job's model spec)."""
+    return (base or ModelSpec()).model_copy(
+        update=dict(
+            hidden_size=student.hidden_size,
+            num_layers=student.num_layers,
+            num_heads=student.num_heads,
+            num_key_value_heads=student.num_key_value_heads,
+            intermediate_size=student.intermediate_size,
+            vocab_size=teacher.vocab_size,
+            context_length=teacher.context_length,
+            tie_embeddings=teacher.tie_embeddings,
+        )
+    )
