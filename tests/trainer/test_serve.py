@@ -573,3 +573,37 @@ def test_sigterm_finishes_running_requests_then_exits_0(model_dir: Path, tmp_pat
     assert srv.proc.wait(60) == 0
     assert [r["usage"]["completion_tokens"] for r in results] == [60, 60, 60]
     assert [e["event"] for e in srv.events()][-2:] == ["drained", "stopped"]
+
+
+def test_client_that_disconnects_mid_stream_frees_its_row(model_dir: Path, tmp_path: Path) -> None:
+    import http.client
+
+    srv = ServerProcess(random_model(tmp_path / "random", model_dir), "--max-tokens-limit", "1500")
+    try:
+        srv.wait_ready()
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        body = {"prompt": "a", "max_tokens": 1500, "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        assert metric(srv, "llmserve_running_sequences") == 1
+        conn.close()  # gone after one token of 1500
+        deadline = time.monotonic() + 20
+        while metric(srv, "llmserve_running_sequences") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(srv, "llmserve_running_sequences") == 0
+        assert metric(srv, "llmserve_generated_tokens_total") < 1500
+    finally:
+        assert srv.stop() == 0
+
+
+def test_listens_on_every_host_given_and_sigterm_while_loading_exits_0(model_dir: Path) -> None:
+    # Two loopback addresses stand in for "the pod IP and 127.0.0.1" (KServe's queue proxy dials loopback).
+    srv = ServerProcess(model_dir, "--host", "127.0.0.1", "--host", "127.0.0.2")
+    listening = [e for e in srv.events() if e["event"] == "listening"]
+    assert sorted(e["host"] for e in listening) == ["127.0.0.1", "127.0.0.2"]
+    for event in listening:
+        srv.host, srv.port = event["host"], event["port"]
+        assert srv.json("GET", "/healthz") == (200, {"status": "ok"})
+    assert srv.stop() == 0
+    assert "ready" not in [e["event"] for e in srv.events()], "stopped before the model was loaded"
