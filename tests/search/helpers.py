@@ -67,6 +67,7 @@ def job(
         total_steps=total if step is not None else None,
         loss=None,
         validation_loss=val,
+        validation_step=None,
         eval_interval=10,
         disruptions=disruptions,
         deleting=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -206,3 +207,23 @@ def test_a_sampler_missing_from_the_operator_image_fails_the_search(monkeypatch:
     failed = s.condition("Failed")
     assert failed and failed["reason"] == "AlgorithmUnavailable" and "torch" in failed["message"]
     assert plan.create == [] and s.status["trials"] == []
+
+
+def test_a_read_taken_before_an_evaluation_finished_is_not_taken_for_its_result() -> None:
+    # The trainer moves its step counter to 40 before the evaluation at 40 ends: for a moment the
+    # status shows step 40 with the loss of step 20.
+    s = Search(spec())
+    s.step([])
+    s.step([job(0, "Running", 20, 7.0), job(1, "Running")])
+    s.step([job(0, "Running", 40, 7.0), job(1, "Running")])
+    assert s.trial(0)["intermediateValues"] == [{"step": 20, "value": 7.0}]
+    s.step([job(0, "Running", 40, 6.5), job(1, "Running")])
+    assert s.trial(0)["intermediateValues"] == [{"step": 20, "value": 7.0}, {"step": 40, "value": 6.5}]
+
+
+def test_the_evaluation_step_is_taken_from_progress_when_reported() -> None:
+    s = Search(spec())
+    s.step([])
+    exact = dataclasses.replace(job(0, "Running", 40, 7.0), validation_step=30)
+    s.step([exact, job(1, "Running")])
+    assert s.trial(0)["intermediateValues"] == [{"step": 30, "value": 7.0}]

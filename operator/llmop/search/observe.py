@@ -27,6 +27,7 @@ class JobView:
     total_steps: int | None
     loss: float | None
     validation_loss: float | None
+    validation_step: int | None  # progress.validationStep, where the operator reports it
     eval_interval: int
     disruptions: int
     deleting: bool
@@ -75,25 +76,37 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         total_steps=int(total) if total is not None else None,
         loss=_number(progress.get("loss")),
         validation_loss=_number(progress.get("validationLoss")),
+        validation_step=int(v) if (v := _number(progress.get("validationStep"))) is not None else None,
         eval_interval=int(evaluation.get("intervalSteps") or 1),
         disruptions=int(status.get("disruptionCount") or 0),
         deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
-def observation(job: JobView, metric: ObjectiveMetric) -> tuple[int, float] | None:
-    """(step, objective value) as the job's status shows them now, or None before any figure.
+@dataclass(frozen=True)
+class Observation:
+    step: int
+    value: float
+    exact: bool  # False: the step is inferred and the value may still be the previous evaluation's
 
-    The validation loss in progress is that of the latest evaluation, which ran at the last multiple
-    of evaluation.intervalSteps at or below the current step (or at the final step once training
-    succeeded); the training loss is that of the current step.
+
+def observation(job: JobView, metric: ObjectiveMetric) -> Observation | None:
+    """The objective as the job's status shows it now, or None before any figure.
+
+    The training loss is that of the current step. The validation loss is that of the latest
+    evaluation: at the final step once training succeeded (the trainer's own final figures), at
+    progress.validationStep when the operator reports it, else at the last multiple of
+    evaluation.intervalSteps at or below the current step. That last inference is not exact: the
+    trainer advances its step counter before the evaluation at that step has finished.
     """
     if job.step is None:
         return None
     if metric == ObjectiveMetric.TRAINING_LOSS:
-        return None if job.loss is None else (job.step, job.loss)
+        return None if job.loss is None else Observation(job.step, job.loss, True)
     if job.validation_loss is None:
         return None
-    final = job.succeeded or (job.total_steps is not None and job.step >= job.total_steps)
-    step = job.step if final else job.step - job.step % job.eval_interval
-    return step, job.validation_loss
+    if job.succeeded or (job.total_steps is not None and job.step >= job.total_steps):
+        return Observation(job.step, job.validation_loss, True)
+    if job.validation_step is not None:
+        return Observation(job.validation_step, job.validation_loss, True)
+    return Observation(job.step - job.step % job.eval_interval, job.validation_loss, False)

@@ -157,7 +157,7 @@ class _Planner:
         if job.step is not None:
             record["step"] = job.step
         seen = observation(job, self.spec.objective.metric)
-        if seen is not None and records.observe(record, *seen):
+        if seen is not None and records.observe(record, seen.step, seen.value, seen.exact):
             self.news.add(record["index"])
         if job.succeeded:
             if seen is None:
@@ -165,9 +165,9 @@ class _Planner:
                 records.finish(record, TrialState.FAILED, self.now, msg)
                 self.event(True, "TrialFailed", f"{record['name']}: {msg}")
                 return
-            record["value"] = seen[1]
+            record["value"] = seen.value
             records.finish(record, TrialState.SUCCEEDED, self.now)
-            self.event(False, "TrialSucceeded", f"{records.summary(record)}: {seen[1]:.6g}")
+            self.event(False, "TrialSucceeded", f"{records.summary(record)}: {seen.value:.6g}")
         elif job.failed:
             records.finish(record, TrialState.FAILED, self.now, job.failure)
             self.event(True, "TrialFailed", f"{record['name']}: {job.failure}")

@@ -30,9 +30,10 @@ def finish(record: Record, state: TrialState, now: str, message: str | None = No
         record["message"] = message[:4096]
 
 
-def observe(record: Record, step: int, value: float) -> bool:
+def observe(record: Record, step: int, value: float, exact: bool = True) -> bool:
     """Record the objective at a step; True when it is news (a new step, or a new value at the
-    latest step: a status read between an evaluation's start and end shows the previous value)."""
+    latest step: a read between an evaluation's start and end shows the previous value, and the
+    next read corrects it)."""
     if not math.isfinite(value):
         return False  # JSON (and so status) has no NaN; the job's own status never shows one either
     values: list[dict[str, Any]] = record.setdefault("intermediateValues", [])
@@ -43,6 +44,10 @@ def observe(record: Record, step: int, value: float) -> bool:
         return True
     if values and step < values[-1]["step"]:
         return False  # an older reading (a restarted gang resuming from a checkpoint)
+    if values and not exact and value == values[-1]["value"]:
+        # The same loss to the last digit at a later evaluation step: the step counter moved on
+        # before that evaluation finished. Wait for a read that shows its own value.
+        return False
     values.append({"step": step, "value": value})
     thin(values)
     return True
