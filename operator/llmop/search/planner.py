@@ -255,7 +255,10 @@ class _Planner:
         best_text = f"; best {records.summary(best)} = {best['value']:.6g}" if best else ""
         if self.active() or not self.exhausted():
             self.status["state"] = "Running"
-            message = f"{counts['running']} running, {counts['finished']} of {self.spec.max_trials} finished"
+            message = (
+                f"{counts['pending']} pending, {counts['running']} running,"
+                f" {counts['finished']} of {self.spec.max_trials} finished"
+            )
             self.condition(cond.RUNNING, True, "TrialsRunning", message + best_text)
             return
         if best is None:
