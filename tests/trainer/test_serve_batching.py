@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -132,3 +133,63 @@ def test_threads_follow_the_containers_cpu_quota(
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path) == min(affinity, expected_cap or affinity)
+
+
+class CharTokenizer:
+    """One token per character (ids = code points): enough to drive the engine without a tokenizer file."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 97 for c in text]
+
+    def decode(self, ids: list[int], **_: object) -> str:
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+class Poisoned(torch.nn.Module):
+    """The model, except that prefilling a prompt with token 13 raises (a stand-in for an OOM)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: object) -> object:
+        if input_ids.shape[1] > 1 and bool((input_ids == 13).any()):
+            raise RuntimeError("simulated out of memory")
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def test_a_failed_forward_fails_its_rows_and_the_engine_carries_on(model: torch.nn.Module) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmtrain.logs import Logger
+    from llmtrain.serve.engine import Engine
+    from llmtrain.serve.errors import ApiError
+    from llmtrain.serve.metrics import ServingMetrics
+    from llmtrain.serve.protocol import SamplingParams
+
+    async def scenario() -> None:
+        engine = Engine(
+            Poisoned(model),
+            CharTokenizer(),
+            eos_ids={1000},  # never sampled (97 tokens): every sequence runs to max_tokens
+            pad_id=0,
+            max_batch_size=4,
+            metrics=ServingMetrics(),
+            executor=ThreadPoolExecutor(1),
+            max_waiting=2,
+            log=Logger(rank=0),
+        )
+        task = asyncio.create_task(engine.run())
+        greedy = SamplingParams(max_tokens=5, temperature=0.0)
+        bad, _ = engine.submit([[13, 14]], greedy)
+        assert (await bad.get()).error == "RuntimeError: simulated out of memory"
+        good, _ = engine.submit([[20, 21, 22]], greedy)
+        deltas = [await good.get() for _ in range(5)]
+        assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 5
+        # Admission is bounded: a request that would overfill the waiting queue is refused with 429.
+        with pytest.raises(ApiError) as refused:
+            engine.submit([[1], [2], [3]], greedy)
+        assert refused.value.status == 429 and refused.value.code == "queue_full"
+        task.cancel()
+
+    asyncio.run(scenario())
