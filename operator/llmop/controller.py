@@ -272,7 +272,9 @@ async def write_status(
 ) -> None:
     ns, name = ref.namespace, ref.name
     if result.status != before:
-        await kube.patch_job_status(ns, name, result.status)
+        # A merge patch keeps keys it does not mention: a field the plan dropped is sent as null.
+        dropped = {key: None for key in before if key not in result.status}
+        await kube.patch_job_status(ns, name, {**result.status, **dropped})
     memory.status = result.status
     # One Event per reason and pass: a failure flips Running off and Failed on with the same reason,
     # and two identical Events would read as two failures.
