@@ -33,6 +33,8 @@ EXAMPLE = REPO / "examples" / "search.yaml"
 OUT = REPO / "benchmarks" / "hpo_grid.json"
 NAMESPACE = "llmop-hpo-grid"
 NAME = "lr-grid"
+# The search goes only after its trial jobs, whose finalizer needs the operator still running.
+FOREGROUND = ("--cascade=foreground", "--timeout=300s")
 
 
 def template_digest(template: dict[str, Any]) -> str:
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> int:
     operator, _ = start_operator(kubeconfig, NAMESPACE, logs / "operator.log")
     started = time.monotonic()
     try:
-        kubectl("delete", "llmsearch", NAME, "-n", NAMESPACE, "--ignore-not-found", "--timeout=300s")
+        kubectl("delete", "llmsearch", NAME, "-n", NAMESPACE, "--ignore-not-found", *FOREGROUND)
         manifest = grid_search(args.points, args.parallel)
         kubectl(
             "apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest)
@@ -117,9 +119,7 @@ def main(argv: list[str]) -> int:
         )
         return 0 if status.get("state") == "Succeeded" else 1
     finally:
-        kubectl(
-            "delete", "llmsearch", NAME, "-n", NAMESPACE, "--ignore-not-found", "--timeout=300s", check=False
-        )
+        kubectl("delete", "llmsearch", NAME, "-n", NAMESPACE, "--ignore-not-found", *FOREGROUND, check=False)
         operator.stop()
         runtime.stop()
 
