@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from llmtrain.serve.process import ServerProcess
-from tests.trainer.conftest import TrainedModel
+from tests.trainer.conftest import TrainedModel, train_env
 from tests.trainer.tiny_models import random_model
 
 pytestmark = pytest.mark.slow
@@ -489,30 +493,42 @@ def test_metrics_count_requests_errors_latency_and_tokens(server: ServerProcess)
     assert metric(server, "llmserve_tokens_per_second") > 0
 
 
-def quantised_copy(model_dir: Path, dest: Path, method: str) -> Path:
-    """The trained model quantised in the compressed layout ``llmtrain compress`` writes and load_model reads."""
-    from safetensors.torch import save_file
+def compressed(trained: TrainedModel, work: Path, method: str) -> Path:
+    """`llmtrain compress --stage quantize-0` as the compression pod runs it, on a copy of the model."""
+    shutil.copytree(trained.model_dir, work / "output" / "model")
+    raw = yaml.safe_load(trained.config.read_text())
+    raw["paths"]["outputDir"] = str(work / "output")
+    group = {"groupSize": 64} if method == "Int4WeightOnly" else {}
+    raw["spec"]["compression"] = {"quantization": [{"method": method, **group}]}
+    (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrain.cli",
+            "compress",
+            str(work / "config.yaml"),
+            "--stage",
+            "quantize-0",
+        ],
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work / "output" / "compressed" / "quantize-0"
 
-    from llmtrain.compress.layout import FORMAT, LAYOUT_QUANTIZED, MARKER, copy_side_files, write_json
-    from llmtrain.compress.load import load_model
-    from llmtrain.compress.quantize import quantize_model, tensors_to_save
 
-    model: Any = load_model(model_dir)
-    tied = bool(model.config.tie_word_embeddings)
-    formats = quantize_model(model, method, 64, tied=tied)
-    dest.mkdir(parents=True)
-    save_file(tensors_to_save(model, tied=tied), str(dest / "model.safetensors"))
-    model.config.save_pretrained(dest)
-    copy_side_files(model_dir, dest)
-    write_json(dest / MARKER, {"format": FORMAT, "layout": LAYOUT_QUANTIZED, "modules": formats})
-    return dest
-
-
-@pytest.mark.parametrize("method", ["Int8WeightOnly", "Int8Dynamic", "Int4WeightOnly"])
-def test_serves_a_quantised_model_directory(model_dir: Path, tmp_path: Path, method: str) -> None:
+# Int8Dynamic and Int4WeightOnly directories served the same way (greedy output equal to generate())
+# when this was parametrised over all three; their compression stages take 2-3 minutes each on two
+# shared cores, and the serving path does not depend on the format, so the suite runs int8 only.
+@pytest.mark.parametrize("method", ["Int8WeightOnly"])
+def test_serves_a_quantised_model_directory(trained_model: TrainedModel, tmp_path: Path, method: str) -> None:
     from llmtrain.compress.load import load_model, load_tokenizer
 
-    quantised = quantised_copy(model_dir, tmp_path / method, method)
+    quantised = compressed(trained_model, tmp_path, method)
+    assert json.loads((quantised / "compression.json").read_text())["layout"] == "quantized"
     srv = ServerProcess(quantised, "--model-name", MODEL)
     try:
         srv.wait_ready()
