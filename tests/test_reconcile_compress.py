@@ -23,7 +23,15 @@ COMPRESSION: dict[str, Any] = {
     "backoffLimit": 3,
 }
 TRAIN_MESSAGE = json.dumps(
-    {"stage": "train", "step": 40, "totalSteps": 40, "validationLoss": 4.25, "modelPath": "/m/model"}
+    {
+        "stage": "train",
+        "step": 40,
+        "totalSteps": 40,
+        "loss": 4.1,
+        "validationLoss": 4.25,
+        "validationStep": 40,
+        "modelPath": "/m/model",
+    }
 )
 
 
@@ -70,7 +78,9 @@ def test_training_success_starts_every_stage_and_records_final_figures() -> None
     assert [st.name for st in p.create_compress] == ["quantize-0", "quantize-1", "prune-0"]
     assert p.status["state"] == "Compressing" and not is_true(p.status["conditions"], "Succeeded")
     assert is_true(p.status["conditions"], "Trained")
-    assert p.status["progress"]["validationLoss"] == 4.25 and p.status["progress"]["percent"] == 100
+    progress = p.status["progress"]
+    assert progress["validationLoss"] == 4.25 and progress["validationStep"] == 40 and progress["loss"] == 4.1
+    assert progress["percent"] == 100
     assert p.status["outputModelPath"] == "/m/model"
     condition = get(p.status["conditions"], "stage.llmop.io/quantize-1")
     assert condition is not None and condition["status"] == "False" and condition["reason"] == "Running"

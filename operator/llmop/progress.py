@@ -16,6 +16,7 @@ _FIELDS = {
     "llmtrain_total_steps": "totalSteps",
     "llmtrain_loss": "loss",
     "llmtrain_validation_loss": "validationLoss",
+    "llmtrain_validation_step": "validationStep",
     "llmtrain_tokens_per_second": "tokensPerSecond",
     "llmtrain_eta_seconds": "etaSeconds",
 }
@@ -41,6 +42,8 @@ def to_status(values: dict[str, float], now: datetime) -> dict[str, Any]:
     for key in ("loss", "validationLoss", "tokensPerSecond"):
         if key in values and values[key] == values[key]:  # skip NaN
             out[key] = round(values[key], 4)
+    if "validationStep" in values and "validationLoss" in out:
+        out["validationStep"] = int(values["validationStep"])
     if "etaSeconds" in values:
         out["etaSeconds"] = max(0, int(values["etaSeconds"]))
     return out

@@ -59,6 +59,8 @@ def final_figures(message: str) -> Figures:
     for key in ("loss", "validationLoss"):
         if (value := _number(data.get(key))) is not None:
             progress[key] = round(value, 4)
+    if (value := _number(data.get("validationStep"))) is not None and "validationLoss" in progress:
+        progress["validationStep"] = int(value)
     raw = data.get("results")
     raw = raw if isinstance(raw, dict) else {}
     results: dict[str, float] = {}

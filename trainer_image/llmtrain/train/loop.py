@@ -38,6 +38,7 @@ class Result:
     total_steps: int
     resumed_from: str | None = None
     validation_loss: float | None = None
+    loss: float | None = None  # training loss at the last logged step
     export_dir: str | None = None
     step_seconds: list[float] = field(default_factory=list)
 
@@ -190,7 +191,7 @@ def run(cfg: TrainerConfig) -> Result:
                 sparsity.update_masks(r.model, target, zero3=cfg.spec.deepspeed.zero_stage == 3)
                 r.metrics.sparsity.set(sparsity.measured_sparsity(r.model))
             if step % tr.log_interval_steps == 0 or step == r.total_steps:
-                report_progress(r, step, float(loss_sum.item()) / gas, lr)
+                result.loss = report_progress(r, step, float(loss_sum.item()) / gas, lr)
             if step % tr.evaluation.interval_steps == 0 or step == r.total_steps:
                 result.validation_loss = evaluate(r, step)
             stop = dist.any_rank(preemption.requested, env)
@@ -211,7 +212,9 @@ def run(cfg: TrainerConfig) -> Result:
                     "stage": "train",
                     "step": step,
                     "totalSteps": r.total_steps,
+                    "loss": result.loss,
                     "validationLoss": result.validation_loss,
+                    "validationStep": step,
                     "modelPath": result.export_dir,
                 }
             )
@@ -220,7 +223,7 @@ def run(cfg: TrainerConfig) -> Result:
         r.loader.close()
 
 
-def report_progress(r: Run, step: int, local_loss: float, lr: float) -> None:
+def report_progress(r: Run, step: int, local_loss: float, lr: float) -> float:
     loss = dist.mean_over_ranks(local_loss, r.env)
     rates = r.throughput.rates(step, time.perf_counter(), r.total_steps)
     m = r.metrics
@@ -239,6 +242,7 @@ def report_progress(r: Run, step: int, local_loss: float, lr: float) -> None:
     r.log.event(
         "progress", step=step, total_steps=r.total_steps, loss=round(loss, 6), lr=lr, **_rounded(rates)
     )
+    return loss
 
 
 def _rounded(rates: dict[str, float]) -> dict[str, float]:
@@ -257,6 +261,7 @@ def evaluate(r: Run, step: int) -> float:
     perplexity = float(np.exp(min(val_loss, 50.0)))
     r.metrics.val_loss.set(val_loss)
     r.metrics.val_ppl.set(perplexity)
+    r.metrics.val_step.set(step)
     r.log.event("validation", step=step, validation_loss=round(val_loss, 6), perplexity=round(perplexity, 3))
     return val_loss
 

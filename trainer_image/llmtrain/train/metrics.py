@@ -70,6 +70,10 @@ class Metrics:
         )
         self.val_loss = Gauge("llmtrain_validation_loss", "Validation loss", registry=r)
         self.val_ppl = Gauge("llmtrain_validation_perplexity", "Validation perplexity", registry=r)
+        # The step counter moves before an evaluation ends: this says which step the loss belongs to.
+        self.val_step = Gauge(
+            "llmtrain_validation_step", "Step at which the latest validation loss was computed", registry=r
+        )
         self.lr = Gauge("llmtrain_learning_rate", "Learning rate", registry=r)
         self.tokens_per_second = Gauge(
             "llmtrain_tokens_per_second", "Training tokens/s (all ranks)", registry=r

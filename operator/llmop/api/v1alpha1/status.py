@@ -89,6 +89,8 @@ class Progress(ApiModel):
     """Latest training loss."""
     validation_loss: float | None = None
     """Latest validation loss."""
+    validation_step: int | None = Field(None, ge=0)
+    """Step at which validationLoss was computed (step may already be past it)."""
     tokens_per_second: float | None = None
     """Recent training throughput over all ranks."""
     summary: str | None = Field(None, max_length=128)
