@@ -65,6 +65,9 @@ def _container(job: JobRef, model_path: str) -> Manifest:
         },
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        # Leave the Service's endpoints before SIGTERM starts the drain (llmtrain serve's default
+        # --drain-timeout is 25 s: 5 + 25 fits the grace period below).
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
         "volumeMounts": storage.volume_mounts(),
         "securityContext": worker["securityContext"],
     }
@@ -78,7 +81,7 @@ def _pod_spec(job: JobRef, model_path: str) -> Manifest:
         if k
         not in ("hostname", "subdomain", "schedulingGates", "schedulerName", "containers", "restartPolicy")
     }
-    spec["terminationGracePeriodSeconds"] = 30  # in-flight requests drain on SIGTERM
+    spec["terminationGracePeriodSeconds"] = 35  # preStop, then in-flight requests drain on SIGTERM
     spec["containers"] = [_container(job, model_path)]
     return spec
 
@@ -124,6 +127,9 @@ def build_inference_service(job: JobRef, model_path: str) -> Manifest:
     for key in ("startupProbe", "livenessProbe"):
         container.pop(key, None)
     container["name"] = "kserve-container"
+    container.pop("lifecycle", None)
+    # KServe's queue-proxy sidecar (serverless mode) dials the server on loopback.
+    container["args"] = [*container["args"], "--host", "127.0.0.1"]
     predictor: Manifest = {
         **{k: v for k, v in pod.items() if k != "terminationGracePeriodSeconds"},
         "minReplicas": s.replicas,
