@@ -7,8 +7,8 @@
   embedding once), so only pruning and distillation change it;
 * sparsity: fraction of exactly-zero weights in the decoder's linear layers (embeddings and head excluded);
 * tokens/s: greedy ``generate`` of a fixed number of new tokens from a fixed validation prompt on the
-  CPU, after a warm-up run, median over repeats; the two models alternate so drift in machine load
-  hits both alike.
+  CPU, one thread, after a warm-up run, median over repeats; the two models alternate so drift in
+  machine load hits both alike.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class EvalSettings:
     """Tokens generated per timed run (generation never stops early)."""
     repeats: int = 5
     """Timed runs per model after one warm-up; tokens/s is from the median."""
+    threads: int = 1
+    """Intra-op threads while generating (see tokens_per_second)."""
 
     @classmethod
     def from_config(cls, cfg: TrainerConfig, context_length: int) -> EvalSettings:
@@ -140,13 +142,25 @@ def _generate_seconds(model: Any, prompt: Tensor, new_tokens: int) -> float:
 
 
 def tokens_per_second(models: list[Any], prompt: Tensor, settings: EvalSettings) -> list[float]:
-    """Greedy generation speed of each model: warm-up, then ``repeats`` alternating timed runs."""
-    for model in models:
-        _generate_seconds(model, prompt, settings.new_tokens)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(settings.repeats):
-        for i, model in enumerate(models):
-            times[i].append(_generate_seconds(model, prompt, settings.new_tokens))
+    """Greedy generation speed of each model: warm-up, then ``repeats`` alternating timed runs.
+
+    On ``settings.threads`` intra-op threads: a decoding step is a chain of small matrix-vector
+    products, and split across threads each one waits for the slowest; when another process holds a
+    core (a shared node, or a pod whose CPU limit is below the node's core count, which torch does not
+    see) that wait dominates and the figures swing several-fold between runs. One thread gives a
+    per-core figure that is comparable between models, runs and nodes.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        for model in models:
+            _generate_seconds(model, prompt, settings.new_tokens)
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(settings.repeats):
+            for i, model in enumerate(models):
+                times[i].append(_generate_seconds(model, prompt, settings.new_tokens))
+    finally:
+        torch.set_num_threads(previous)
     return [settings.new_tokens / statistics.median(t) for t in times]
 
 

@@ -30,7 +30,7 @@ CALIBRATION_BATCHES = 8
 """Training micro-batches whose activations rank heads and channels for structured pruning."""
 
 
-def fingerprint(cfg: TrainerConfig, stage: Stage, source: Path) -> str:
+def fingerprint(cfg: TrainerConfig, stage: Stage, source: Path, settings: evaluate.EvalSettings) -> str:
     files = {
         p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(source.iterdir()) if p.is_file()
     }
@@ -42,6 +42,7 @@ def fingerprint(cfg: TrainerConfig, stage: Stage, source: Path) -> str:
         "deepspeed": cfg.spec.deepspeed.model_dump(mode="json", by_alias=True),
         "source": str(source.resolve()),
         "files": files,
+        "evaluation": evaluate.settings_dict(settings),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -58,7 +59,8 @@ def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm bars amid the JSON log lines
     source = layout.model_dir(cfg.paths.output_dir)
     final = layout.stage_dir(cfg.paths.output_dir, stage.name)
-    print_fp = fingerprint(cfg, stage, source)
+    settings = evaluate.EvalSettings.from_config(cfg, shape.context_length)
+    print_fp = fingerprint(cfg, stage, source, settings)
     layout.remove_stale(final)  # temporary directories of a pod that died mid-stage
     existing = layout.read_json(final / layout.REPORT)
     marker = layout.read_marker(final)
@@ -67,7 +69,6 @@ def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) 
         return summary(existing)
 
     log.event("start", stage=stage.name, method=stage.method, field=stage.field, source=str(source))
-    settings = evaluate.EvalSettings.from_config(cfg, shape.context_length)
     with layout.staging(final) as tmp:
         details = produce(cfg, stage, shape, source, tmp, log)
         marker_value = {
