@@ -125,6 +125,7 @@ def kernels() -> None:
     linear = nn.Linear(4096, 4096, bias=False)
     x = torch.randn(1, 4096)
     fp32 = _median_us(lambda: linear(x))
+    print(f"one token x [4096 x 4096] weight, {torch.get_num_threads()} thread(s), median of 30")
     print(f"{'path':<52}{'us':>10}{'vs fp32':>9}")
     print(f"{'fp32 nn.Linear':<52}{fp32:>10.0f}{1.0:>9.2f}")
     configs: list[tuple[str, Any, torch.dtype]] = [
@@ -136,6 +137,16 @@ def kernels() -> None:
             torch.float32,
         ),
         ("torchao Int4WeightOnlyConfig(64), bf16", Int4WeightOnlyConfig(group_size=64), torch.bfloat16),
+        (
+            "torchao Int4WeightOnlyConfig(64, plain_int32)",
+            Int4WeightOnlyConfig(group_size=64, int4_packing_format="plain_int32"),
+            torch.bfloat16,
+        ),
+        (
+            "torchao Int4WeightOnlyConfig(64, tile_packed_to_4d)",
+            Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d"),
+            torch.bfloat16,
+        ),
         (
             "torchao IntxWeightOnlyConfig(int4)",
             IntxWeightOnlyConfig(weight_dtype=torch.int4),  # type: ignore[attr-defined]
@@ -149,7 +160,7 @@ def kernels() -> None:
             us = _median_us(lambda m=model, d=dtype: m(x.to(d)))
             print(f"{name:<52}{us:>10.0f}{us / fp32:>9.2f}")
         except Exception as exc:  # report what this CPU cannot run, do not hide it
-            print(f"{name:<52}  fails: {type(exc).__name__}: {str(exc).splitlines()[0][:70]}")
+            print(f"{name:<52}  fails: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}")
     ours: list[tuple[str, nn.Module]] = [
         (
             "llmtrain Int8WeightOnlyLinear (_weight_int8pack_mm)",

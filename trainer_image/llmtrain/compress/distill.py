@@ -30,18 +30,19 @@ from llmtrain.compress.stages import ModelShape, student_spec
 from llmtrain.logs import Logger
 from llmtrain.model.llama import build_model
 from llmtrain.train import dist
+from llmtrain.train.data import read_manifest
 from llmtrain.train.engine import initialize, set_learning_rate
 from llmtrain.train.export import export_model, full_state_dict
 from llmtrain.train.schedule import learning_rate
 
 
 def distillation_loss(
-    student: Tensor, teacher: Tensor, targets: Tensor, temperature: float, alpha: float
+    student: Tensor, teacher: Tensor | None, targets: Tensor, temperature: float, alpha: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, kd, ce) averaged over tokens; logits [B, T, V], targets [B, T]."""
+    """(total, kd, ce) averaged over tokens; logits [B, T, V], targets [B, T]; no teacher when alpha = 0."""
     s = student.float().reshape(-1, student.size(-1))
     ce = F.cross_entropy(s, targets.reshape(-1))
-    if alpha == 0:
+    if teacher is None or alpha == 0:
         return ce, torch.zeros_like(ce), ce
     t = teacher.float().reshape(-1, teacher.size(-1))
     kd = F.kl_div(
@@ -117,13 +118,7 @@ def distill(
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=x).logits if spec.alpha else None
                 logits, _ = engine(x)
-                loss, kd, ce = distillation_loss(
-                    logits,
-                    teacher_logits if teacher_logits is not None else logits,
-                    y,
-                    spec.temperature,
-                    spec.alpha,
-                )
+                loss, kd, ce = distillation_loss(logits, teacher_logits, y, spec.temperature, spec.alpha)
                 engine.backward(loss)
                 engine.step()
                 sums += torch.stack([loss.detach().float(), kd.detach().float(), ce.detach().float()]).cpu()
@@ -145,8 +140,6 @@ def distill(
         loader.close()
     state = full_state_dict(engine, one.spec.deepspeed.zero_stage)
     assert state is not None and env.is_main
-    from llmtrain.train.data import read_manifest
-
     export_model(state, model_spec, read_manifest(cfg.paths.data_dir), out_dir)
     figures["steps"] = float(spec.steps)
     figures["trainSeconds"] = time.perf_counter() - started
