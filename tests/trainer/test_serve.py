@@ -616,7 +616,11 @@ def test_client_that_disconnects_mid_stream_frees_its_row(model_dir: Path, tmp_p
 def test_listens_on_every_host_given_and_sigterm_while_loading_exits_0(model_dir: Path) -> None:
     # Two loopback addresses stand in for "the pod IP and 127.0.0.1" (KServe's queue proxy dials loopback).
     srv = ServerProcess(model_dir, "--host", "127.0.0.1", "--host", "127.0.0.2")
-    listening = [e for e in srv.events() if e["event"] == "listening"]
+    # ServerProcess returns at the first "listening" line; the second follows a moment later.
+    deadline = time.monotonic() + 30
+    while len(listening := [e for e in srv.events() if e["event"] == "listening"]) < 2:
+        assert time.monotonic() < deadline, f"only {listening} after 30 s"
+        time.sleep(0.05)
     assert sorted(e["host"] for e in listening) == ["127.0.0.1", "127.0.0.2"]
     for event in listening:
         srv.host, srv.port = event["host"], event["port"]
