@@ -25,6 +25,21 @@ def succeeded(s: Any) -> dict[str, Any]:
     return dict(step(s, {"attempt": 1}, pods=trained_pods()).status)
 
 
+def compressed(s: Any) -> Any:
+    """Trained, then all three stages of COMPRESSION done; quantize-1 is the smallest within budget."""
+    done = dict(active=0, succeeded=True)
+    return step(
+        s,
+        succeeded(s),
+        compress_jobs=[job("quantize-0", **done), job("quantize-1", **done), job("prune-0", **done)],
+        compress_pods=[
+            result_pod("quantize-0", 300, 0.5),
+            result_pod("quantize-1", 200, 1.0),
+            result_pod("prune-0", 250, 2.0),
+        ],
+    )
+
+
 def test_succeeded_job_serves_the_trained_model_and_reports_readiness() -> None:
     s = serving_spec()
     status = succeeded(s)
@@ -66,18 +81,7 @@ def test_onnx_export_of_the_selected_model_runs_before_success() -> None:
     raw = spec().to_wire()
     raw["serving"] = {"enabled": True, "onnxExport": True, "source": "Selected"}
     s = type(spec()).model_validate(raw)
-    status = succeeded(s)
-    done = dict(active=0, succeeded=True)
-    p = step(
-        s,
-        status,
-        compress_jobs=[job("quantize-0", **done), job("quantize-1", **done), job("prune-0", **done)],
-        compress_pods=[
-            result_pod("quantize-0", 300, 0.5),
-            result_pod("quantize-1", 200, 1.0),
-            result_pod("prune-0", 250, 2.0),
-        ],
-    )
+    p = compressed(s)
     assert [st.name for st in p.create_compress] == [ONNX]
     assert p.create_compress[0].model_dir == "/m/compressed/quantize-1"  # the selected, smallest one
     assert p.status["state"] == "Compressing" and not is_true(p.status["conditions"], "Succeeded")
@@ -98,18 +102,7 @@ def test_source_trained_serves_the_trained_model_despite_a_selection() -> None:
     raw = spec().to_wire()
     raw["serving"] = {"enabled": True, "source": "Trained"}
     s = type(spec()).model_validate(raw)
-    status = succeeded(s)
-    done = dict(active=0, succeeded=True)
-    finished = step(
-        s,
-        status,
-        compress_jobs=[job("quantize-0", **done), job("quantize-1", **done), job("prune-0", **done)],
-        compress_pods=[
-            result_pod("quantize-0", 300, 0.5),
-            result_pod("quantize-1", 200, 1.0),
-            result_pod("prune-0", 250, 2.0),
-        ],
-    ).status
+    finished = compressed(s).status
     assert finished["outputModelPath"] == "/m/compressed/quantize-1"
     assert step(s, finished).serve_model == "/m/model"
 
