@@ -20,6 +20,7 @@ from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView, ServingView, batch_job_view, deployment_view, pod_view
 from llmop.search import handlers as _search  # noqa: F401 - Kopf registers the search handlers on import
 from llmop.settings import Settings
+from llmop.wakeup import sleep_until_woken
 
 SETTINGS = Settings.from_env()
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
@@ -146,10 +147,7 @@ async def run_job(
             if memory.status and memory.status.get("state") == "Running":
                 timeout = min(timeout, SETTINGS.progress_interval_seconds)
             # Sleep until a child or the job changes, the operator stops, or the resync is due.
-            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
-            _, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in pending:
-                waiter.cancel()
+            await sleep_until_woken(wake, stopped, timeout)
     finally:
         _wakeups.pop(key, None)
 

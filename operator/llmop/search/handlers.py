@@ -19,6 +19,7 @@ from llmop.search import controller, metrics
 from llmop.search.builders import SEARCH_LABEL
 from llmop.search.observe import JobView, job_view
 from llmop.settings import Settings
+from llmop.wakeup import sleep_until_woken
 
 SETTINGS = Settings.from_env()
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
@@ -75,10 +76,7 @@ async def run_search(
                 logger.exception("search reconcile failed; retrying")
                 delay = 2.0
             timeout = min(delay or SETTINGS.resync_seconds, SETTINGS.resync_seconds)
-            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
-            _, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in pending:
-                waiter.cancel()
+            await sleep_until_woken(wake, stopped, timeout)
     finally:
         _wakeups.pop(key, None)
 
