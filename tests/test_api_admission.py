@@ -189,13 +189,94 @@ def test_invalid_manifest_rejected_naming_field(
 # metadata belongs to the apiserver; the trainer only ever reads the spec.
 SPEC_CASES = [c for c in CASES if c[2].startswith("spec.")]
 
+# What the models say for each spec case: where (the error's loc, as a path under spec) and a
+# fragment of the message. A cross-field rule is a validator on the enclosing model, so its loc is
+# that model's and the message names the field; a loc is always the apiserver's field or above it.
+MODEL_ERRORS: dict[str, tuple[str, str]] = {
+    "wrong type: string for integer": ("spec.training.maxSteps", "valid integer"),
+    "wrong type: list for map": ("spec.workers.nodeSelector", "should be an object"),
+    "wrong type: number for boolean": ("spec.data.cleaning.redactPii", "valid boolean"),
+    "below minimum": ("spec.workers.numNodes", "greater than or equal to 1"),
+    "above maximum": ("spec.deepspeed.zeroStage", "less than or equal to 3"),
+    "exclusive minimum": ("spec.training.optimizer.learningRate", "greater than 0"),
+    "fraction out of range": ("spec.data.sharding.validationFraction", "less than 0.5"),
+    "unknown enum: precision": ("spec.training.precision", "'BF16', 'FP16' or 'FP32'"),
+    "unknown enum: optimizer": ("spec.training.optimizer.type", "'AdamW', 'Adam' or 'SGD'"),
+    "unknown enum: restart policy": ("spec.runPolicy.restartPolicy", "'OnFailure', 'Never' or 'ExitCode'"),
+    "unknown enum: quantisation": ("spec.compression.quantization[0].method", "'Int8WeightOnly'"),
+    "pattern: access mode": ("spec.storage.accessMode", "ReadWriteMany|ReadWriteOnce|ReadWriteOncePod"),
+    "missing required: training": ("spec.training", "Field required"),
+    "missing required: data": ("spec.data", "Field required"),
+    "missing required: source uri": ("spec.data.sources[0].uri", "Field required"),
+    "contradiction: batch sizes do not divide": (
+        "spec",
+        "training.globalBatchSize must be a multiple of training.microBatchSize x workers.numNodes",
+    ),
+    "contradiction: optimizer offload without ZeRO": (
+        "spec.deepspeed",
+        "offloadOptimizer needs zeroStage 1, 2 or 3",
+    ),
+    "contradiction: parameter offload below ZeRO 3": (
+        "spec.deepspeed",
+        "offloadParameters needs zeroStage 3",
+    ),
+    "contradiction: both maxSteps and maxTokens": (
+        "spec.training",
+        "exactly one of maxSteps or maxTokens must be set",
+    ),
+    "contradiction: neither maxSteps nor maxTokens": (
+        "spec.training",
+        "exactly one of maxSteps or maxTokens must be set",
+    ),
+    "contradiction: sequence longer than context": (
+        "spec",
+        "training.sequenceLength must not exceed model.contextLength",
+    ),
+    "contradiction: heads do not divide width": ("spec.model", "hiddenSize must be divisible by numHeads"),
+    "contradiction: processes vs GPUs": ("spec.workers", "procsPerNode must equal gpusPerNode"),
+    "contradiction: sparsity ends before it starts": (
+        "spec.training.sparsity",
+        "endStep must be greater than startStep",
+    ),
+    "contradiction: prepare without sources": (
+        "spec.data",
+        "sources must list at least one input when prepare is true",
+    ),
+    "contradiction: group size on int8": (
+        "spec.compression.quantization[0]",
+        "groupSize applies only to Int4WeightOnly",
+    ),
+    "contradiction: synonyms without thesaurus": (
+        "spec.data.augmentation",
+        "synonymReplacement needs thesaurusPath",
+    ),
+    "unknown field (strict)": ("spec.training.learningRate", "Extra inputs are not permitted"),
+    "unknown top-level spec field (strict)": ("spec.epochs", "Extra inputs are not permitted"),
+}
+
+
+def error_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic loc as the apiserver writes a field path: spec.a.b[0].c."""
+    return "spec" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def test_every_spec_case_says_what_the_models_report() -> None:
+    assert sorted(MODEL_ERRORS) == sorted(c[0] for c in SPEC_CASES)
+
 
 @pytest.mark.parametrize(("case", "change", "field"), SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
 def test_trainer_models_reject_the_same(case: str, change: Callable[[Manifest], None], field: str) -> None:
     manifest = base()
     change(manifest)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as raised:
         LLMTrainingJobSpec.model_validate(manifest["spec"])
+    errors = raised.value.errors()
+    assert len(errors) == 1, f"{case}: one mistake, one error: {errors}"
+    where, fragment = MODEL_ERRORS[case]
+    loc, message = error_path(errors[0]["loc"]), errors[0]["msg"]
+    assert loc == where, f"{case}: the models blame {loc}, expected {where}: {message}"
+    assert field == loc or field.startswith((f"{loc}.", f"{loc}[")), f"{case}: {loc} is not above {field}"
+    assert fragment in message, f"{case}: {message!r} does not say {fragment!r}"
 
 
 def test_valid_base_manifest_is_valid_for_the_models() -> None:

@@ -165,13 +165,73 @@ def test_bad_search_rejected_naming_the_field(
 
 SPEC_CASES = [c for c in CASES if c[2].startswith("spec.")]
 
+# What the models say for each spec case: where (the error's loc, as a path under spec) and a
+# fragment of the message. A parameter's own rules are a validator on the parameter, so their loc is
+# spec.parameters[0] and the message names the field; a loc is always the apiserver's field or above it.
+PARAMETER = "spec.parameters[0]"
+MODEL_ERRORS: dict[str, tuple[str, str]] = {
+    "path the template does not have": (PARAMETER, "path must name a scalar field of the LLMTrainingJob"),
+    "path into compression (not tunable)": (
+        PARAMETER,
+        "path must name a scalar field of the LLMTrainingJob",
+    ),
+    "Float on an integer field": (PARAMETER, "a Float parameter needs a floating-point field"),
+    "Int on an enum field": (PARAMETER, "an Int parameter needs a numeric field"),
+    "empty range": (PARAMETER, "min must be less than max"),
+    "Log scale through zero": (PARAMETER, "a Log scale needs min > 0"),
+    "max beyond the field's bound": (PARAMETER, "max is above the largest value the target field accepts"),
+    "min at an exclusive bound": (PARAMETER, "min is below the smallest value the target field accepts"),
+    "Float without min": (PARAMETER, "Float and Int parameters need min and max"),
+    "Int with a fractional bound": (PARAMETER, "an Int parameter needs whole-number min, max and step"),
+    "Categorical without choices": (PARAMETER, "a Categorical parameter needs choices"),
+    "Categorical with a range": (PARAMETER, "a Categorical parameter needs choices"),
+    "Float with choices": (PARAMETER, "Float and Int take no choices"),
+    "numeric choices that are not numbers": (
+        PARAMETER,
+        "choices of a numeric field must be numbers written as strings",
+    ),
+    "Log step that is not a ratio": (PARAMETER, "on a Log scale step is the ratio"),
+    "Log step outside Grid": ("spec", "step on a Log-scale parameter is used only by Grid"),
+    "Grid Float without step": ("spec", "Grid needs a step on every Float parameter"),
+    "duplicate parameter names": ("spec", "parameter names must be unique"),
+    "two parameters on one path": ("spec", "two parameters set the same path"),
+    "parallelTrials above maxTrials": ("spec", "parallelTrials must not exceed maxTrials"),
+    "maxTrials above the limit": ("spec.maxTrials", "less than or equal to 500"),
+    "unknown algorithm": ("spec.algorithm", "'Grid', 'Random', 'TPE' or 'GaussianProcess'"),
+    "unknown objective metric": ("spec.objective.metric", "'ValidationLoss' or 'TrainingLoss'"),
+    "no parameters": ("spec.parameters", "at least 1 item"),
+    "SuccessiveHalving without a first rung": ("spec.earlyStopping", "SuccessiveHalving needs minSteps >= 1"),
+    "compressBest without compression": ("spec", "compressBest needs trialTemplate.compression"),
+    "invalid template (both maxSteps and maxTokens)": (
+        "spec.trialTemplate.training",
+        "exactly one of maxSteps or maxTokens must be set",
+    ),
+    "unknown field (strict)": ("spec.parameters[0].scaling", "Extra inputs are not permitted"),
+}
+
+
+def error_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic loc as the apiserver writes a field path: spec.a.b[0].c."""
+    return "spec" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def test_every_spec_case_says_what_the_models_report() -> None:
+    assert sorted(MODEL_ERRORS) == sorted(c[0] for c in SPEC_CASES)
+
 
 @pytest.mark.parametrize(("case", "change", "field"), SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
 def test_models_reject_the_same(case: str, change: Callable[[Manifest], None], field: str) -> None:
     manifest = base()
     change(manifest)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as raised:
         LLMHyperparameterSearchSpec.model_validate(manifest["spec"])
+    errors = raised.value.errors()
+    assert len(errors) == 1, f"{case}: one mistake, one error: {errors}"
+    where, fragment = MODEL_ERRORS[case]
+    loc, message = error_path(errors[0]["loc"]), errors[0]["msg"]
+    assert loc == where, f"{case}: the models blame {loc}, expected {where}: {message}"
+    assert field == loc or field.startswith((f"{loc}.", f"{loc}[")), f"{case}: {loc} is not above {field}"
+    assert fragment in message, f"{case}: {message!r} does not say {fragment!r}"
 
 
 def test_the_base_search_is_valid() -> None:
