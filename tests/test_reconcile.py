@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,9 +11,9 @@ import pytest
 
 from llmop.api.v1alpha1 import LLMTrainingJobSpec
 from llmop.capacity import Fit
-from llmop.conditions import is_true
+from llmop.conditions import is_true, now_iso
 from llmop.observe import BatchJobView, PodView
-from llmop.reconcile import JobSnapshot, Observed, classify_failure, plan
+from llmop.reconcile import JobSnapshot, Observed, Plan, classify_failure, plan
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
 
@@ -180,9 +181,96 @@ def test_gated_gang_released_only_when_it_fits() -> None:
     assert sorted(yes.ungate) == ["j-worker-0", "j-worker-1"]
 
 
-def test_plan_is_deterministic() -> None:
-    job, seen = (
-        snapshot(spec(), running_status()),
-        Observed([pod(0), pod(1, phase="Failed", exit_code=1)], None, NOW),
+def test_deadline_is_measured_from_start_time_by_the_observed_clock() -> None:
+    start = NOW - timedelta(seconds=599)
+    status = {**running_status(), "startTime": now_iso(start)}
+    before = plan(snapshot(spec(activeDeadlineSeconds=600), status), Observed([pod(0), pod(1)], None, NOW))
+    assert before.status["state"] == "Running" and not before.delete_pods
+    assert before.requeue_after == 1.0, "the next pass is due exactly when the deadline passes"
+    at = plan(
+        snapshot(spec(activeDeadlineSeconds=600), before.status),
+        Observed([pod(0), pod(1)], None, start + timedelta(seconds=600)),
     )
-    assert plan(job, seen) == plan(job, seen)
+    assert at.status["state"] == "Failed" and sorted(at.delete_pods) == ["j-worker-0", "j-worker-1"]
+    failed = next(c for c in at.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds=600" in failed["message"]
+
+
+# Observations a pass can see, each with the spec it runs under and the status of the pass before.
+def _replays() -> list[tuple[str, LLMTrainingJobSpec, dict[str, Any], Observed]]:
+    running = running_status()
+    two = [pod(0), pod(1)]
+    gated = [pod(0, phase="Pending", gated=True), pod(1, phase="Pending", gated=True)]
+    return [
+        ("new job", spec(), {}, Observed([], None, NOW)),
+        ("gang starting", spec(), {}, Observed([pod(0), pod(1, phase="Pending")], None, NOW)),
+        ("gang running", spec(), {}, Observed(two, None, NOW)),
+        ("worker failed", spec(), running, Observed([pod(0), pod(1, phase="Failed", exit_code=1)], None, NOW)),
+        ("worker evicted", spec(), running, Observed([pod(0), pod(1, phase="Failed", disrupted=True)], None, NOW)),
+        ("worker lost", spec(), running, Observed([pod(0)], None, NOW)),
+        ("permanent failure", spec(restartPolicy="Never"), running, Observed([pod(0, phase="Failed", exit_code=1), pod(1)], None, NOW)),
+        ("backoff exhausted", spec(backoffLimit=0), running, Observed([pod(0, phase="Failed", exit_code=1), pod(1)], None, NOW)),
+        ("succeeded", spec(ttlSecondsAfterFinished=60), running, Observed([pod(0, phase="Succeeded"), pod(1, phase="Succeeded")], None, NOW)),
+        ("deadline", spec(activeDeadlineSeconds=60), {**running, "startTime": "2026-11-24T11:00:00Z"}, Observed(two, None, NOW)),
+        ("suspended", spec(suspend=True), running, Observed(two, None, NOW)),
+        ("resumed", spec(), plan(snapshot(spec(suspend=True), running), Observed(two, None, NOW)).status, Observed([], None, NOW)),
+        ("no capacity", spec(), {}, Observed(gated, None, NOW, fit=Fit(False, 1, 2, "needs 2 nodes"))),
+        ("capacity", spec(), {}, Observed(gated, None, NOW, fit=Fit(True, 2, 2, "fits"))),
+    ]  # fmt: skip
+
+
+def _pod_actions(p: Plan) -> tuple[Any, ...]:
+    return (p.create_workers, sorted(p.ungate), p.delete_job, p.requeue_after)
+
+
+@pytest.mark.parametrize(("s", "status", "seen"), [r[1:] for r in _replays()], ids=[r[0] for r in _replays()])
+def test_a_pass_replayed_on_the_same_observation_changes_nothing_more(
+    s: LLMTrainingJobSpec, status: dict[str, Any], seen: Observed
+) -> None:
+    """The watch lags the operator's own writes: the next pass may see the very same pods with the
+    status the last pass wrote. It must neither move the status on (count a failure twice, start a
+    third attempt) nor report a transition again; what it asks of the pods is the same, idempotent,
+    request again (a failed job's already-finished pods may be left alone). And the planner must
+    not write into the status it was given."""
+    given = copy.deepcopy(status)
+    first = plan(snapshot(s, status), seen)
+    assert status == given, "plan() modified the status it was given"
+    assert first.transitions or first.status != given, "the first pass must decide something"
+    again = plan(snapshot(s, first.status), seen)
+    assert again.status == first.status
+    assert again.transitions == []
+    assert again.gang_running_since is None, "time to Running is observed once per attempt"
+    assert _pod_actions(again) == _pod_actions(first)
+    live = {x.name for x in seen.pods if x.phase in ("Pending", "Running")}
+    assert set(first.delete_pods) & live <= set(again.delete_pods) <= set(first.delete_pods)
+
+
+def _carry_out(p: Plan, pods: list[PodView]) -> list[PodView]:
+    """The cluster once a pass's pod actions are done; new workers start Running at once."""
+    kept = [x for x in pods if x.name not in p.delete_pods]
+    return kept + [pod(i, attempt=p.status["attempt"]) for i in p.create_workers]
+
+
+def _until_settled(
+    s: LLMTrainingJobSpec, status: dict[str, Any], pods: list[PodView]
+) -> tuple[Plan, list[PodView]]:
+    """Pass after pass, each seeing what the last one did, until a pass asks for nothing."""
+    for _ in range(10):
+        p = plan(snapshot(s, status), Observed(pods, None, NOW))
+        assert len({x.attempt for x in pods}) <= 1, f"two gangs at once: {pods}"
+        if not (p.create_workers or p.delete_pods or p.ensure_base):
+            return p, pods
+        status, pods = p.status, _carry_out(p, pods)
+    raise AssertionError(f"no fixed point after 10 passes: {status}")
+
+
+def test_passes_converge_through_a_restart_and_then_ask_for_nothing() -> None:
+    settled, pods = _until_settled(spec(), {}, [])
+    assert settled.status["state"] == "Running" and settled.status["attempt"] == 1
+    assert [(x.index, x.attempt) for x in pods] == [(0, 1), (1, 1)]
+    failed = [pods[0], replace(pods[1], phase="Failed", exit_code=1)]
+    settled, pods = _until_settled(spec(), settled.status, failed)
+    assert settled.status["state"] == "Running"
+    assert settled.status["attempt"] == 2 and settled.status["restartCount"] == 1
+    assert [(x.index, x.attempt) for x in pods] == [(0, 2), (1, 2)]
+    assert plan(snapshot(spec(), settled.status), Observed(pods, None, NOW)).status == settled.status
