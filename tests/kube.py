@@ -42,6 +42,23 @@ class Cluster:
     def server_version(self) -> str:
         return str(self.kubectl_json("version")["serverVersion"]["gitVersion"])
 
+    def set_quota(self, namespace: str, name: str, hard: dict[str, str]) -> None:
+        """Create or change a ResourceQuota and wait until admission enforces exactly ``hard``.
+
+        Admission checks a quota's status (its hard limits and counted use), which the quota
+        controller fills in after the change; until then the old limits, or none, apply.
+        """
+        manifest = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": name}}
+        self.kubectl(
+            "apply", "-n", namespace, "-f", "-", input=json.dumps({**manifest, "spec": {"hard": hard}})
+        )
+
+        def enforced() -> bool:
+            status = self.kubectl_json("get", "resourcequota", name, "-n", namespace).get("status") or {}
+            return bool(status.get("hard") == hard and set(hard) <= set(status.get("used") or {}))
+
+        wait_for(enforced, timeout=60, what=f"quota {name} {hard} enforced in {namespace}")
+
     def new_namespace(self) -> str:
         name = f"t-{uuid.uuid4().hex[:10]}"
         self.kubectl("create", "namespace", name)

@@ -20,6 +20,7 @@ import yaml
 from tests.kube import Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+HOLD = "test.llmop.io/hold"  # a finalizer only tests set, to keep a deleted pod Terminating
 
 
 def free_port() -> int:
@@ -112,7 +113,11 @@ class OperatorProcess:
             return r.read().decode()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+        return self.full_log()[-6000:]
+
+    def full_log(self) -> str:
+        """Everything every start of this operator wrote (the file is appended to on restart)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture
@@ -198,6 +203,24 @@ class Jobs:
             wait_for(check, timeout=timeout, what=f"{count} {phase} pods of {name} (attempt {attempt})")
         )
 
+    def hold_pods(self, names: list[str]) -> None:
+        """Give pods a finalizer of the test's own: deleted, they stay Terminating until released."""
+        patch = json.dumps({"metadata": {"finalizers": [HOLD]}})
+        for pod in names:
+            self.cluster.kubectl("patch", "pod", pod, "-n", self.ns, "--type=merge", "-p", patch)
+
+    def release_pods(self) -> None:
+        """Remove the test's finalizer from every pod of the namespace that still has it."""
+        items = self.cluster.kubectl_json("get", "pods", "-n", self.ns)["items"]
+        for pod in items:
+            if HOLD in (pod["metadata"].get("finalizers") or []):
+                rest = [f for f in pod["metadata"]["finalizers"] if f != HOLD]
+                patch = json.dumps({"metadata": {"finalizers": rest or None}})
+                name = pod["metadata"]["name"]
+                self.cluster.kubectl(
+                    "patch", "pod", name, "-n", self.ns, "--type=merge", "-p", patch, check=False
+                )
+
     def events(self, name: str) -> list[dict[str, Any]]:
         items = self.cluster.kubectl_json(
             "get",
@@ -211,5 +234,7 @@ class Jobs:
 
 
 @pytest.fixture
-def jobs(cluster: Cluster, namespace: str) -> Jobs:
-    return Jobs(cluster, namespace)
+def jobs(cluster: Cluster, namespace: str) -> Iterator[Jobs]:
+    j = Jobs(cluster, namespace)
+    yield j
+    j.release_pods()  # a held pod would keep its namespace Terminating for good
