@@ -41,8 +41,8 @@ def compress_jobs(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
 def test_compression_runs_after_training_and_a_failing_method_is_retried_alone(
     jobs: Jobs, operator: OperatorProcess, cluster: Cluster
 ) -> None:
+    # The workers train until told to stop below; compression pods (batch Job pods) end after 1s.
     annotations = {
-        "llmop.io/kwok-exit-after": "5s",
         "llmop.io/kwok-termination-message": json.dumps(MESSAGE),
         "llmop.io/kwok-fail-stage": "quantize-1",
     }
@@ -51,6 +51,7 @@ def test_compression_runs_after_training_and_a_failing_method_is_retried_alone(
     # While the gang trains there is no compression Job.
     jobs.wait_condition("cmp", "Running")
     assert compress_jobs(cluster, jobs.ns, "cmp") == []
+    jobs.annotate_pods("cmp", {"llmop.io/kwok-exit-after": "1s"})
     created = wait_for(
         lambda: (js := compress_jobs(cluster, jobs.ns, "cmp")) and len(js) == 3 and js,
         timeout=30,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from llmop.conditions import parse_time
@@ -14,7 +17,8 @@ EXIT_CODE = "llmop.io/kwok-exit-code"
 
 
 def test_four_node_job_runs_and_succeeds(jobs: Jobs, operator: OperatorProcess, cluster: Cluster) -> None:
-    jobs.create("ok", workers={"podAnnotations": {EXIT_AFTER: "4s"}})
+    jobs.create("ok")
+    # The workers run until told to finish: however slow the machine, Running is there to be seen.
     running = jobs.wait_condition("ok", "Running")
     pods = jobs.pods("ok")
     assert len(pods) == 4
@@ -28,6 +32,7 @@ def test_four_node_job_runs_and_succeeds(jobs: Jobs, operator: OperatorProcess, 
         sc = pod["spec"]["containers"][0]["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    jobs.annotate_pods("ok", {EXIT_AFTER: "1s"})
     succeeded = jobs.wait_condition("ok", "Succeeded")
     status = jobs.status("ok")
     assert status["state"] == "Succeeded"
@@ -109,10 +114,18 @@ def test_eviction_does_not_count_against_backoff(jobs: Jobs, operator: OperatorP
 
 
 def test_active_deadline(jobs: Jobs, operator: OperatorProcess) -> None:
-    jobs.create("deadline", runPolicy={"activeDeadlineSeconds": 6})
+    # An hour, so the gang is seen Running however loaded the machine; then the deadline is moved
+    # to a few seconds from now (the planner's unit tests check the arithmetic on their own clock).
+    jobs.create("deadline", runPolicy={"activeDeadlineSeconds": 3600})
     jobs.wait_pods("deadline", 4)
-    failed = jobs.wait_condition("deadline", "Failed", timeout=30)
-    assert failed["reason"] == "DeadlineExceeded"
+    jobs.wait_condition("deadline", "Running")
+    start = parse_time(jobs.status("deadline")["startTime"])
+    limit = math.ceil((datetime.now(UTC) - start).total_seconds()) + 3
+    jobs.patch_spec("deadline", {"runPolicy": {"activeDeadlineSeconds": limit}})
+    failed = jobs.wait_condition("deadline", "Failed", timeout=60)
+    assert failed["reason"] == "DeadlineExceeded" and f"activeDeadlineSeconds={limit}" in failed["message"]
+    # Not before the deadline (both times are the operator's, on this machine's clock).
+    assert parse_time(failed["lastTransitionTime"]) >= start + timedelta(seconds=limit)
     wait_for(
         lambda: not [p for p in jobs.pods("deadline") if not p["metadata"].get("deletionTimestamp")],
         what="pods deleted",
@@ -135,17 +148,26 @@ def test_suspend_and_resume(jobs: Jobs, operator: OperatorProcess, cluster: Clus
 
 
 def test_ttl_deletes_finished_job(jobs: Jobs, operator: OperatorProcess, cluster: Cluster) -> None:
+    # An hour, so the finished job is seen however loaded the machine; then the TTL is moved to
+    # end a few seconds from now.
     jobs.create(
-        "ttl", runPolicy={"ttlSecondsAfterFinished": 3}, workers={"podAnnotations": {EXIT_AFTER: "1s"}}
+        "ttl", runPolicy={"ttlSecondsAfterFinished": 3600}, workers={"podAnnotations": {EXIT_AFTER: "1s"}}
     )
     jobs.wait_condition("ttl", "Succeeded")
-    wait_for(
-        lambda: (
+    done = parse_time(jobs.status("ttl")["completionTime"])
+    ttl = math.ceil((datetime.now(UTC) - done).total_seconds()) + 3
+    jobs.patch_spec("ttl", {"runPolicy": {"ttlSecondsAfterFinished": ttl}})
+    expires = done + timedelta(seconds=ttl)
+
+    def deleted() -> bool:
+        gone = (
             "NotFound" in cluster.kubectl("get", "llmtrainingjob", "ttl", "-n", jobs.ns, check=False).stderr
-        ),
-        timeout=30,
-        what="the job to be deleted by its TTL",
-    )
+        )
+        # The operator deletes once its clock (this machine's) passes completionTime + TTL.
+        assert not gone or datetime.now(UTC) >= expires, f"deleted before its TTL ran out at {expires}"
+        return gone
+
+    wait_for(deleted, timeout=60, interval=0.2, what="the job to be deleted by its TTL")
 
 
 def test_delete_removes_every_child(jobs: Jobs, operator: OperatorProcess, cluster: Cluster) -> None:

@@ -86,7 +86,10 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_operator_metrics_scraped_and_cleaned_up(jobs: Jobs, operator: OperatorProcess) -> None:
-    jobs.create("met", workers={"podAnnotations": {"llmop.io/kwok-exit-after": "2s"}})
+    jobs.create("met")
+    # Finish only once the operator has seen the whole gang Running (its time-to-Running is below).
+    jobs.wait_condition("met", "Running")
+    jobs.annotate_pods("met", {"llmop.io/kwok-exit-after": "1s"})
     jobs.wait_condition("met", "Succeeded")
     ns = jobs.ns
 
