@@ -39,9 +39,11 @@ def to_status(values: dict[str, float], now: datetime) -> dict[str, Any]:
         out["totalSteps"] = total
         out["percent"] = min(100, int(100 * step / total))
         out["summary"] = f"{step}/{total} ({out['percent']}%)"
-    for key in ("loss", "validationLoss", "tokensPerSecond"):
+    # Losses keep six decimals (the trainer's own log precision): a search ranks trials by them, and
+    # four decimals made trials tie and hid the last digits a reference run is compared on.
+    for key, digits in (("loss", 6), ("validationLoss", 6), ("tokensPerSecond", 4)):
         if key in values and values[key] == values[key]:  # skip NaN
-            out[key] = round(values[key], 4)
+            out[key] = round(values[key], digits)
     if "validationStep" in values and "validationLoss" in out:
         out["validationStep"] = int(values["validationStep"])
     if "etaSeconds" in values:

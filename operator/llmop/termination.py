@@ -58,7 +58,7 @@ def final_figures(message: str) -> Figures:
                 progress["etaSeconds"] = 0
     for key in ("loss", "validationLoss"):
         if (value := _number(data.get(key))) is not None:
-            progress[key] = round(value, 4)
+            progress[key] = round(value, 6)  # as progress.to_status: six decimals for losses
     if (value := _number(data.get("validationStep"))) is not None and "validationLoss" in progress:
         progress["validationStep"] = int(value)
     raw = data.get("results")
