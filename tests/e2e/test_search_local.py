@@ -2,8 +2,9 @@
 
 The TPE search is examples/search.yaml as shipped; its result is judged against a dense grid over the
 same range run through the same stack by benchmarks/hpo_grid.py (figures in benchmarks/hpo_grid.json,
-checked to be for this very template). Training is deterministic given the learning rate (fixed
-seed, one thread), which the early-stopping test confirms by reproducing two grid figures exactly.
+checked to be for this very template). Training is deterministic given the learning rate on one machine
+(fixed seed, one thread); on another it moves by a little (other SIMD kernels), and the early-stopping
+test reproduces two grid figures within LOSS_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from tests.search.conftest import Searches, delete_searches
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 GRID = json.loads((REPO / "benchmarks" / "hpo_grid.json").read_text())
+# How far a trial's validation loss may be from the grid recorded on another machine.
+# benchmarks/hpo_variation.py retrained the two best grid points with PyTorch's, oneDNN's and MKL's
+# kernels limited to AVX2 or to no SIMD and with 2 threads (what another CPU changes by itself): the
+# largest spread was 1.07e-4 (benchmarks/hpo_variation.json); the grid recorded on another machine
+# four-decimal status values (half a unit, 5e-5, each). 1e-3 is five times both together, and still
+# 56 times smaller than the gap between the two best grid points (0.0564): a trainer change that moves
+# a trial to a neighbouring grid point's figure fails.
+LOSS_TOLERANCE = 1e-3
 
 
 def example() -> dict[str, Any]:
@@ -136,9 +145,12 @@ def test_a_bad_learning_rate_is_stopped_early(
         what="no process",
     )
     assert any(e["reason"] == "TrialStoppedEarly" for e in searches.events("stop"))
-    # Same learning rate, same loss as in the recorded grid: training is deterministic, the comparison fair.
+    # Same learning rate, same loss as in the recorded grid (within what another machine changes): the
+    # grid is a fair reference for the TPE test.
     for trial, point in zip((first, second), good, strict=True):
-        assert trial["state"] == "Succeeded" and abs(trial["value"] - point["validationLoss"]) < 1e-4, (
-            f"{trial['name']} gave {trial.get('value')} where benchmarks/hpo_grid.json has {point}: training is"
-            " not deterministic, or the trainer changed since the grid was recorded (rerun benchmarks/hpo_grid.py)"
+        assert trial["state"] == "Succeeded", trial
+        assert abs(trial["value"] - point["validationLoss"]) <= LOSS_TOLERANCE, (
+            f"{trial['name']} gave {trial['value']} where benchmarks/hpo_grid.json has {point}"
+            f" (recorded on {GRID.get('machine', 'another machine')}), more than {LOSS_TOLERANCE} apart:"
+            " the trainer changed since the grid was recorded (rerun benchmarks/hpo_grid.py)"
         )
