@@ -46,18 +46,30 @@ class Cluster:
         """Create or change a ResourceQuota and wait until admission enforces exactly ``hard``.
 
         Admission checks a quota's status (its hard limits and counted use), which the quota
-        controller fills in after the change; until then the old limits, or none, apply.
+        controller fills in after the change; until then the old limits, or none, apply. A custom
+        resource is counted only once the controller's discovery (every 30 s) has found its CRD,
+        and a quota it could not count is not counted again before its next full resync (5 min):
+        in a cluster just created such a quota is made anew until it is counted.
         """
         manifest = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": name}}
-        self.kubectl(
-            "apply", "-n", namespace, "-f", "-", input=json.dumps({**manifest, "spec": {"hard": hard}})
-        )
+        status: dict[str, Any] = {}
 
         def enforced() -> bool:
+            nonlocal status
             status = self.kubectl_json("get", "resourcequota", name, "-n", namespace).get("status") or {}
             return bool(status.get("hard") == hard and set(hard) <= set(status.get("used") or {}))
 
-        wait_for(enforced, timeout=60, what=f"quota {name} {hard} enforced in {namespace}")
+        deadline = time.monotonic() + 120
+        while True:
+            body = json.dumps({**manifest, "spec": {"hard": hard}})
+            self.kubectl("apply", "-n", namespace, "-f", "-", input=body)
+            try:
+                wait_for(enforced, timeout=10, what=f"quota {name} {hard} enforced in {namespace}")
+                return
+            except AssertionError as e:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{e}; its status: {status}") from None
+            self.kubectl("delete", "resourcequota", name, "-n", namespace, "--wait=true")
 
     def new_namespace(self) -> str:
         name = f"t-{uuid.uuid4().hex[:10]}"

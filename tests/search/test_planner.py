@@ -101,6 +101,10 @@ def test_more_failures_than_allowed_fail_the_search_and_cancel_running_trials() 
     assert failed and failed["reason"] == "MaxFailedTrialsExceeded" and "2 trials failed" in failed["message"]
     assert s.trial(1)["state"] == "Cancelled" and plan.delete == ["s-001"]
     assert plan.create == [] and s.status["state"] == "Failed"
+    # Later passes, with the budget still open (6 trials, 3 recorded), start no trial either.
+    for _ in range(3):
+        later = s.step([job(0, "Failed", failed="x"), job(2, "Failed", failed="y")], seconds=60)
+        assert later.create == [] and len(s.status["trials"]) == 3 and s.status["state"] == "Failed"
 
 
 def test_preempted_trials_are_not_failures() -> None:

@@ -6,16 +6,26 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
+import re
 from typing import Any
 
 import pytest
 
 from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
+from llmop.conditions import parse_time
 from llmop.search import sampler
+from llmop.termination import final_figures
 from tests.kube import Cluster, wait_for
 from tests.operator.conftest import OperatorProcess
-from tests.search.conftest import EXIT_AFTER, EXIT_CODE, Outcomes, Searches, finishes, kwok_template
+from tests.search.conftest import (
+    EXIT_AFTER,
+    EXIT_CODE,
+    MESSAGE,
+    Outcomes,
+    Searches,
+    finishes,
+    kwok_template,
+)
 
 pytestmark = pytest.mark.cluster
 LR = {"name": "lr", "path": "training.optimizer.learningRate", "type": "Float", "scale": "Log"}
@@ -65,6 +75,16 @@ def test_grid_runs_every_point_once_and_reports_the_best(
     done = wait_for(succeeded, timeout=180, interval=0.5, what="grid Succeeded")
     assert peak <= 2, f"{peak} trials ran at once with parallelTrials=2"
     status = searches.status("grid")
+    # Exact, where polling may miss a moment: the most trials the planner ever had open at once,
+    # from its own start and completion times (a trial started in the pass that finished another
+    # starts at that one's completion time, hence half-open intervals).
+    edges = sorted(
+        (parse_time(t[key]), +1 if key == "startTime" else -1)
+        for t in status["trials"]
+        for key in ("startTime", "completionTime")
+    )
+    open_at_once = max(itertools.accumulate(step for _, step in edges))
+    assert open_at_once == 2, f"{open_at_once} trials open at once with parallelTrials=2"
     points = {(t["parameters"]["lr"], t["parameters"]["opt"]) for t in status["trials"]}
     assert len(status["trials"]) == 6, "the grid has 6 points; maxTrials=10 does not add any"
     assert points == set(itertools.product((0.001, 0.01, 0.1), ("AdamW", "SGD")))
@@ -151,7 +171,8 @@ def test_failed_trials_beyond_the_limit_fail_the_search(
     searches.create("broken", {**spec, "parameters": [{**LR, "min": 1e-4, "max": 1e-2}]})
     failed = searches.wait_condition("broken", "Failed", timeout=120)
     assert failed["reason"] == "MaxFailedTrialsExceeded" and "3 trials failed" in failed["message"]
-    time.sleep(3)  # no trial is started after the search failed
+    # The pass that failed the search started no trial (that none is started later is
+    # tests/search/test_planner.py's).
     status = searches.status("broken")
     assert status["state"] == "Failed" and status["counts"]["failed"] == 3 and status["counts"]["total"] == 3
     assert all("PermanentFailure" in t["message"] for t in status["trials"])
@@ -186,59 +207,138 @@ def test_a_preempted_trial_restarts_and_is_not_a_failure(
     assert status["counts"]["failed"] == 0
 
 
+def _worker_pods(searches: Searches) -> dict[str, dict[str, Any]]:
+    """Each trial's worker pod (one node, one attempt here), by its job's name."""
+    items = searches.cluster.kubectl_json("get", "pods", "-n", searches.ns, "-l", "llmop.io/role=worker")
+    return {p["metadata"]["labels"]["llmop.io/job-name"]: p for p in items["items"]}
+
+
+def _phase(pods: dict[str, dict[str, Any]], job: str) -> str | None:
+    return pods[job]["status"].get("phase") if job in pods else None
+
+
+def _finish(searches: Searches, trials: list[dict[str, Any]]) -> None:
+    """Let these trials' workers end after 1s, reporting bowl(their parameters)."""
+    for trial in trials:
+        pairs = [f"{k}={v}" for k, v in bowl(trial["parameters"], after="1s").items()]
+        pod = f"{trial['name']}-worker-0"
+        searches.cluster.kubectl("annotate", "pod", pod, "-n", searches.ns, "--overwrite", *pairs)
+
+
+def _kill_in_both_gaps(
+    searches: Searches, op: OperatorProcess, jobs: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """With ``jobs`` trial jobs allowed and 3 trials running: end one, SIGKILL once its successor is
+    recorded and refused, end the other two while the operator is down, restart, and lift the
+    quota once their results are in. Returns the trials recorded without a job at the kill and
+    the trials that ended while it was down."""
+    cluster, ns = searches.cluster, searches.ns
+    cluster.set_quota(ns, "hold", {"count/llmtrainingjobs.llmop.io": str(jobs)})
+
+    def three_running() -> list[dict[str, Any]] | None:
+        trials, pods = searches.status("crash").get("trials", []), _worker_pods(searches)
+        running = [t for t in trials if _phase(pods, t["name"]) == "Running"]
+        return running if len(trials) == jobs and len(running) == 3 else None
+
+    running = wait_for(three_running, timeout=90, what=f"{jobs} trials recorded, 3 of them running")
+    logged = len(op.full_log())
+    _finish(searches, running[:1])
+
+    def recorded_but_refused() -> list[dict[str, Any]] | None:
+        existing = {j["metadata"]["name"] for j in searches.jobs("crash")}
+        unborn = [t for t in searches.status("crash").get("trials", []) if t["name"] not in existing]
+        log = op.full_log()[logged:]
+        # (The operator logs the apiserver's answer as JSON: the quotes around the name are escaped.)
+        refused = all(re.search(rf'{t["name"]}\\?" is forbidden: exceeded quota', log) for t in unborn)
+        return unborn if unborn and refused else None
+
+    unborn = wait_for(recorded_but_refused, timeout=60, what="a trial recorded whose job was refused")
+    op.kill()
+    _finish(searches, running[1:])
+    ended = [t["name"] for t in running[1:]]
+    wait_for(
+        lambda: all(_phase(_worker_pods(searches), n) == "Succeeded" for n in ended),
+        timeout=60,
+        what=f"{ended} to end while the operator is down",
+    )
+    trials = {t["name"]: t for t in searches.status("crash")["trials"]}
+    assert all(trials[n]["state"] == "Running" for n in ended), "no operator recorded their end yet"
+    op.start()
+
+    def ends_recorded() -> bool:
+        trials = {t["name"]: t for t in searches.status("crash")["trials"]}
+        return all(trials[n]["state"] == "Succeeded" for n in ended)
+
+    wait_for(ends_recorded, timeout=60, what=f"the restarted operator to record {ended}")
+    # Only now may the recorded trial's job be created: the results have changed since it was
+    # recorded, so values drawn again would differ from the recorded ones.
+    assert not {t["name"] for t in unborn} & {j["metadata"]["name"] for j in searches.jobs("crash")}
+    cluster.kubectl("delete", "resourcequota", "hold", "-n", ns)
+    for trial in unborn:
+        job = wait_for(
+            lambda t=trial: next(
+                (j for j in searches.jobs("crash") if j["metadata"]["name"] == t["name"]), None
+            ),
+            timeout=60,
+            what=f"{trial['name']} created after the restart",
+        )
+        values = json.loads(job["metadata"]["annotations"]["llmop.io/trial-parameters"])
+        assert values == trial["parameters"], "created with the values recorded before the kill"
+    return unborn, ended
+
+
 def test_sigkilled_operator_neither_duplicates_nor_loses_trials(
-    searches: Searches, search_operator: OperatorProcess, cluster: Cluster
+    searches: Searches, search_operator: OperatorProcess
 ) -> None:
+    """Each SIGKILL lands in both of a search's gaps, held there by the test: a trial recorded in
+    status whose job does not exist yet (a quota on LLMTrainingJobs refuses it), and trials whose
+    workers end while no operator runs (their results reach status only after the restart).
+    TPE's suggestions after its 3 random start-up trials depend on the results so far, so a
+    restarted operator that drew a recorded trial again would give it other values."""
     spec = {
         "algorithm": "TPE",
         "seed": 3,
         "randomStartupTrials": 3,
-        "maxTrials": 12,
+        "maxTrials": 6,
         "parallelTrials": 3,
-        "trialTemplate": kwok_template(),
+        "trialTemplate": kwok_template(),  # workers run until _finish scripts their end
         "parameters": [{**LR, "min": 1e-5, "max": 1.0}],
     }
     searches.create("crash", spec)
-    outcomes = Outcomes(searches, "crash", lambda values: bowl(values, after="3s"))
-    kills = unborn = 0
-    # SIGKILL whenever a new trial has just been recorded: the moment between writing status and
-    # creating jobs, or between a job finishing and its result reaching status.
-    for _ in range(4):
-        seen = len(searches.status("crash").get("trials", []))
-        if seen == 12:
-            break
-
-        def new_trial(seen: int = seen) -> bool:
-            outcomes.tick()
-            return len(searches.status("crash").get("trials", [])) > seen
-
-        wait_for(new_trial, timeout=90, interval=0.2, what="a new trial")
-        search_operator.kill()
-        kills += 1
-        names = {j["metadata"]["name"] for j in searches.jobs("crash")}
-        recorded = searches.status("crash").get("trials", [])
-        unborn += sum(1 for t in recorded if t["name"] not in names)
-        outcomes.tick()
-        time.sleep(1)
-        search_operator.start()
-    outcomes.until("Succeeded", timeout=240)
-
-    status = searches.status("crash")
-    trials = status["trials"]
-    jobs = searches.jobs("crash")
+    # One kill: after it the quota is held until the results are in, and the operator then waits
+    # 15 s before it retries a refused create; more kills would only repeat the same two gaps.
+    kills = [_kill_in_both_gaps(searches, search_operator, jobs=3)]
     print(
-        f"{kills} SIGKILLs; trials in status without a job at a kill: {unborn}; 12 trials, 12 jobs, 12 results"
+        "SIGKILLs (recorded without a job; ended while down):",
+        [([t["name"] for t in u], e) for u, e in kills],
     )
-    assert kills >= 3
-    assert [t["index"] for t in trials] == list(range(12))
-    assert [j["metadata"]["name"] for j in jobs] == [f"crash-{i:03d}" for i in range(12)], "one job per trial"
+    assert [(len(unborn), len(ended)) for unborn, ended in kills] == [(1, 2)]
+
+    def finish_the_rest() -> dict[str, Any] | None:
+        trials, pods = searches.status("crash").get("trials", []), _worker_pods(searches)
+        todo = [
+            t
+            for t in trials
+            if _phase(pods, t["name"]) == "Running"
+            and EXIT_AFTER not in (pods[t["name"]]["metadata"].get("annotations") or {})
+        ]
+        _finish(searches, todo)
+        c = searches.condition("crash", "Succeeded")
+        return c if c and c["status"] == "True" else None
+
+    wait_for(finish_the_rest, timeout=120, interval=0.5, what="crash Succeeded")
+    status = searches.status("crash")
+    trials, jobs = status["trials"], searches.jobs("crash")
+    assert [t["index"] for t in trials] == list(range(6))
+    assert [j["metadata"]["name"] for j in jobs] == [f"crash-{i:03d}" for i in range(6)], "one job per trial"
     for trial, job in zip(trials, jobs, strict=True):
         assert json.loads(job["metadata"]["annotations"]["llmop.io/trial-parameters"]) == trial["parameters"]
-        expected = json.loads(bowl(trial["parameters"])["llmop.io/kwok-termination-message"])[
-            "validationLoss"
-        ]
-        # (The job's progress keeps 4 decimals.)
-        assert trial["state"] == "Succeeded" and trial["value"] == round(expected, 4), "a result went missing"
+        message = bowl(trial["parameters"])[MESSAGE]
+        # The value as the operator reads it from the worker's termination message ...
+        reported = final_figures(message).progress["validationLoss"]
+        assert abs(reported - json.loads(message)["validationLoss"]) < 1e-4
+        # ... reached the trial: no result went missing across the kills.
+        assert trial["state"] == "Succeeded" and trial["value"] == reported, trial
     assert status["bestTrial"]["value"] == min(t["value"] for t in trials)
 
 
