@@ -8,8 +8,10 @@ example with its algorithm switched to Grid over ``points`` learning rates evenl
 over the example's own range, early stopping off (every point trains to the end). Each trial is the
 same LLMTrainingJob a TPE trial would be (same template, seed and single-threaded CPU training, so a
 learning rate always gives the same loss). Writes benchmarks/hpo_grid.json: every point's final
-validation loss, the best, and a digest of the trial template so a test can tell the figures are
-for the template it runs.
+validation loss as the search's status reports it (six decimals), the best, the machine it ran on,
+and a digest of the trial template so a test can tell the figures are for the template it runs. Another
+machine gives slightly different losses (other SIMD kernels): benchmarks/hpo_variation.py measures by
+how much, and the tests compare with that tolerance.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +39,13 @@ NAMESPACE = "llmop-hpo-grid"
 NAME = "lr-grid"
 # The search goes only after its trial jobs, whose finalizer needs the operator still running.
 FOREGROUND = ("--cascade=foreground", "--timeout=300s")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def template_digest(template: dict[str, Any]) -> str:
@@ -109,6 +120,7 @@ def main(argv: list[str]) -> int:
             "templateDigest": template_digest(manifest["spec"]["trialTemplate"]),
             "points": results,
             "best": best,
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
             "seconds": round(seconds),
         }
         OUT.write_text(json.dumps(report, indent=1) + "\n")
