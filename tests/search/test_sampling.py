@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmop.search import sampler, space, stopping
 from tests.search.helpers import LR, spec
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def record(
@@ -105,6 +112,29 @@ def test_random_values_are_a_function_of_seed_and_index() -> None:
     assert len({v["lr"] for v in first if v}) == 50, "every trial gets its own random stream"
     other_seed = spec(algorithm="Random", maxTrials=50, seed=7)
     assert sampler.suggest(other_seed, [], 0) != first[0]
+
+
+_DRAW = """
+import json, sys
+from llmop.search import sampler
+from tests.search.helpers import spec
+from tests.search.test_sampling import record, objective
+history = [record(i, lr, objective(lr)) for i, lr in enumerate((1e-4, 3e-3, 0.3, 2e-2))]
+draws = [sampler.suggest(spec(algorithm=a, randomStartupTrials=2), history, 4) for a in ("Random", "TPE")]
+json.dump(draws, sys.stdout)
+"""
+
+
+def test_a_restarted_operator_draws_the_same_values() -> None:
+    # A new process, with other hash seeds: values may depend on the seed, index and history only.
+    history = [record(i, lr, objective(lr)) for i, lr in enumerate((1e-4, 3e-3, 0.3, 2e-2))]
+    here = [sampler.suggest(spec(algorithm=a, randomStartupTrials=2), history, 4) for a in ("Random", "TPE")]
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-c", _DRAW], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        )
+        assert json.loads(out.stdout) == here
 
 
 def test_log_scale_samples_uniformly_in_the_logarithm() -> None:
