@@ -63,6 +63,24 @@ def train_env() -> dict[str, str]:
     return env
 
 
+POISONED_TORCH = "poisoned torch: this command imported torch"
+
+
+def torchless_env(root: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default os.environ) with a ``torch`` package first on PYTHONPATH whose import raises.
+
+    A command that succeeds, or fails the way it should, under this environment never imported torch
+    (nor DeepSpeed or transformers, which import it). RuntimeError, not ImportError, so that no
+    ``try: import torch / except ImportError`` can swallow it.
+    """
+    package = root / "poisoned-torch" / "torch"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(f"raise RuntimeError({POISONED_TORCH!r})\n")
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package.parent), env.get("PYTHONPATH")) if p)
+    return env
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     root = tmp_path_factory.mktemp("trained")
