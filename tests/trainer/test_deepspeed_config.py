@@ -23,13 +23,27 @@ def spec(**sections: Any) -> LLMTrainingJobSpec:
     return LLMTrainingJobSpec.model_validate(base)
 
 
-def test_batch_and_accumulation() -> None:
-    cfg = render_deepspeed_config(spec())
-    assert cfg["train_batch_size"] == 32
-    assert cfg["train_micro_batch_size_per_gpu"] == 2
-    # 32 / (2 per process x 2 nodes x 4 processes)
-    assert cfg["gradient_accumulation_steps"] == 2
-    assert cfg["train_batch_size"] == 2 * 2 * 2 * 4
+@pytest.mark.parametrize(
+    ("nodes", "procs", "micro", "global_batch", "accumulation"),
+    [
+        (2, 4, 2, 32, 2),  # 32 / (2 per process x 2 nodes x 4 processes)
+        (1, 1, 8, 8, 1),  # one process, no accumulation
+        (3, 2, 4, 96, 4),  # 96 / (4 x 3 x 2)
+        (1, 2, 1, 64, 32),  # 64 / (1 x 1 x 2)
+    ],
+)
+def test_batch_and_accumulation(
+    nodes: int, procs: int, micro: int, global_batch: int, accumulation: int
+) -> None:
+    cfg = render_deepspeed_config(
+        spec(
+            training={"microBatchSize": micro, "globalBatchSize": global_batch},
+            workers={"numNodes": nodes, "procsPerNode": procs, "gpusPerNode": procs},
+        )
+    )
+    assert cfg["train_batch_size"] == global_batch
+    assert cfg["train_micro_batch_size_per_gpu"] == micro
+    assert cfg["gradient_accumulation_steps"] == accumulation
 
 
 @pytest.mark.parametrize(
