@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -111,6 +112,17 @@ class OperatorProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def passes(self) -> float:
+        """Reconcile passes of jobs this operator process finished (it watches one namespace)."""
+        found = re.search(r"^llmop_reconcile_duration_seconds_count (\S+)$", self.metrics(), re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def wait_passes(self, more: int) -> None:
+        """Wait until the operator has reconciled ``more`` times from now: what a test then sees
+        is what the operator keeps, not a moment before its next pass."""
+        target = self.passes() + more
+        wait_for(lambda: self.passes() >= target, timeout=60, what=f"{more} more reconcile passes")
 
     def log(self) -> str:
         return self.full_log()[-6000:]

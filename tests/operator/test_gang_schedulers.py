@@ -64,7 +64,9 @@ def test_volcano_pod_group(jobs: Jobs, operator: OperatorProcess, cluster: Clust
 
 def test_kueue_plain_pod_group_waits_for_admission(jobs: Jobs, operator: OperatorProcess) -> None:
     jobs.create("kq", scheduling={"queueName": "team-a"})
-    pods = wait_for(lambda: len(p := jobs.pods("kq")) == 4 and p, what="4 workers")
+    wait_for(lambda: len(jobs.pods("kq")) == 4, what="4 workers")
+    operator.wait_passes(2)  # what the operator keeps doing, not a moment before its next pass
+    pods = jobs.pods("kq")
     for pod in pods:
         labels = pod["metadata"]["labels"]
         assert labels["kueue.x-k8s.io/queue-name"] == "team-a"

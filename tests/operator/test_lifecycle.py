@@ -197,8 +197,10 @@ def test_gang_too_large_waits_unplaced(jobs: Jobs, operator: OperatorProcess) ->
     cond = jobs.wait_condition("huge", "GangScheduled", status="False")
     assert cond["reason"] == "InsufficientCapacity"
     assert "needs 5 nodes with 8 free nvidia.com/gpu" in cond["message"]
+    operator.wait_passes(3)  # capacity is checked again every 2 s: it still waits after that
     pods = jobs.pods("huge")
     assert len(pods) == 5
+    assert all(p["spec"].get("schedulingGates") for p in pods), "the gang's gate stays on every worker"
     assert not any(p["spec"].get("nodeName") for p in pods), (
         "no worker may be bound while the gang cannot fit"
     )

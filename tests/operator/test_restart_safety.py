@@ -7,8 +7,6 @@ merely raced the operator could land after the interesting moment and prove noth
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from tests.kube import Cluster, wait_for
@@ -24,12 +22,6 @@ def _one_gang(jobs: Jobs, name: str, attempt: int) -> None:
     assert sorted(p["metadata"]["name"] for p in pods) == [f"{name}-worker-{i}" for i in range(4)]
     # No pod of any other attempt survives next to the gang.
     wait_for(lambda: len(jobs.pods(name)) == 4, what="only one gang")
-
-
-def _passes(op: OperatorProcess) -> float:
-    """Reconcile passes this operator process has finished (it watches only the test's namespace)."""
-    found = re.search(r"^llmop_reconcile_duration_seconds_count (\S+)$", op.metrics(), re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_job_created_while_operator_down(jobs: Jobs, operator: OperatorProcess) -> None:
@@ -84,7 +76,7 @@ def test_killed_mid_restart_converges(jobs: Jobs, operator: OperatorProcess) -> 
         operator.start()
         # The new operator sees the same half-done restart for a few passes: it neither counts the
         # failure again nor starts the new gang beside the terminating old one.
-        wait_for(lambda: _passes(operator) >= 2, timeout=60, what="2 passes of the restarted operator")
+        operator.wait_passes(2)
         assert mid_restart(), jobs.pods("mid")
         assert jobs.status("mid")["restartCount"] == 1
     finally:
