@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,37 @@ def test_penalty_gradient_equals_autograd_of_explicit_penalty() -> None:
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
 
 
-def test_activation_checkpointing_gives_same_gradients() -> None:
+def count_block_forwards(model: torch.nn.Module) -> list[int]:
+    """A list that counts, per transformer block, how often its forward has started from now on.
+
+    A pre-hook: checkpoint's recomputation stops as soon as it has the tensors backward needs, so a
+    block recomputed in backward may never reach the end of its forward.
+    """
+    calls = [0] * len(model.layers)
+
+    def counter(i: int) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            calls[i] += 1
+
+        return hook
+
+    for i, block in enumerate(model.layers):
+        block.register_forward_pre_hook(counter(i))
+    return calls
+
+
+def test_activation_checkpointing_recomputes_blocks_in_backward_with_same_gradients() -> None:
     spec = tiny()
     idx = torch.randint(0, spec.vocab_size, (2, 16))
     grads = []
     for ckpt in (False, True):
         model = build_model(spec, seed=5, activation_checkpointing=ckpt)
+        calls = count_block_forwards(model)
         loss, _ = model(idx, idx)
+        assert calls == [1] * spec.num_layers
         loss.backward()
+        # Checkpointing is really on: each block's forward runs again during backward (and only then).
+        assert calls == [2 if ckpt else 1] * spec.num_layers, (ckpt, calls)
         grads.append([p.grad for p in model.parameters()])
     for g0, g1 in zip(*grads, strict=True):
         torch.testing.assert_close(g0, g1)
