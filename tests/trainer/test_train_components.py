@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,7 +93,7 @@ def test_loader_windows_targets_and_rank_striding(windows: Windows) -> None:
     }
 
 
-def test_loader_resumes_exactly_and_reshuffles_per_epoch(windows: Windows) -> None:
+def test_loader_resumes_exactly_and_drops_the_ragged_tail(windows: Windows) -> None:
     loader = TrainLoader(windows, 3, 0, 1, Position())
     per_epoch = loader.per_epoch
     stream = collect(loader, per_epoch + 5)
@@ -102,12 +101,48 @@ def test_loader_resumes_exactly_and_reshuffles_per_epoch(windows: Windows) -> No
     for k in (1, 7, per_epoch - 1, per_epoch + 2):
         pos = Position(k // per_epoch, k % per_epoch)
         resumed = collect(TrainLoader(windows, 3, 0, 1, pos), 3)
-        for a, b in zip(stream[k : k + 3], resumed, strict=False):
+        for a, b in zip(stream[k : k + 3], resumed, strict=True):
             assert torch.equal(a, b)
-    first_epoch = np.random.default_rng(11).permutation(windows.count)
-    second_epoch = np.random.default_rng(12).permutation(windows.count)
-    assert not np.array_equal(first_epoch, second_epoch)
-    assert torch.equal(stream[per_epoch][0], windows.batch([int(second_epoch[0])])[0][0])
+    # The ragged tail is dropped: an epoch of 3-window batches is distinct windows, all of them but
+    # fewer than 3 ...
+    first = rows(stream[:per_epoch])
+    assert len(set(first)) == len(first) == 3 * per_epoch and windows.count - len(first) < 3
+    assert set(first) <= set(all_windows(windows))
+    # ... and the next batch starts the next epoch's order, the same order whatever the batch size.
+    pairs = TrainLoader(windows, 2, 0, 1, Position())
+    by_two = collect(pairs, 2 * pairs.per_epoch)
+    assert rows(stream[per_epoch : per_epoch + 1])[0] == rows(by_two[pairs.per_epoch :])[0]
+
+
+def rows(batches: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(row.tolist()) for batch in batches for row in batch]
+
+
+def all_windows(windows: Windows) -> list[tuple[int, ...]]:
+    """Every window's inputs in file order, read directly from the token stream."""
+    return [
+        tuple(windows.stream.read(i * windows.seq_len, windows.seq_len).tolist())
+        for i in range(windows.count)
+    ]
+
+
+def test_each_epoch_visits_every_window_once_in_a_new_order(windows: Windows) -> None:
+    assert len(set(all_windows(windows))) == windows.count, "the fixture's windows are all different"
+    loader = TrainLoader(windows, 2, 0, 1, Position())
+    per_epoch = loader.per_epoch
+    assert per_epoch * 2 == windows.count, "batches of 2 cover every window of the fixture"
+    stream = collect(loader, 3 * per_epoch)
+    epochs = [rows(stream[e * per_epoch : (e + 1) * per_epoch]) for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == sorted(all_windows(windows))  # a permutation of all the windows
+    assert epochs[0] != all_windows(windows), "shuffled, not file order"
+    assert len({tuple(order) for order in epochs}) == 3, "every epoch has its own order"
+    # The order is a function of the seed: the same seed gives it again, another seed another one.
+    again = rows(collect(TrainLoader(windows, 2, 0, 1, Position()), per_epoch))
+    assert again == epochs[0], "the same seed, the same order"
+    reseeded = Windows(windows.stream, windows.seq_len, seed=windows.seed + 100)
+    other = rows(collect(TrainLoader(reseeded, 2, 0, 1, Position()), per_epoch))
+    assert other != epochs[0], "another seed, another order"
 
 
 def test_loader_position_tracks_consumed_batches(windows: Windows) -> None:
