@@ -117,22 +117,27 @@ def test_held_back_text_is_flushed_when_generation_ends() -> None:
 
 
 @pytest.mark.parametrize(
-    ("files", "expected_cap"),
+    ("files", "affinity", "expected"),
     [
-        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit: the affinity mask decides
-        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs round up
-        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "max 100000\n"}, 8, 8),  # cgroup v2, no limit: the affinity mask decides
+        ({"cpu.max": "150000 100000\n"}, 8, 2),  # 1.5 CPUs round up
+        ({"cpu.max": "150000 100000\n"}, 1, 1),  # a quota above the affinity mask changes nothing
+        ({"cpu.max": "20000 100000\n"}, 8, 1),  # a fifth of a CPU is still one thread
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8, 3),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8, 8),
+        ({}, 8, 8),  # no cgroup files at all
     ],
 )
 def test_threads_follow_the_containers_cpu_quota(
-    files: dict[str, str], expected_cap: int | None, tmp_path: Path
+    files: dict[str, str], affinity: int, expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The affinity mask is the test's, not the machine's: on a 2-core machine a cap of 2 would
+    # otherwise be indistinguishable from no cap.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    affinity = len(os.sched_getaffinity(0))
-    assert available_cpus(tmp_path) == min(affinity, expected_cap or affinity)
+    assert available_cpus(tmp_path) == expected
 
 
 class CharTokenizer:
