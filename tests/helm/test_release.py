@@ -3,8 +3,9 @@ by the apiserver) through real job lifecycles, while a real Prometheus scrapes i
 
 One release and one scenario for the module (it is the expensive part); each test then checks one
 promise against what the scenario recorded or left behind:
-  * job `ok`: data preparation, 2 workers, a rank-0 trainer metrics endpoint, one compression
-    method, serving switched on then off again by a spec change;
+  * job `ok`: data preparation, 2 workers, a real `llmtrain train` serving its metrics on rank 0's
+    address (held at steps the test chooses, see paced_train), one compression method, serving
+    switched on then off again by a spec change;
   * job `bad`: a worker fails, the gang restarts, fails again: Failed (BackoffLimitExceeded), then
     deleted by its ttlSecondsAfterFinished;
   * search `hp`: two trial jobs that succeed; search `hpfail`: one trial that fails, so it fails.
@@ -13,6 +14,8 @@ promise against what the scenario recorded or left behind:
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +29,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helm import argocd
+from llmtrain.config import load_config
+from llmtrain.testing import debug_config, license_documents, write_shards
+from llmtrain.train.metrics import flops_per_token
+from llmtrain.train.schedule import total_steps
+from tests.helm import argocd, paced_train
 from tests.helm.chart import CHART, Tools
 from tests.helm.prometheus import KubernetesDiscovery, Prometheus, scrape_job
 from tests.helm.release import (
@@ -35,7 +42,6 @@ from tests.helm.release import (
     audit_events,
     audit_offset,
     install_monitoring_crds,
-    stop_process,
     wait_state,
 )
 from tests.kube import Cluster, wait_for
@@ -56,7 +62,8 @@ MONITORING_VALUES = {
     "operator": {"progressIntervalSeconds": 1, "resyncSeconds": 5},
     "serviceMonitor": {"enabled": True, "interval": "1s"},
     "podMonitor": {"enabled": True, "interval": "1s"},
-    "prometheusRule": {"enabled": True},
+    # Short enough that the trainer held before its first step fires it within the scenario.
+    "prometheusRule": {"enabled": True, "stalledAfter": "2s"},
     "grafanaDashboard": {"enabled": True},
 }
 
@@ -104,6 +111,7 @@ class Scenario:
     states: dict[str, dict[str, Any]] = field(default_factory=dict)  # captured objects, by name
     audit: list[dict[str, Any]] = field(default_factory=list)
     bad_deleted_by_ttl: bool = False
+    trainer: dict[str, Any] = field(default_factory=dict)  # what the real trainer run recorded
 
     def kubectl_json(self, *args: str) -> Any:
         return self.release.cluster.kubectl_json(*args, "-n", self.ns)
@@ -155,41 +163,125 @@ def fail_bad_job(cluster: Cluster, ns: str, states: dict[str, dict[str, Any]]) -
     states["bad-Failed"] = wait_state(cluster, ns, "bad", ("Failed",))
 
 
+# The real trainer behind ok's rank 0: debug.yaml's tiny model (a few seconds of CPU), as many steps
+# as the job, a peak FLOP/s as one would set for a device llmtrain's table lacks (so MFU exists).
+TRAINER_SPEC = {
+    "training": {
+        "maxSteps": 100,
+        "logIntervalSteps": 5,
+        "evaluation": {"intervalSteps": 50},
+        "checkpointing": {"intervalSteps": 50},
+    },
+}
+PEAK_FLOPS = 1e12
+HOLD_STEP = 30  # held here mid-run, so a scrape and the operator's progress reader see it for sure
+
+
+def trainer_env(addr: str, port: int, tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "NNODES", "NPROC_PER_NODE")}
+    env.update(
+        DS_ACCELERATOR="cpu",
+        LLMTRAIN_LOG_FORMAT="json",
+        # What the pod's metrics port is: rank 0's (loopback) pod IP, its containerPort "metrics".
+        LLMOP_METRICS_ADDR=addr,
+        LLMOP_METRICS_PORT=str(port),
+        LLMOP_PEAK_FLOPS=str(PEAK_FLOPS),
+        LLMOP_TERMINATION_LOG=str(tmp / "termination-log"),
+    )
+    return env
+
+
+def run_trainer(s: Scenario, tmp: Path, addr: str, port: int) -> None:
+    """`llmtrain train` on rank 0's address, held at step 0, HOLD_STEP and its last step in turn;
+    each hold lasts until Prometheus (and at HOLD_STEP the operator) has seen it."""
+    prom, rec = s.prometheus, s.trainer
+    work = tmp / "trainer"
+    data = write_shards(work / "data", license_documents(), vocab_size=512)
+    config = debug_config(work / "run", data, TRAINER_SPEC)
+    cfg = load_config(config)
+    rec["config"] = cfg
+    gate = work / "gate"
+    paced_train.open_gate(gate, 0)
+    log = tmp / "trainer.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helm.paced_train", str(gate), str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=trainer_env(addr, port, tmp),
+        )
+
+    def alive() -> bool:
+        """True while the trainer runs; fails the wait at once if it stopped."""
+        if proc.poll() is not None:
+            raise AssertionError(f"llmtrain train exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        return True
+
+    def held_at(step: int) -> bool:
+        """Held after `step`, and at least two scrapes have read that step (raw samples)."""
+        if not (alive() and paced_train.held(gate) == step):
+            return False
+        window = math.ceil(time.time() - s.started) + 5
+        series = prom.query(f'llmtrain_step{{job="ok"}}[{window}s]')
+        return bool(series) and [float(v) for _, v in series[0]["values"]].count(step) >= 2
+
+    def stalled() -> list[dict[str, Any]]:
+        alerts = prom.api("alerts")["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "LLMTrainingJobStalled"]
+
+    try:
+        # Before its first step: rank 0 up, step 0 of 100 and not moving, so the chart's alert fires.
+        wait_for(lambda: held_at(0), timeout=300, interval=0.5, what="llmtrain train held at step 0, scraped")
+        rec["stalled"] = wait_for(
+            lambda: alive() and [a for a in stalled() if a["state"] == "firing"],
+            timeout=60,
+            what="LLMTrainingJobStalled firing on the trainer held at step 0",
+        )
+        rec["at-0"] = time.time()
+
+        paced_train.open_gate(gate, HOLD_STEP)
+        wait_for(lambda: held_at(HOLD_STEP), timeout=120, what=f"trainer held at step {HOLD_STEP}, scraped")
+
+        def progressed() -> dict[str, Any] | None:
+            alive()
+            job = s.kubectl_json("get", "llmtrainingjob", "ok")
+            step = ((job.get("status") or {}).get("progress") or {}).get("step", 0)
+            return dict(job) if job["status"]["state"] == "Running" and step == HOLD_STEP else None
+
+        s.states["ok-Running"] = wait_for(
+            progressed, timeout=60, interval=0.3, what="ok's progress in status"
+        )
+        # Steps moved: the alert resolves (a resolved alert leaves the active list).
+        wait_for(lambda: alive() and not stalled(), timeout=60, what="LLMTrainingJobStalled resolved")
+        rec["at-hold"] = time.time()
+
+        total = total_steps(cfg.spec.training)
+        paced_train.open_gate(gate, total)
+        wait_for(lambda: held_at(total), timeout=120, what=f"trainer held after its last step {total}")
+        # The last validation (at step 100) is set before the export, so it is served by now.
+        wait_for(
+            lambda: alive() and prom.query(f'llmtrain_validation_step{{job="ok"}} == {total}'),
+            timeout=30,
+            what="the last validation, scraped",
+        )
+        rec["at-last"] = time.time()
+        paced_train.open_gate(gate, total + 1)
+        rec["exit_code"] = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    rec["log"] = log.read_text()
+    rec["termination"] = json.loads((tmp / "termination-log").read_text())
+    rec["export"] = Path(cfg.paths.output_dir) / "model"
+
+
 def run_ok_job(s: Scenario, tmp: Path) -> None:
     cluster = s.release.cluster
     pods = worker_pods(cluster, s.ns, "ok", 1)
     rank0 = next(p for p in pods if p["metadata"]["labels"]["llmop.io/worker-index"] == "0")
     port = next(p["containerPort"] for p in rank0["spec"]["containers"][0]["ports"] if p["name"] == "metrics")
-    trainer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.helm.trainer_metrics",
-            rank0["status"]["podIP"],
-            str(port),
-            "100",
-            "12",
-        ],
-        stdout=(tmp / "trainer.log").open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-
-        def progressed() -> dict[str, Any] | None:
-            job = s.kubectl_json("get", "llmtrainingjob", "ok")
-            step = ((job.get("status") or {}).get("progress") or {}).get("step", 0)
-            return dict(job) if job["status"]["state"] == "Running" and 20 <= step < 100 else None
-
-        s.states["ok-Running"] = wait_for(
-            progressed, timeout=60, interval=0.3, what="ok's progress in status"
-        )
-        wait_for(
-            lambda: s.prometheus.query('llmtrain_step{job="ok"} == 100'),
-            timeout=60,
-            what="rank 0 at its last step, scraped",
-        )
-    finally:
-        stop_process(trainer)
+    run_trainer(s, tmp, rank0["status"]["podIP"], port)
     annotate(cluster, s.ns, [p["metadata"]["name"] for p in pods], **{EXIT_AFTER: "1s"})
     s.states["ok-Serving"] = wait_state(cluster, s.ns, "ok", ("Serving",), timeout=120)
     # Switching serving off in the spec (as a Git commit would) removes the model server.
@@ -440,27 +532,16 @@ def test_trainer_pods_service_account_has_no_api_permissions(scenario: Scenario)
     }, rules
 
 
-def test_prometheus_scrapes_the_operator_and_the_rank0_trainer_with_job_labels(scenario: Scenario) -> None:
+def test_prometheus_scrapes_the_operator_with_each_jobs_labels(scenario: Scenario) -> None:
     prom, ns, release = scenario.prometheus, scenario.ns, scenario.release
     up = {r["metric"]["job"]: r for r in prom.query("up")}
-    # The ServiceMonitor's target is the operator pod's IP behind the metrics Service; the
-    # PodMonitor's was worker 0 of `ok` (gone now that the pod finished, so look back in time).
+    # The ServiceMonitor's target is the operator pod's IP behind the metrics Service.
     operator_target = up[f"{release.fullname}-metrics"]
     assert (
         operator_target["metric"]["instance"]
         == f"{scenario.operator.ip}:{scenario.operator.ports['metrics']}"
     )
     assert operator_target["value"][1] == "1"
-    trainer = prom.query_range('llmtrain_step{job="ok"}', scenario.started, time.time())
-    labels = trainer[0]["metric"]
-    assert (labels["namespace"], labels["pod"], labels["attempt"], labels["container"]) == (
-        ns,
-        "ok-worker-0",
-        "1",
-        "trainer",
-    )
-    assert max(float(v) for _, v in trainer[0]["values"]) == 100
-    assert prom.query_range('llmtrain_mfu{job="ok"}', scenario.started, time.time())
     # The operator's per-job series carry the job's own namespace and name (honorLabels).
     loss = prom.query_range(
         f'llmop_job_training_loss{{namespace="{ns}", job="ok"}}', scenario.started, time.time()
@@ -474,6 +555,87 @@ def test_prometheus_scrapes_the_operator_and_the_rank0_trainer_with_job_labels(s
     assert (succeeded[0]["value"][1], failed[0]["value"][1]) == ("3", "2")
     figures = prom.query(f'llmop_compression_result{{namespace="{ns}", job="ok", method="Int8WeightOnly"}}')
     assert {r["metric"]["figure"]: r["value"][1] for r in figures}["sizeRatio"] == "0.27"
+
+
+def at(prom: Prometheus, expr: str, when: float) -> float:
+    """The one value of `expr` at time `when`."""
+    result = prom.query(expr, time=when)
+    assert len(result) == 1, (expr, result)
+    return float(result[0]["value"][1])
+
+
+def test_prometheus_scrapes_a_real_llmtrain_train_on_rank_0_through_the_charts_pod_monitor(
+    scenario: Scenario,
+) -> None:
+    prom, ns, rec = scenario.prometheus, scenario.ns, scenario.trainer
+    cfg = rec["config"]
+    tr = cfg.spec.training
+    total, tokens_per_step = total_steps(tr), tr.global_batch_size * tr.sequence_length
+    # A whole real run: it exported a model and wrote its last words as a trainer pod does.
+    assert rec["exit_code"] == 0, rec["log"][-4000:]
+    assert (rec["export"] / "model.safetensors").is_file()
+    assert rec["termination"]["step"] == total and rec["termination"]["stage"] == "train"
+
+    # Every scrape of the step counter over the run (raw samples, not a range query's resampling):
+    # one series, with the PodMonitor's labels; it only ever rose, through each hold (read by two
+    # scrapes or more: the scenario waited for that) to the last step.
+    window = math.ceil(time.time() - scenario.started) + 5
+    series = prom.query(f'llmtrain_step{{job="ok"}}[{window}s]')
+    assert len(series) == 1, series
+    labels = series[0]["metric"]
+    assert {k: labels[k] for k in ("namespace", "pod", "attempt", "container", "endpoint")} == {
+        "namespace": ns,
+        "pod": "ok-worker-0",
+        "attempt": "1",
+        "container": "trainer",
+        "endpoint": "metrics",
+    }
+    steps = [float(v) for _, v in series[0]["values"]]
+    assert steps == sorted(steps), steps
+    for step in (0, HOLD_STEP, total):
+        assert steps.count(step) >= 2, (step, steps)
+    print(f"\nllmtrain_step as scraped ({len(steps)} scrapes): {sorted(set(steps))}")
+
+    # The series a user watches, each with the same labels, at the hold and after the last step.
+    sel = f'{{namespace="{ns}", job="ok", pod="ok-worker-0", attempt="1"}}'
+    hold, last = rec["at-hold"], rec["at-last"]
+    assert at(prom, f"llmtrain_step{sel}", hold) == HOLD_STEP
+    assert at(prom, f"llmtrain_total_steps{sel}", hold) == total
+    # The token counter counts every token of every reported step, exactly.
+    assert at(prom, f"llmtrain_tokens_total{sel}", hold) == HOLD_STEP * tokens_per_step
+    assert at(prom, f"llmtrain_tokens_total{sel}", last) == total * tokens_per_step
+    # Real learning: the training loss fell from the hold to the end, the validation loss from step 0.
+    loss_hold, loss_last = at(prom, f"llmtrain_loss{sel}", hold), at(prom, f"llmtrain_loss{sel}", last)
+    assert 0 < loss_last < loss_hold < math.log(cfg.spec.model.vocab_size) + 1, (loss_hold, loss_last)
+    val_0 = at(prom, f"llmtrain_validation_loss{sel}", rec["at-0"])
+    assert at(prom, f"llmtrain_validation_step{sel}", last) == total
+    assert at(prom, f"llmtrain_validation_loss{sel}", last) < val_0
+    assert at(prom, f"llmtrain_learning_rate{sel}", hold) > 0
+    assert at(prom, f"llmtrain_checkpoint_seconds{sel}", last) > 0
+    assert at(prom, f"llmtrain_memory_bytes{sel}", last) > 0
+    # Throughput, and MFU from it by the PaLM FLOP count and the configured peak.
+    assert at(prom, f"llmtrain_tokens_per_second{sel}", last) > 0
+    assert at(prom, f"llmtrain_samples_per_second{sel}", last) > 0
+    per_token = at(prom, f"llmtrain_flops_per_second{sel} / llmtrain_tokens_per_second{sel}", last)
+    assert per_token == pytest.approx(flops_per_token(cfg.spec.model, tr.sequence_length), rel=1e-9)
+    mfu = at(prom, f"llmtrain_mfu{sel} * {PEAK_FLOPS} / llmtrain_flops_per_second{sel}", last)
+    assert mfu == pytest.approx(1, rel=1e-9)
+
+    # The operator's progress reader read the same endpoint: the status at the hold has its figures.
+    progress = scenario.states["ok-Running"]["status"]["progress"]
+    assert (progress["step"], progress["totalSteps"]) == (HOLD_STEP, total)
+    assert progress["loss"] == pytest.approx(loss_hold, abs=1e-4)  # the status keeps a few decimals
+
+    # The chart's stall alert fired on the trainer held before its first step, with the job's labels.
+    alert = rec["stalled"][0]
+    assert {k: alert["labels"][k] for k in ("namespace", "job", "pod", "severity")} == {
+        "namespace": ns,
+        "job": "ok",
+        "pod": "ok-worker-0",
+        "severity": "warning",
+    }
+    assert float(alert["value"]) == 0
+    assert alert["annotations"]["description"] == "Rank 0 (ok-worker-0) is at step 0 and not moving."
 
 
 # Dashboard targets that may legitimately return no data in this scenario, and why.
