@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ from llmtrain.serve.cpus import available_cpus
 from llmtrain.serve.metrics import ServingMetrics
 
 DEFAULT_DRAIN_SECONDS = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds
+# For tests: when set, the model is not loaded (nor torch imported) until this file exists, so the
+# loading state lasts until the test ends it; a small model otherwise loads before a request arrives.
+HOLD_LOAD_ENV = "LLMTRAIN_SERVE_HOLD_LOAD_UNTIL"
 
 
 def default_model_name(model_dir: str) -> str:
@@ -78,6 +82,11 @@ async def _start_engine(
     state: ServerState, args: argparse.Namespace, executor: ThreadPoolExecutor
 ) -> asyncio.Task[None]:
     """Load (on the model thread), start the scheduler, warm up, then report ready."""
+    gate = os.environ.get(HOLD_LOAD_ENV)
+    if gate:
+        state.log.event("load_held", until=gate)
+        while not os.path.exists(gate):
+            await asyncio.sleep(0.02)
     from llmtrain.serve.engine import Engine
     from llmtrain.serve.loader import load
 

@@ -40,7 +40,8 @@ class ServerProcess:
             text=True,
             env=child_env,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         listening = self.wait_event("listening", timeout=60)
         self.host, self.port = str(listening["host"]), int(listening["port"])
 
@@ -65,7 +66,9 @@ class ServerProcess:
                 found = [e for e in self.events() if e["event"] == name]
                 if found:
                     return found[0]
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                # After the exit, only once every line is read: the event may be in the last ones.
+                ended = self.proc.poll() is not None and not self._reader.is_alive()
+                if ended or time.monotonic() > deadline:
                     tail = "\n".join(self.lines[-30:])
                     raise RuntimeError(
                         f"llmtrain serve: no {name!r} event (exit {self.proc.poll()}):\n{tail}"
@@ -98,12 +101,18 @@ class ServerProcess:
         status, _, data = self.request(method, path, body)
         return status, json.loads(data)
 
+    def wait(self, timeout: float = 60) -> int:
+        """The exit code, once the process has exited and all its log lines are in ``lines``."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, then the exit code (SIGKILL if it does not exit in time)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            return self.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
