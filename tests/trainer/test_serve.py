@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmtrain.serve.cli import HOLD_LOAD_ENV
 from llmtrain.serve.process import ServerProcess
 from tests.trainer.conftest import TrainedModel, train_env
 from tests.trainer.tiny_models import random_model
@@ -544,14 +545,21 @@ def test_serves_a_quantised_model_directory(trained_model: TrainedModel, tmp_pat
         assert choice["text"] == tok.decode(out, skip_special_tokens=True), prompt
 
 
-def test_not_ready_until_loaded_then_ready(model_dir: Path) -> None:
-    srv = ServerProcess(model_dir, "--model-name", MODEL)
+def test_not_ready_until_loaded_then_ready(model_dir: Path, tmp_path: Path) -> None:
+    # The tiny model can load before a first request arrives, so the test holds the load itself:
+    # the server does not start loading until the gate file exists.
+    gate = tmp_path / "release-load"
+    srv = ServerProcess(model_dir, "--model-name", MODEL, env={HOLD_LOAD_ENV: str(gate)})
     try:
-        # The port opens before torch is even imported, so these run while the model loads.
+        srv.wait_event("load_held", timeout=30)
         assert srv.json("GET", "/readyz") == (503, {"status": "loading"})
         assert srv.json("GET", "/healthz") == (200, {"status": "ok"})
         status, answer = srv.json("POST", "/v1/completions", {"prompt": "a"})
         assert status == 503 and "still loading" in answer["error"]["message"]
+        assert metric(srv, "llmserve_ready") == 0
+        events = [e["event"] for e in srv.events()]
+        assert "model_loaded" not in events and "ready" not in events, "the load was not held"
+        gate.touch()
         srv.wait_ready()
         assert srv.json("GET", "/readyz") == (200, {"status": "ready", "model": MODEL})
         assert complete(srv, prompt="a", max_tokens=2)["choices"][0]["finish_reason"]
@@ -559,8 +567,19 @@ def test_not_ready_until_loaded_then_ready(model_dir: Path) -> None:
         assert srv.stop() == 0
 
 
+def wait_until(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll until ``condition()`` holds; fail naming ``what`` if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout:.0f} s: {what}")
+        time.sleep(0.02)
+
+
 def test_sigterm_finishes_running_requests_then_exits_0(model_dir: Path, tmp_path: Path) -> None:
-    # A slower random model that always generates max_tokens, so requests are surely mid-flight.
+    tokens = 300
+    # A slower random model that always generates max_tokens, so requests are surely mid-flight: 300
+    # tokens are hundreds of decode steps, against the milliseconds from seeing the state to SIGTERM.
     srv = ServerProcess(
         random_model(tmp_path / "random", model_dir), "--model-name", MODEL, "--max-batch-size", "2"
     )
@@ -568,26 +587,29 @@ def test_sigterm_finishes_running_requests_then_exits_0(model_dir: Path, tmp_pat
     results: list[dict[str, Any]] = []
 
     def ask(i: int) -> None:
-        results.append(complete(srv, prompt=PROMPTS[i], max_tokens=60, temperature=0))
+        results.append(complete(srv, prompt=PROMPTS[i], max_tokens=tokens, temperature=0))
 
     # Three requests for two rows: one is still queued when SIGTERM comes; all three must be answered.
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
-    while metric(srv, "llmserve_running_sequences") < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        "two sequences running and one queued",
+        lambda: (metric(srv, "llmserve_running_sequences"), metric(srv, "llmserve_queue_depth")) == (2, 1),
+    )
     srv.proc.send_signal(15)
     draining = srv.wait_event("draining", timeout=10)
-    assert draining["running"] + draining["waiting"] == 3, draining
+    # The state the test aims at was the state at SIGTERM: nothing had finished yet.
+    assert (draining["running"], draining["waiting"]) == (2, 1), draining
     # While draining: not ready, and new work is refused with a clear 503.
     assert srv.json("GET", "/readyz") == (503, {"status": "draining"})
     status, answer = srv.json("POST", "/v1/completions", {"prompt": "a"})
     assert status == 503 and "shutting down" in answer["error"]["message"]
     for t in threads:
         t.join(60)
-    assert srv.proc.wait(60) == 0
-    assert [r["usage"]["completion_tokens"] for r in results] == [60, 60, 60]
+        assert not t.is_alive(), "a request was not answered within 60 s of SIGTERM"
+    assert srv.wait(60) == 0
+    assert [r["usage"]["completion_tokens"] for r in results] == [tokens] * 3
     assert [e["event"] for e in srv.events()][-2:] == ["drained", "stopped"]
 
 
@@ -604,26 +626,30 @@ def test_client_that_disconnects_mid_stream_frees_its_row(model_dir: Path, tmp_p
         assert response.status == 200 and response.readline().startswith(b"data: ")
         assert metric(srv, "llmserve_running_sequences") == 1
         conn.close()  # gone after one token of 1500
-        deadline = time.monotonic() + 20
-        while metric(srv, "llmserve_running_sequences") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(srv, "llmserve_running_sequences") == 0
+        wait_until("the row freed", lambda: metric(srv, "llmserve_running_sequences") == 0, timeout=30)
         assert metric(srv, "llmserve_generated_tokens_total") < 1500
     finally:
         assert srv.stop() == 0
 
 
-def test_listens_on_every_host_given_and_sigterm_while_loading_exits_0(model_dir: Path) -> None:
+def test_listens_on_every_host_given_and_sigterm_while_loading_exits_0(
+    model_dir: Path, tmp_path: Path
+) -> None:
     # Two loopback addresses stand in for "the pod IP and 127.0.0.1" (KServe's queue proxy dials loopback).
-    srv = ServerProcess(model_dir, "--host", "127.0.0.1", "--host", "127.0.0.2")
+    # The load is held (never released), so SIGTERM surely comes while the model is loading.
+    srv = ServerProcess(
+        model_dir, "--host", "127.0.0.1", "--host", "127.0.0.2", env={HOLD_LOAD_ENV: str(tmp_path / "never")}
+    )
     # ServerProcess returns at the first "listening" line; the second follows a moment later.
-    deadline = time.monotonic() + 30
-    while len(listening := [e for e in srv.events() if e["event"] == "listening"]) < 2:
-        assert time.monotonic() < deadline, f"only {listening} after 30 s"
-        time.sleep(0.05)
+    wait_until(
+        "two listening lines", lambda: len([e for e in srv.events() if e["event"] == "listening"]) == 2
+    )
+    listening = [e for e in srv.events() if e["event"] == "listening"]
     assert sorted(e["host"] for e in listening) == ["127.0.0.1", "127.0.0.2"]
     for event in listening:
         srv.host, srv.port = event["host"], event["port"]
         assert srv.json("GET", "/healthz") == (200, {"status": "ok"})
+    srv.wait_event("load_held", timeout=30)
     assert srv.stop() == 0
-    assert "ready" not in [e["event"] for e in srv.events()], "stopped before the model was loaded"
+    events = [e["event"] for e in srv.events()]
+    assert "model_loaded" not in events and events[-1] == "stopped", events
