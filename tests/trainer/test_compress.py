@@ -11,10 +11,8 @@ import hashlib
 import json
 import math
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
+from torch.utils.flop_counter import FlopCounterMode
 
 from llmtrain.compress.load import load_model, load_tokenizer
 from llmtrain.compress.quantized import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
-from tests.trainer.conftest import TrainedModel, train_env
+from tests.trainer.conftest import TrainedModel, torchless_env, train_env
 
 COMPRESSION = {
     "quantization": [
@@ -86,16 +85,17 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def compress(
-    config: Path, stage: str, tmp_path: Path
+    config: Path, stage: str, tmp_path: Path, without_torch: bool = False
 ) -> tuple[int, str, dict[str, Any], list[dict[str, Any]]]:
     """Run the stage like the pod; returns (exit code, stderr, termination message, log records).
 
     Every run also checks the contract that the trained model directory is never written.
+    ``without_torch``: importing torch raises in the child (see ``torchless_env``).
     """
     model_dir = Path(yaml.safe_load(config.read_text())["paths"]["outputDir"]) / "model"
     before = tree_digest(model_dir) if model_dir.is_dir() else {}
     termination = tmp_path / f"termination-{stage}.json"
-    env = train_env()
+    env = torchless_env(tmp_path, train_env()) if without_torch else train_env()
     env["LLMOP_TERMINATION_LOG"] = str(termination)
     proc = subprocess.run(
         [sys.executable, "-m", "llmtrain.cli", "compress", str(config), "--stage", stage],
@@ -256,7 +256,7 @@ def test_magnitude_pruning_reaches_the_sparsity_and_keeps_it_through_recovery(
     assert zeros == pytest.approx(0.5, abs=0.01)
 
 
-def test_structured_pruning_removes_heads_and_channels_and_cuts_latency(
+def test_structured_pruning_removes_heads_and_channels_and_cuts_compute(
     config: Path, trained_model: TrainedModel, tmp_path: Path
 ) -> None:
     code, stderr, message, _ = compress(config, "prune-1", tmp_path)
@@ -275,29 +275,18 @@ def test_structured_pruning_removes_heads_and_channels_and_cuts_latency(
     assert count(out) < 0.8 * count(trained_model.model_dir)
     assert message["results"]["parameterRatio"] < 0.8
 
-    # CPU time of one prefill of a fixed batch, on one thread, models alternating, median of 15. CPU
-    # time of a single-threaded forward does not grow when other processes take the cores (wall time
-    # of a 2-thread forward does, and evens out both models' figures), so this measures the model.
-    base, pruned = load_model(trained_model.model_dir), load_model(out)
+    # The compute of one prefill of a fixed batch, counted rather than timed: wall or CPU time on a
+    # shared machine flakes, and the speed of every stage is measured in benchmarks/compression.py.
     x = torch.randint(0, 512, (8, 128))
-    times: dict[str, list[float]] = {"base": [], "pruned": []}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            base(input_ids=x), pruned(input_ids=x)
-            for _ in range(15):
-                for name, model in (("base", base), ("pruned", pruned)):
-                    started = time.thread_time()
-                    model(input_ids=x)
-                    times[name].append(time.thread_time() - started)
-    finally:
-        torch.set_num_threads(threads)
-    ratio = statistics.median(times["pruned"]) / statistics.median(times["base"])
-    print(
-        f"CPU time per prefill: base {statistics.median(times['base']) * 1e3:.1f} ms, pruned/base {ratio:.2f}"
-    )
-    assert ratio < 0.85
+
+    def flops(model: Any) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(input_ids=x)
+        return int(counter.get_total_flops())
+
+    base_flops, pruned_flops = flops(load_model(trained_model.model_dir)), flops(load_model(out))
+    print(f"FLOPs per prefill of 8 x 128: base {base_flops:.3g}, pruned/base {pruned_flops / base_flops:.3f}")
+    assert pruned_flops < 0.8 * base_flops
 
 
 def test_distilled_student_is_smaller_and_beats_the_same_student_from_scratch(
@@ -357,11 +346,10 @@ def test_bad_stage_or_combination_exits_2_naming_the_field(
 ) -> None:
     shutil.copytree(trained_model.model_dir, tmp_path / "output" / "model")
     cfg = write_config(trained_model, tmp_path / "bad.yaml", compression, tmp_path / "output")
-    started = time.monotonic()
-    code, stderr, message, _ = compress(cfg, stage, tmp_path)
-    assert code == 2
+    # Refused before torch is imported or a model is loaded: importing torch would raise here.
+    code, stderr, message, _ = compress(cfg, stage, tmp_path, without_torch=True)
+    assert code == 2, stderr[-2000:]
     lines = stderr.strip().splitlines()
     print(lines)
     assert len(lines) == 1 and field in lines[0]
     assert message == {} and not (tmp_path / "output" / "compressed").exists()
-    assert time.monotonic() - started < 20  # refused before torch is imported or a model is loaded
