@@ -74,7 +74,8 @@ def test_batched_signatures_equal_one_at_a_time() -> None:
 
 
 def test_band_choice_matches_datasketch() -> None:
-    datasketch_lsh = pytest.importorskip("datasketch.lsh")
+    from datasketch import lsh as datasketch_lsh  # a dev dependency: missing it fails, never skips
+
     for threshold, num_perm in ((0.8, 128), (0.5, 64), (0.9, 256)):
         ours = lsh.optimal_bands(threshold, num_perm)
         theirs = datasketch_lsh._optimal_param(threshold, num_perm, 0.5, 0.5)
