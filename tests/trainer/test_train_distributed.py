@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,18 @@ def test_zero_validation_loss_falls(zero: int, data_dir: Path, tmp_path: Path) -
     assert (tmp_path / "output" / "model" / "model.safetensors").is_file()
 
 
+def wait_until(
+    what: str, condition: Callable[[], bool], proc: subprocess.Popen[Any], timeout: float = 300
+) -> None:
+    """Poll until ``condition()`` holds while ``proc`` runs; fail naming ``what`` if it ends or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"not reached within {timeout:.0f} s: {what}"
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) right after {what}"
+
+
 def losses_by_step(log: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events(log, "progress")}
 
@@ -117,12 +130,12 @@ def test_kill9_resume_matches_uninterrupted_run(data_dir: Path, tmp_path: Path) 
     cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
     with log.open("w") as out:
         agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env())
-        deadline = time.monotonic() + 120
         # Kill a few steps past the step-20 checkpoint, so the resumed run must redo lost work.
-        while agent.poll() is None and time.monotonic() < deadline:
-            if (latest_tag(ckpt) or "") >= "step-00000020" and max(losses_by_step(log), default=0) >= 24:
-                break
-            time.sleep(0.02)
+        wait_until(
+            "the step-20 checkpoint and step 24",
+            lambda: (latest_tag(ckpt) or "") >= "step-00000020" and max(losses_by_step(log), default=0) >= 24,
+            agent,
+        )
         workers = psutil.Process(agent.pid).children()
         assert agent.poll() is None and len(workers) == 2, "run ended before it could be killed"
         workers[1].send_signal(signal.SIGKILL)
@@ -170,10 +183,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(data_dir: Path, tmp_path: Path
         launcher = subprocess.Popen(
             [sys.executable, *TRAIN, str(config)], stdout=out, stderr=subprocess.STDOUT, env=node_env
         )
-        deadline = time.monotonic() + 120
-        while not events(log, "progress") and launcher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert launcher.poll() is None
+        wait_until("a first training step", lambda: bool(events(log, "progress")), launcher)
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=90) == 75, log.read_text()[-3000:]
     preempted = events(log, "preempted")
