@@ -154,11 +154,16 @@ def test_loader_position_tracks_consumed_batches(windows: Windows) -> None:
 
 
 def test_validation_batches_fixed_and_wrap(windows: Windows) -> None:
-    a = validation_batches(windows, 2, 0, 2, max_batches=3)
-    b = validation_batches(windows, 2, 0, 2, max_batches=3)
-    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))
+    # File order, rank-strided: global batch b of 2 ranks x 2 is windows 4b..4b+3, rank r takes 4b+r, 4b+2+r.
+    every = all_windows(windows)
+    for rank in (0, 1):
+        got = validation_batches(windows, 2, rank, 2, max_batches=3)
+        assert rows([x for x, _ in got]) == [every[4 * b + k * 2 + rank] for b in range(3) for k in range(2)]
+        assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in got)
+    # A split smaller than one global batch wraps around, so both ranks still get a full batch.
     huge = validation_batches(windows, windows.count, 1, 2, max_batches=5)
-    assert len(huge) == 1 and huge[0][0].shape[0] == windows.count
+    assert len(huge) == 1
+    assert rows([huge[0][0]]) == [every[(2 * k + 1) % windows.count] for k in range(windows.count)]
 
 
 def test_palm_flops_per_token() -> None:
