@@ -290,7 +290,8 @@ def test_shard_contract(prepared: tuple[TrainerConfig, dict[str, Any], Path]) ->
 
 
 def test_transformers_can_load_the_tokenizer(prepared: tuple[TrainerConfig, dict[str, Any], Path]) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a trainer dependency: missing it fails, never skips
+
     _, _, data_dir = prepared
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(data_dir / "tokenizer.json"))
     ids = fast("Hello world, this is a test.")["input_ids"]
