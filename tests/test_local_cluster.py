@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
 
 import pytest
@@ -27,6 +28,22 @@ def test_apiserver_is_the_pinned_build(cluster: Cluster) -> None:
 def test_cluster_up_is_idempotent_and_prints_kubeconfig(cluster: Cluster) -> None:
     before = cluster.kubectl_json("get", "nodes")["items"]
     assert devcluster.up() == cluster.kubeconfig
+    after = cluster.kubectl_json("get", "nodes")["items"]
+    assert [n["metadata"]["uid"] for n in after] == [n["metadata"]["uid"] for n in before]
+
+
+def test_a_cluster_made_by_another_checkout_is_refused_not_recreated(cluster: Cluster) -> None:
+    stamp = devcluster.kwok_home() / "clusters" / devcluster.CLUSTER_NAME / "llmop-config.json"
+    ours = stamp.read_text()
+    before = cluster.kubectl_json("get", "nodes")["items"]
+    stamp.write_text(json.dumps({**json.loads(ours), "checkout": "/elsewhere/llmop"}))
+    try:
+        with pytest.raises(
+            devcluster.ClusterInUse, match=r"another checkout \(/elsewhere/llmop\).*LLMOP_CLUSTER_NAME"
+        ):
+            devcluster.up()
+    finally:
+        stamp.write_text(ours)
     after = cluster.kubectl_json("get", "nodes")["items"]
     assert [n["metadata"]["uid"] for n in after] == [n["metadata"]["uid"] for n in before]
 

@@ -201,6 +201,19 @@ def healthy(bin_dir: Path, kubeconfig: Path) -> bool:
     return proc.returncode == 0
 
 
+class ClusterInUse(RuntimeError):
+    """A healthy cluster of this name was made by another checkout on this machine."""
+
+
+def read_stamp(stamp: Path) -> dict[str, str]:
+    """What made the cluster: its configuration digest and checkout; empty if unknown."""
+    try:
+        made = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return made if isinstance(made, dict) else {}
+
+
 def up(node_count: int = 4) -> Path:
     """Start the cluster or reuse a healthy one; install CRDs and fake nodes. Returns the kubeconfig."""
     bin_dir = ensure_binaries()
@@ -209,10 +222,18 @@ def up(node_count: int = 4) -> Path:
     kwokctl = [str(bin_dir / "kwokctl"), "--name", CLUSTER_NAME]
     rendered = render_config(bin_dir)
     # A running cluster is reused only if it was made from the same configuration and binaries.
-    stamp = kwok_home() / "clusters" / CLUSTER_NAME / "llmop-config.sha256"
+    stamp = kwok_home() / "clusters" / CLUSTER_NAME / "llmop-config.json"
     digest = hashlib.sha256(rendered.encode()).hexdigest()
-    same_config = stamp.exists() and stamp.read_text() == digest
-    if same_config and healthy(bin_dir, kubeconfig):
+    made = read_stamp(stamp)
+    is_healthy = healthy(bin_dir, kubeconfig)
+    if is_healthy and made.get("checkout") not in (None, str(REPO)):
+        # The configuration embeds this checkout's paths, so another checkout's cluster always looks
+        # "different"; recreating it would pull the apiserver out from under that checkout's tests.
+        raise ClusterInUse(
+            f"cluster {CLUSTER_NAME} is running for another checkout ({made['checkout']}); "
+            f"set LLMOP_CLUSTER_NAME to another name for this one, or run `make cluster-down` there"
+        )
+    if is_healthy and made.get("digest") == digest:
         log(f"reusing running cluster {CLUSTER_NAME}")
     else:
         if (kwok_home() / "clusters" / CLUSTER_NAME).exists():
@@ -232,7 +253,7 @@ def up(node_count: int = 4) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"kwokctl create cluster failed:\n{proc.stdout}\n{proc.stderr}")
         wait_ready(bin_dir, kubeconfig)
-        stamp.write_text(digest)
+        stamp.write_text(json.dumps({"digest": digest, "checkout": str(REPO)}))
     install(bin_dir, kubeconfig, default_nodes(node_count))
     return kubeconfig
 
