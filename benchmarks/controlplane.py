@@ -749,9 +749,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Before importing the cluster module: it reads the name at import time.
     os.environ["LLMOP_CLUSTER_NAME"] = CLUSTER_NAME
-    cluster = importlib.import_module("llmop.dev.cluster")
+    cluster = importlib.import_module("llmop_dev.cluster")
     if cluster.CLUSTER_NAME != CLUSTER_NAME:
-        raise RuntimeError(f"llmop.dev.cluster was imported earlier with cluster {cluster.CLUSTER_NAME}")
+        raise RuntimeError(f"llmop_dev.cluster was imported earlier with cluster {cluster.CLUSTER_NAME}")
     results: list[ScenarioResult] = []
     try:
         log(f"bringing up cluster {CLUSTER_NAME} with {args.nodes} fake GPU nodes")

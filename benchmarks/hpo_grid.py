@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from llmop.dev import cluster
-from llmop.dev.stack import start_operator, start_runtime
+from llmop_dev import cluster
+from llmop_dev.stack import start_operator, start_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "search.yaml"

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 import yaml
 
-from llmop.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from llmop.builders import JobRef
 from llmop.builders.config import trainer_config
 from llmop.search.space import trial_spec
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: benchmarks/ is not an installed package

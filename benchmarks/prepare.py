@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("operator", "trainer_image")]
 
-from llmop.api.v1alpha1.data import NearDuplicates  # noqa: E402
+from llmop_contract.api.v1alpha1.data import NearDuplicates  # noqa: E402
 from llmtrain import corpus  # noqa: E402
 from llmtrain.prepare import dedup, lsh, parallel  # noqa: E402
 from llmtrain.prepare.shingles import shingle_strings  # noqa: E402

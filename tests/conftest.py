@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llmop.dev import cluster as devcluster
+from llmop_dev import cluster as devcluster
 from tests.kube import Cluster
 
 

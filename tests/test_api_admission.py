@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmop.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from tests.admission import assert_models_reject
 from tests.kube import Cluster
 

@@ -7,9 +7,9 @@ from typing import Any
 import yaml
 
 from llmop import naming
-from llmop.api.v1alpha1 import LLMTrainingJobSpec
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
 from llmop.builders import JobRef, config, prepare, scheduling, storage, workers
+from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 
 
 def ref(**over: Any) -> JobRef:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmop.api import crdgen
+from llmop_contract.api import crdgen
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmop.dev import cluster as devcluster
+from llmop_dev import cluster as devcluster
 from tests.kube import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster

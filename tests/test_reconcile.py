@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from llmop.api.v1alpha1 import LLMTrainingJobSpec
 from llmop.capacity import Fit
 from llmop.conditions import is_true, now_iso
 from llmop.observe import BatchJobView, PodView
 from llmop.reconcile import JobSnapshot, Observed, Plan, classify_failure, plan
+from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
 

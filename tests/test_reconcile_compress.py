@@ -6,13 +6,13 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from llmop.api.v1alpha1 import LLMTrainingJobSpec
 from llmop.builders import JobRef
 from llmop.builders.compress import build_compress_job, stages
 from llmop.conditions import get, is_true
 from llmop.observe import BatchJobView, PodView
 from llmop.reconcile import JobSnapshot, Observed, plan
 from llmop.termination import final_figures
+from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from tests.test_reconcile import NOW, pod
 
 COMPRESSION: dict[str, Any] = {

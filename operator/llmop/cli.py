@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 
 from llmop.settings import Settings
@@ -55,21 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "operator":
         return run_operator(Settings.from_env())
     if args.command == "crds":
-        from llmop.api import crdgen
+        from llmop_contract.api import crdgen
 
         return crdgen.main(["crdgen", args.out_dir])
+    if args.command in ("dev", "logs") and importlib.util.find_spec("llmop_dev") is None:
+        # The operator image installs only the operator and the contract (operator/Dockerfile).
+        print("llmop: the development tools (llmop-dev, operator/dev) are not installed here", file=sys.stderr)
+        return 2
     if args.command == "dev" and args.dev_command == "cluster":
-        from llmop.dev import cluster as devcluster
+        from llmop_dev import cluster as devcluster
 
         return devcluster.main(["cluster", args.action])
     if args.command == "dev" and args.dev_command == "runtime":
-        from llmop.dev.runtime import main as devruntime
+        from llmop_dev.runtime import main as devruntime
 
         return devruntime.main(
             [*(["--kubeconfig", args.kubeconfig] if args.kubeconfig else []), "--nodes", str(args.nodes)]
         )
     if args.command == "logs":
-        from llmop.dev.runtime import logs as joblogs
+        from llmop_dev.runtime import logs as joblogs
 
         return joblogs.main(args.job, args.namespace, args.tail)
     return 2

@@ -18,11 +18,11 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from llmop import capacity, metrics, naming, progress
 from llmop import conditions as cond
-from llmop.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
 from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView, ServingView, inference_service_view
 from llmop.reconcile import JobSnapshot, Observed, Plan, plan
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 
 log = logging.getLogger("llmop.controller")
 _WARNING_REASONS = {"WorkerFailed", "WorkerDisrupted", "WorkerLost", "InsufficientCapacity", "Unschedulable"}

@@ -15,12 +15,12 @@ from typing import Any
 import kopf
 
 from llmop import capacity, controller, metrics, naming
-from llmop.api.v1alpha1.job import GROUP, PLURAL, VERSION
 from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView, ServingView, batch_job_view, deployment_view, pod_view
 from llmop.search import handlers as _search  # noqa: F401 - Kopf registers the search handlers on import
 from llmop.settings import Settings
 from llmop.wakeup import sleep_until_woken
+from llmop_contract.api.v1alpha1.job import GROUP, PLURAL, VERSION
 
 SETTINGS = Settings.from_env()
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}

@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-from llmop.api.v1alpha1.job import GROUP, PLURAL, VERSION
+from llmop_contract.api.v1alpha1.job import GROUP, PLURAL, VERSION
 
 Manifest = dict[str, Any]
 

@@ -14,15 +14,15 @@ from typing import Any
 
 from llmop import conditions as cond
 from llmop import naming
-from llmop.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop.api.v1alpha1.lifecycle import ServingSource
-from llmop.api.v1alpha1.workload import ExitCodeAction, RestartPolicy
 from llmop.builders import storage
 from llmop.builders.compress import ONNX, Stage, stages
 from llmop.capacity import Fit
 from llmop.observe import BatchJobView, PodView, ServingView
 from llmop.selection import select
 from llmop.termination import final_figures
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.lifecycle import ServingSource
+from llmop_contract.api.v1alpha1.workload import ExitCodeAction, RestartPolicy
 
 CAPACITY_RECHECK_SECONDS = 2.0
 

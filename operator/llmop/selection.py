@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmop.api.v1alpha1.lifecycle import Selection, SelectionObjective
+from llmop_contract.api.v1alpha1.lifecycle import Selection, SelectionObjective
 
 
 def select(rule: Selection, stages: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from llmop.dev import cluster as devcluster
-from llmop.dev.runtime import paths
-from llmop.dev.stack import Background, start_runtime
+from llmop_dev import cluster as devcluster
+from llmop_dev.runtime import paths
+from llmop_dev.stack import Background, start_runtime
 from tests.kube import Cluster
 from tests.operator.conftest import Jobs, OperatorProcess
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmop.dev import cluster as devcluster
+from llmop_dev import cluster as devcluster
 from tests.helm import k8s_schemas
 from tests.helm.chart import CHART, THIRD_PARTY_CRDS, Tools
 from tests.kube import Cluster

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from llmop.dev import cluster as devcluster
+from llmop_dev import cluster as devcluster
 from tests.helm.chart import CHART, THIRD_PARTY_CRDS, Tools
 from tests.kube import Cluster, wait_for
 

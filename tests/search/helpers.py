@@ -6,9 +6,9 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from llmop.search import planner
 from llmop.search.observe import JobView
+from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
 
 T0 = datetime(2026, 11, 24, 8, 0, 0, tzinfo=UTC)
 LR = {

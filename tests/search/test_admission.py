@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
+from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from tests.admission import assert_models_reject
 from tests.kube import Cluster
 

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from llmop.api.v1alpha1 import LLMTrainingJobSpec
 from llmop.search import planner, sampler, space
+from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from tests.search.helpers import LR, T0, Search, done, job, spec
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from llmop.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from llmop.conditions import parse_time
 from llmop.search import sampler
 from llmop.termination import final_figures
+from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from tests.kube import Cluster, wait_for
 from tests.operator.conftest import OperatorProcess
 from tests.search.conftest import (

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from llmop.api.v1alpha1.data import NearDuplicates
+from llmop_contract.api.v1alpha1.data import NearDuplicates
 from llmtrain import corpus
 from llmtrain.prepare import dedup, lsh, minhash, parallel
 from llmtrain.prepare.shingles import shingle_strings

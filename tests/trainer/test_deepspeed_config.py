@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from llmop.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop.render.deepspeed import render_deepspeed_config
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.deepspeed import render_deepspeed_config
 
 
 def spec(**sections: Any) -> LLMTrainingJobSpec:
@@ -110,5 +110,5 @@ def test_clipping_and_overrides_merge_last() -> None:
 
 def test_renderer_does_not_import_torch() -> None:
     # The operator image has no torch; importing the renderer must not need it.
-    code = "import sys, llmop.render.deepspeed; assert 'torch' not in sys.modules"
+    code = "import sys, llmop_contract.deepspeed; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmop.api.v1alpha1.model import ModelSpec
+from llmop_contract.api.v1alpha1.model import ModelSpec
 from llmtrain.model import build_model
 from llmtrain.testing import license_documents, write_shards
 from llmtrain.train.data import read_manifest

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from llmop.api.v1alpha1.data import Augmentation, Cleaning, DataSource, Normalization, SourceFormat
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.data import Augmentation, Cleaning, DataSource, Normalization, SourceFormat
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain import corpus
 from llmtrain.prepare import ConfigError, augment, clean, pii, pipeline, readers, shards
 from llmtrain.prepare import run as prepare_run

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmop.api.v1alpha1.model import ModelSpec
-from llmop.api.v1alpha1.training import LearningRateSchedule, Sparsity, TrainingSpec
+from llmop_contract.api.v1alpha1.model import ModelSpec
+from llmop_contract.api.v1alpha1.training import LearningRateSchedule, Sparsity, TrainingSpec
 from llmtrain.model import build_model
 from llmtrain.testing import license_documents, write_shards
 from llmtrain.train import sparsity

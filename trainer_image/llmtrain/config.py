@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from llmop.api.base import ApiModel
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.base import ApiModel
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 
 
 class ConfigError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmop.api.v1alpha1.job import GROUP, KIND, VERSION, LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.job import GROUP, KIND, VERSION, LLMTrainingJobSpec
 
 Manifest = dict[str, Any]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmop import naming
-from llmop.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop.builders import JobRef, Manifest, storage, workers
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 
 
 @dataclass(frozen=True)

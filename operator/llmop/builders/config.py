@@ -5,9 +5,9 @@ from __future__ import annotations
 import yaml
 
 from llmop import naming
-from llmop.api.v1alpha1.trainer_config import Paths, RunIdentity, TrainerConfig
 from llmop.builders import JobRef, Manifest, storage
-from llmop.render.deepspeed import render_deepspeed_config
+from llmop_contract.api.v1alpha1.trainer_config import Paths, RunIdentity, TrainerConfig
+from llmop_contract.deepspeed import render_deepspeed_config
 
 
 def trainer_config(job: JobRef) -> TrainerConfig:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from llmop import naming
-from llmop.api.v1alpha1.workload import GangScheduler
 from llmop.builders import JobRef, Manifest
+from llmop_contract.api.v1alpha1.workload import GangScheduler
 
 
 def build_pod_group(job: JobRef) -> Manifest | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from llmop import naming
-from llmop.api.v1alpha1.lifecycle import ServingSpec
 from llmop.builders import JobRef, Manifest, storage, workers
+from llmop_contract.api.v1alpha1.lifecycle import ServingSpec
 
 KSERVE_API = "serving.kserve.io/v1beta1"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from llmop import naming
-from llmop.api.v1alpha1.workload import GangScheduler
 from llmop.builders import JobRef, Manifest, storage
+from llmop_contract.api.v1alpha1.workload import GangScheduler
 
 TRAINER_UID = 1000
 # Exit code the trainer uses after writing a checkpoint on SIGTERM (EX_TEMPFAIL): "preempted".

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from llmop.api.v1alpha1.job import GROUP, KIND, VERSION
-from llmop.api.v1alpha1.search import KIND as SEARCH_KIND
+from llmop_contract.api.v1alpha1.job import GROUP, KIND, VERSION
+from llmop_contract.api.v1alpha1.search import KIND as SEARCH_KIND
 
 SEARCH_LABEL = f"{GROUP}/search-name"
 TRIAL_INDEX_LABEL = f"{GROUP}/trial-index"

@@ -13,11 +13,11 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llmop import conditions as cond
-from llmop.api.v1alpha1.job import GROUP, VERSION
-from llmop.api.v1alpha1.search import PLURAL, LLMHyperparameterSearchSpec
 from llmop.kube import Kube
 from llmop.search import builders, metrics, planner, records, space
 from llmop.search.observe import JobView
+from llmop_contract.api.v1alpha1.job import GROUP, VERSION
+from llmop_contract.api.v1alpha1.search import PLURAL, LLMHyperparameterSearchSpec
 
 
 @dataclass

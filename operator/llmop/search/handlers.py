@@ -11,15 +11,15 @@ from typing import Any
 
 import kopf
 
-from llmop.api.v1alpha1.job import GROUP, VERSION
-from llmop.api.v1alpha1.job import PLURAL as JOB_PLURAL
-from llmop.api.v1alpha1.search import PLURAL
 from llmop.kube import Kube
 from llmop.search import controller, metrics
 from llmop.search.builders import SEARCH_LABEL
 from llmop.search.observe import JobView, job_view
 from llmop.settings import Settings
 from llmop.wakeup import sleep_until_woken
+from llmop_contract.api.v1alpha1.job import GROUP, VERSION
+from llmop_contract.api.v1alpha1.job import PLURAL as JOB_PLURAL
+from llmop_contract.api.v1alpha1.search import PLURAL
 
 SETTINGS = Settings.from_env()
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmop.api.v1alpha1.search import ObjectiveMetric
 from llmop.search.builders import PARAMETERS_ANNOTATION, SEARCH_ROLE_LABEL, TRIAL_INDEX_LABEL
+from llmop_contract.api.v1alpha1.search import ObjectiveMetric
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmop import conditions as cond
-from llmop.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop.api.v1alpha1.search import Algorithm, LLMHyperparameterSearchSpec
-from llmop.api.v1alpha1.search_status import TrialState
 from llmop.search import builders, records, sampler, space, stopping
 from llmop.search.observe import JobView, observation
 from llmop.search.study import Record
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.search import Algorithm, LLMHyperparameterSearchSpec
+from llmop_contract.api.v1alpha1.search_status import TrialState
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from llmop.api.v1alpha1.search import Direction
-from llmop.api.v1alpha1.search_status import MAX_INTERMEDIATE_VALUES, TrialState
 from llmop.search.study import Record
+from llmop_contract.api.v1alpha1.search import Direction
+from llmop_contract.api.v1alpha1.search_status import MAX_INTERMEDIATE_VALUES, TrialState
 
 ACTIVE = (TrialState.PENDING.value, TrialState.RUNNING.value)
 FINISHED = (

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, GPSampler, RandomSampler, TPESampler
 
-from llmop.api.v1alpha1.search import Algorithm, LLMHyperparameterSearchSpec
 from llmop.search import space, study
 from llmop.search.space import Values
+from llmop_contract.api.v1alpha1.search import Algorithm, LLMHyperparameterSearchSpec
 
 
 def trial_seed(seed: int, index: int) -> int:

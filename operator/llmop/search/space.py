@@ -13,8 +13,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from llmop.api.v1alpha1 import tunable
-from llmop.api.v1alpha1.search import (
+from llmop_contract.api.v1alpha1 import tunable
+from llmop_contract.api.v1alpha1.search import (
     LLMHyperparameterSearchSpec,
     Parameter,
     ParameterType,

@@ -16,9 +16,14 @@ from typing import Any
 
 from optuna.pruners import BasePruner, MedianPruner, SuccessiveHalvingPruner
 
-from llmop.api.v1alpha1.search import Direction, EarlyStopping, EarlyStoppingRule, LLMHyperparameterSearchSpec
 from llmop.search import study
 from llmop.search.study import Record
+from llmop_contract.api.v1alpha1.search import (
+    Direction,
+    EarlyStopping,
+    EarlyStoppingRule,
+    LLMHyperparameterSearchSpec,
+)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from llmop.api.v1alpha1.search import Direction, LLMHyperparameterSearchSpec
 from llmop.search import space
+from llmop_contract.api.v1alpha1.search import Direction, LLMHyperparameterSearchSpec
 
 Record = dict[str, Any]  # one entry of status.trials, in manifest form
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmop.api.v1alpha1.lifecycle import Distillation
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
-from llmop.api.v1alpha1.workload import WorkersSpec
+from llmop_contract.api.v1alpha1.lifecycle import Distillation
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.workload import WorkersSpec
 from llmtrain.compress.recovery import train_loader
 from llmtrain.compress.stages import ModelShape, student_spec
 from llmtrain.logs import Logger

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.compress.layout import weights_bytes
 from llmtrain.compress.quantized import Int4WeightOnlyLinear, Int8Embedding, QuantizedLinear
 from llmtrain.train.data import TokenStream, Windows, read_manifest, validation_batches

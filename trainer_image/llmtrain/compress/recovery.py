@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.logs import Logger
 from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest
 from llmtrain.train.engine import param_groups

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from llmop.api.v1alpha1.lifecycle import Distillation, Pruning, PruningMethod, Quantization
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.lifecycle import Distillation, Pruning, PruningMethod, Quantization
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.compress import evaluate, layout
 from llmtrain.compress.load import load_model
 from llmtrain.compress.stages import DEFAULT_INT4_GROUP, ModelShape, Stage

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llmop.api.v1alpha1.lifecycle import (
+from llmop_contract.api.v1alpha1.lifecycle import (
     CompressionSpec,
     Distillation,
     Pruning,
@@ -21,8 +21,8 @@ from llmop.api.v1alpha1.lifecycle import (
     Quantization,
     QuantizationMethod,
 )
-from llmop.api.v1alpha1.model import ModelSpec, TransformerShape
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.model import ModelSpec, TransformerShape
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 
 DEFAULT_INT4_GROUP = 64
 _STAGE = re.compile(r"^(quantize|prune)-(\d+)$|^(distill)$")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from llmop.api.v1alpha1.model import InitScheme, ModelSpec
+from llmop_contract.api.v1alpha1.model import InitScheme, ModelSpec
 
 ROPE_THETA = 10000.0
 RMS_NORM_EPS = 1e-5

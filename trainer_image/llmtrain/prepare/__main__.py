@@ -14,7 +14,7 @@ import sys
 import yaml
 from pydantic import ValidationError
 
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.prepare import ConfigError, run
 
 

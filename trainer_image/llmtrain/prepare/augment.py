@@ -11,7 +11,7 @@ import random
 import string
 from pathlib import Path
 
-from llmop.api.v1alpha1.data import Augmentation
+from llmop_contract.api.v1alpha1.data import Augmentation
 
 Thesaurus = dict[str, list[str]]
 

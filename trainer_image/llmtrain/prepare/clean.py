@@ -13,7 +13,7 @@ import unicodedata
 from collections import Counter
 from typing import Literal
 
-from llmop.api.v1alpha1.data import Cleaning, Normalization
+from llmop_contract.api.v1alpha1.data import Cleaning, Normalization
 from llmtrain.prepare import pii
 
 _SCRIPT = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from llmop.api.v1alpha1.data import NearDuplicates
+from llmop_contract.api.v1alpha1.data import NearDuplicates
 from llmtrain.prepare import lsh, minhash
 from llmtrain.prepare.parallel import map_chunks
 

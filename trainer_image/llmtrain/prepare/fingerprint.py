@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.prepare.readers import ResolvedSource
 
 # Bump when a change to the stage alters its output for the same input, so old shards are rebuilt.

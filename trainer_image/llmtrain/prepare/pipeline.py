@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from llmop.api.v1alpha1.data import Augmentation, Cleaning
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.data import Augmentation, Cleaning
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.prepare import augment, clean, dedup, readers, shards
 from llmtrain.prepare import tokenizer as tok
 from llmtrain.prepare.errors import ConfigError

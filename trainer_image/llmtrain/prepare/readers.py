@@ -26,7 +26,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from llmop.api.v1alpha1.data import DataSource, SourceFormat
+from llmop_contract.api.v1alpha1.data import DataSource, SourceFormat
 from llmtrain import corpus
 from llmtrain.prepare.errors import ConfigError
 

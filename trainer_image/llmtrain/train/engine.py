@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
-from llmop.api.v1alpha1.training import Offload, OptimizerType
-from llmop.render.deepspeed import render_deepspeed_config
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.api.v1alpha1.training import Offload, OptimizerType
+from llmop_contract.deepspeed import render_deepspeed_config
 from llmtrain.logs import Logger
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from llmop.api.v1alpha1.model import ModelSpec
+from llmop_contract.api.v1alpha1.model import ModelSpec
 from llmtrain.model.llama import RMS_NORM_EPS, ROPE_THETA
 from llmtrain.train.data import Manifest
 

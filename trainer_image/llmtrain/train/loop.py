@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmop.api.v1alpha1.trainer_config import TrainerConfig
-from llmop.render.deepspeed import gradient_accumulation_steps
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.deepspeed import gradient_accumulation_steps
 from llmtrain import exitcodes, termination
 from llmtrain.logs import Logger
 from llmtrain.model.llama import Llama, build_model

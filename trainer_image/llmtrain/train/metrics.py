@@ -9,7 +9,7 @@ import sys
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from llmop.api.v1alpha1.model import ModelSpec
+from llmop_contract.api.v1alpha1.model import ModelSpec
 
 # Dense BF16/FP16 tensor-core peak per device, FLOP/s (vendor datasheets, without sparsity).
 PEAK_FLOPS = {

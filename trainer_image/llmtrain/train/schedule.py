@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from llmop.api.v1alpha1.training import LearningRateSchedule, ScheduleType, TrainingSpec
+from llmop_contract.api.v1alpha1.training import LearningRateSchedule, ScheduleType, TrainingSpec
 
 
 def learning_rate(step: int, total_steps: int, peak: float, sched: LearningRateSchedule) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from llmop.api.v1alpha1.training import Sparsity
+from llmop_contract.api.v1alpha1.training import Sparsity
 from llmtrain.model.llama import Linear, Llama
 
 

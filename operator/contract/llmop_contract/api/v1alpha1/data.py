@@ -1,0 +1,171 @@
+"""The data stage: where text comes from and how it is cleaned, deduplicated and sharded."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from llmop_contract.api.base import ApiModel, Rule
+
+
+class SourceFormat(StrEnum):
+    AUTO = "Auto"
+    TEXT = "Text"
+    JSONL = "JSONL"
+    PARQUET = "Parquet"
+
+
+class DataSource(ApiModel):
+    """One input: a local file or directory, an fsspec URL, or a corpus bundled with the trainer."""
+
+    uri: str = Field(min_length=1, max_length=2048)
+    """Path, fsspec URL (s3://, gs://, file://, ...) or builtin://NAME for a bundled corpus."""
+    format: SourceFormat = SourceFormat.AUTO
+    """File format; Auto decides by extension (.txt, .jsonl/.json, .parquet)."""
+    text_field: str = Field("text", min_length=1, max_length=256)
+    """Field holding the document text in JSONL and Parquet records."""
+
+
+class Normalization(StrEnum):
+    NFC = "NFC"
+    NFKC = "NFKC"
+    NONE = "None"
+
+
+class Cleaning(ApiModel):
+    """Document filters in the style of the Gopher and C4 quality rules."""
+
+    rules = (
+        Rule(
+            "self.minWords <= self.maxWords",
+            lambda m: m.min_words <= m.max_words,
+            "minWords must not exceed maxWords",
+            ".minWords",
+        ),
+    )
+
+    enabled: bool = True
+    """Run the cleaning filters at all."""
+    unicode_normalization: Normalization = Normalization.NFKC
+    """Unicode normal form applied to every document."""
+    strip_markup: bool = True
+    """Remove HTML/XML tags and decode entities."""
+    remove_boilerplate: bool = True
+    """Drop lines such as cookie notices, 'all rights reserved', navigation crumbs."""
+    min_words: int = Field(20, ge=0, le=1_000_000)
+    """Documents with fewer words are removed."""
+    max_words: int = Field(100_000, ge=1, le=10_000_000)
+    """Documents with more words are removed."""
+    min_mean_word_length: float = Field(3.0, ge=0, le=100)
+    """Lower bound on mean word length (Gopher: 3)."""
+    max_mean_word_length: float = Field(10.0, ge=1, le=100)
+    """Upper bound on mean word length (Gopher: 10)."""
+    max_symbol_word_ratio: float = Field(0.1, ge=0, le=1)
+    """Maximum ratio of '#' and '...' symbols to words (Gopher: 0.1)."""
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1)
+    """Minimum fraction of words containing a letter (Gopher: 0.8)."""
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
+    """Maximum fraction of lines that repeat within a document (Gopher: 0.3)."""
+    redact_pii: bool = False
+    """Replace email addresses, phone numbers and IP addresses with placeholders."""
+
+
+class NearDuplicates(ApiModel):
+    """MinHash locality-sensitive hashing over word shingles."""
+
+    enabled: bool = True
+    """Remove near-duplicates (keeps one document per cluster)."""
+    shingle_size: int = Field(5, ge=1, le=32)
+    """Words per shingle."""
+    num_permutations: int = Field(128, ge=16, le=1024)
+    """MinHash signature length."""
+    threshold: float = Field(0.8, gt=0, lt=1)
+    """Jaccard similarity above which two documents are duplicates."""
+
+
+class Deduplication(ApiModel):
+    """Exact and near-duplicate removal."""
+
+    exact: bool = True
+    """Remove documents whose normalised text is identical."""
+    near: NearDuplicates = Field(default_factory=NearDuplicates)
+    """Near-duplicate removal."""
+
+
+class Augmentation(ApiModel):
+    """Noise added to copies of documents to stretch a small corpus."""
+
+    enabled: bool = False
+    """Add augmented copies."""
+    copies: int = Field(1, ge=1, le=16)
+    """Augmented copies per document."""
+    word_dropout: float = Field(0.05, ge=0, le=0.5)
+    """Probability of dropping each word."""
+    word_swap: float = Field(0.05, ge=0, le=0.5)
+    """Probability of swapping each word with its neighbour."""
+    char_noise: float = Field(0.0, ge=0, le=0.2)
+    """Probability of a character-level typo per word."""
+    synonym_replacement: float = Field(0.0, ge=0, le=0.5)
+    """Probability of replacing a word by a synonym from thesaurusPath."""
+    thesaurus_path: str | None = Field(None, max_length=2048)
+    """Local file: one line per entry, 'word<TAB>synonym,synonym'."""
+    seed: int = Field(0, ge=0)
+    """Random seed, so a re-run produces the same copies."""
+
+    rules = (
+        Rule(
+            "self.synonymReplacement == 0.0 || has(self.thesaurusPath)",
+            lambda m: m.synonym_replacement == 0 or bool(m.thesaurus_path),
+            "synonymReplacement needs thesaurusPath",
+            ".thesaurusPath",
+        ),
+    )
+
+
+class Tokenizer(ApiModel):
+    """Tokenizer: trained locally on the cleaned corpus, or loaded from a file."""
+
+    path: str | None = Field(None, max_length=2048)
+    """A tokenizer.json to load; unset trains a byte-level BPE with model.vocabSize tokens."""
+
+
+class Sharding(ApiModel):
+    """Tokenised output layout."""
+
+    tokens_per_shard: int = Field(1_048_576, ge=1024, le=1 << 32)
+    """Tokens in each binary shard (the last shard may be shorter)."""
+    validation_fraction: float = Field(0.02, gt=0, lt=0.5)
+    """Fraction of documents held out for validation."""
+    seed: int = Field(1234, ge=0)
+    """Seed for the train/validation split."""
+
+
+class DataSpec(ApiModel):
+    """Data preparation: read, clean, deduplicate, augment, tokenise and shard."""
+
+    prepare: bool = True
+    """Run the preparation Job before training; false expects shards already in storage."""
+    sources: list[DataSource] = Field(default_factory=list, max_length=64)
+    """Inputs; required when prepare is true."""
+    cleaning: Cleaning = Field(default_factory=Cleaning)
+    """Quality filters."""
+    deduplication: Deduplication = Field(default_factory=Deduplication)
+    """Duplicate removal."""
+    augmentation: Augmentation = Field(default_factory=Augmentation)
+    """Augmentation."""
+    tokenizer: Tokenizer = Field(default_factory=Tokenizer)
+    """Tokenizer."""
+    sharding: Sharding = Field(default_factory=Sharding)
+    """Shard layout."""
+    num_workers: int = Field(0, ge=0, le=1024)
+    """Processes for preparation; 0 uses every core."""
+
+    rules = (
+        Rule(
+            "!self.prepare || size(self.sources) > 0",
+            lambda m: not m.prepare or bool(m.sources),
+            "sources must list at least one input when prepare is true",
+            ".sources",
+        ),
+    )

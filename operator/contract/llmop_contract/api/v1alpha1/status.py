@@ -1,0 +1,149 @@
+"""Observed state, written only by the operator through the status subresource."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from llmop_contract.api.base import ApiModel
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A condition per the Kubernetes API conventions."""
+
+    type: str = Field(max_length=316)
+    """Condition type: Created, Running, Restarting, Suspended, Succeeded, Failed, ..."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: str = Field(max_length=1024)
+    """CamelCase reason for the last transition."""
+    message: str = Field("", max_length=32768)
+    """Human-readable detail."""
+    last_transition_time: str
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = Field(None, ge=0)
+    """metadata.generation the condition was computed from."""
+
+
+class JobState(StrEnum):
+    PENDING = "Pending"
+    PREPARING = "Preparing"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    COMPRESSING = "Compressing"
+    SERVING = "Serving"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class StageState(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+
+
+class StageStatus(ApiModel):
+    """One lifecycle stage (prepare, train, compress-*, serve)."""
+
+    name: str = Field(max_length=128)
+    """Stage name."""
+    state: StageState
+    """Stage state."""
+    start_time: str | None = None
+    """When the stage started."""
+    completion_time: str | None = None
+    """When the stage finished."""
+    message: str | None = Field(None, max_length=4096)
+    """Detail, e.g. the failure reason."""
+    results: dict[str, float] = Field(default_factory=dict, max_length=64)
+    """Key figures of the stage (documents kept, perplexity, size ratio, ...)."""
+    method: str | None = Field(None, max_length=64)
+    """Compression method of a compress stage (Int8WeightOnly, Magnitude, Distillation, ...)."""
+    output_path: str | None = Field(None, max_length=1024)
+    """Where the stage wrote its model, on the job's volume."""
+    retries: int | None = Field(None, ge=0)
+    """Failed pods of the stage's Job so far (each retried up to the backoff limit)."""
+
+
+class Progress(ApiModel):
+    """Training progress read from the rank-0 trainer's metrics endpoint."""
+
+    step: int = Field(0, ge=0)
+    """Optimiser steps completed."""
+    total_steps: int | None = Field(None, ge=0)
+    """Steps planned."""
+    percent: int = Field(0, ge=0, le=100)
+    """step / totalSteps in percent."""
+    loss: float | None = None
+    """Latest training loss."""
+    validation_loss: float | None = None
+    """Latest validation loss."""
+    validation_step: int | None = Field(None, ge=0)
+    """Step at which validationLoss was computed (step may already be past it)."""
+    tokens_per_second: float | None = None
+    """Recent training throughput over all ranks."""
+    summary: str | None = Field(None, max_length=128)
+    """Human summary for printer columns, e.g. "420/1000 (42%)"."""
+    eta_seconds: int | None = Field(None, ge=0)
+    """Estimated seconds to finish training."""
+    update_time: str | None = None
+    """When these figures were read."""
+
+
+class ServingStatus(ApiModel):
+    """Where the served model answers."""
+
+    url: str | None = None
+    """In-cluster URL of the completions API."""
+    ready: bool = False
+    """All serving replicas are ready."""
+    ready_replicas: int = Field(0, ge=0)
+    """Serving replicas that pass their readiness probe."""
+    kind: str | None = Field(None, max_length=64)
+    """What serves the model: Deployment or InferenceService."""
+    model_path: str | None = None
+    """Model directory being served."""
+    onnx_path: str | None = None
+    """ONNX export of the served model (serving.onnxExport), verified with onnxruntime."""
+
+
+class LLMTrainingJobStatus(ApiModel):
+    """Observed state of an LLMTrainingJob."""
+
+    state: JobState | None = None
+    """One-word summary for printer columns; conditions carry the detail."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Conditions keyed by type."""
+    observed_generation: int | None = None
+    """metadata.generation last reconciled."""
+    start_time: str | None = None
+    """When the job was first acknowledged by the operator."""
+    completion_time: str | None = None
+    """When the job reached Succeeded or Failed."""
+    restart_count: int = 0
+    """Gang restarts that counted against backoffLimit."""
+    disruption_count: int = 0
+    """Gang restarts caused by evictions, preemptions or node loss (not counted against backoffLimit)."""
+    attempt: int = 0
+    """Current gang attempt (0 before the first gang is created)."""
+    stages: list[StageStatus] = Field(default_factory=list)
+    """Per-stage state and results."""
+    progress: Progress | None = None
+    """Training progress."""
+    output_model_path: str | None = None
+    """Model directory chosen as the job's output."""
+    selected_stage: str | None = None
+    """Compression stage picked by compression.selection (unset: the trained model is the output)."""
+    serving: ServingStatus | None = None
+    """Serving endpoint."""

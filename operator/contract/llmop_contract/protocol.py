@@ -1,0 +1,256 @@
+"""What crosses the pod boundary between the operator and ``llmtrain``, defined once for both sides.
+
+The operator builds pods (environment, stage names, metrics port) and later reads what the trainer
+left behind (exit code, termination message, Prometheus samples); the trainer reads the environment
+and writes those. Anything one side writes and the other reads is named here, so a rename is one
+edit and a mismatch is a type error rather than a string that silently stops matching.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ExitCode(IntEnum):
+    """``llmtrain`` exit codes; the operator's restart policy keys on them."""
+
+    OK = 0
+    FAILED = 1
+    """A crash: retried up to spec.failurePolicy.backoffLimit."""
+    BAD_CONFIG = 2
+    """The configuration is invalid and nothing was started: retrying cannot help."""
+    PREEMPTED = 75
+    """EX_TEMPFAIL: SIGTERM received, checkpoint written; restart to resume (not a failure)."""
+
+
+# --- Stage names ----------------------------------------------------------------------------------
+
+
+class StageKind(StrEnum):
+    QUANTIZE = "quantize"
+    PRUNE = "prune"
+    DISTILL = "distill"
+
+
+_STAGE_NAME = re.compile(r"^(quantize|prune)-(0|[1-9][0-9]?)$|^distill$")
+
+
+@dataclass(frozen=True)
+class StageName:
+    """A post-training stage: ``quantize-<i>`` / ``prune-<i>`` (index into the spec's list) or ``distill``.
+
+    The operator names child Jobs and status entries with ``str(stage)``; ``llmtrain compress
+    --stage`` parses it back with ``StageName.parse``.
+    """
+
+    kind: StageKind
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind is StageKind.DISTILL) != (self.index is None):
+            raise ValueError(f"stage {self.kind.value}: an index is required for quantize/prune only")
+
+    def __str__(self) -> str:
+        return self.kind.value if self.index is None else f"{self.kind.value}-{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> StageName:
+        match = _STAGE_NAME.match(text)
+        if match is None:
+            raise ValueError(f"{text!r}: expected quantize-<i>, prune-<i> or distill")
+        if match.group(1) is None:
+            return cls(StageKind.DISTILL)
+        return cls(StageKind(match.group(1)), int(match.group(2)))
+
+
+def quantize(index: int) -> StageName:
+    return StageName(StageKind.QUANTIZE, index)
+
+
+def prune(index: int) -> StageName:
+    return StageName(StageKind.PRUNE, index)
+
+
+DISTILL: Final = StageName(StageKind.DISTILL)
+
+
+# --- Environment ----------------------------------------------------------------------------------
+
+
+class Env(StrEnum):
+    """Environment variables the operator sets on trainer containers (or a launcher on its child)."""
+
+    JOB_NAME = "LLMOP_JOB_NAME"
+    JOB_NAMESPACE = "LLMOP_JOB_NAMESPACE"
+    ATTEMPT = "LLMOP_ATTEMPT"
+    """The gang's attempt number: restarts increment it."""
+    METRICS_PORT = "LLMOP_METRICS_PORT"
+    """Rank 0 serves Prometheus metrics here; the operator scrapes progress from it."""
+    METRICS_ADDR = "LLMOP_METRICS_ADDR"
+    """The pod IP (downward API): where rank 0 binds its metrics server."""
+    PEAK_FLOPS = "LLMOP_PEAK_FLOPS"
+    """Overrides the per-device peak FLOP/s table for MFU."""
+    TERMINATION_LOG = "LLMOP_TERMINATION_LOG"
+    """Where to write the termination message instead of /dev/termination-log."""
+    STATUS_FILE = "LLMTRAIN_STATUS_FILE"
+    """Set by ``llmtrain launch`` for its ranks: rank 0 writes "preempted" there before exiting."""
+    LOG_FORMAT = "LLMTRAIN_LOG_FORMAT"
+    """``json`` for JSON log lines, else logfmt."""
+
+
+# --- Prometheus metrics the operator reads from rank 0 --------------------------------------------
+
+
+class Metric(StrEnum):
+    """Trainer metrics the operator scrapes into status.progress (the trainer exports more)."""
+
+    STEP = "llmtrain_step"
+    TOTAL_STEPS = "llmtrain_total_steps"
+    LOSS = "llmtrain_loss"
+    VALIDATION_LOSS = "llmtrain_validation_loss"
+    VALIDATION_STEP = "llmtrain_validation_step"
+    TOKENS_PER_SECOND = "llmtrain_tokens_per_second"
+    ETA_SECONDS = "llmtrain_eta_seconds"
+
+
+# --- Termination message --------------------------------------------------------------------------
+
+TERMINATION_LOG_PATH: Final = "/dev/termination-log"
+# The kubelet keeps at most 4096 bytes per container; a longer message would be cut mid-JSON.
+TERMINATION_LIMIT: Final = 4096
+# status.stages[].results is bounded (maxProperties 64).
+MAX_RESULTS: Final = 64
+
+
+class TerminationMessage(BaseModel):
+    """A stage's last words, which the kubelet copies into the pod's status when the container exits.
+
+    The operator reads a stage's key figures from the pod object, with no API permission for the
+    trainer and without reading the job's volume.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    step: int | None = None
+    total_steps: int | None = Field(default=None, alias="totalSteps")
+    loss: float | None = None
+    validation_loss: float | None = Field(default=None, alias="validationLoss")
+    validation_step: int | None = Field(default=None, alias="validationStep")
+    results: dict[str, float] = Field(default_factory=dict)
+    """A compression or export stage's figures: sizeRatio, perplexityIncreasePercent, speedup, ..."""
+    model_path: str | None = Field(default=None, alias="modelPath")
+    """Where the stage wrote its model, relative to the job volume's root or absolute."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Further trainer-side fields (reason, problems, ...) kept in the message for humans."""
+    truncated: bool = False
+    """Set when entries were dropped to fit TERMINATION_LIMIT."""
+
+    def encode(self) -> str:
+        """Compact JSON within TERMINATION_LIMIT; drops the largest entries first if it does not fit."""
+        data = self.model_dump(by_alias=True, exclude_none=True, exclude={"extra", "truncated"})
+        data = {k: v for k, v in data.items() if v != {}}
+        data.update(self.extra)
+        text = _dumps(data)
+        while len(text.encode()) > TERMINATION_LIMIT and data:
+            largest = max(data, key=lambda k: len(json.dumps(data[k], default=str)))
+            data.pop(largest)
+            data["truncated"] = True
+            text = _dumps(data)
+        return text
+
+    @classmethod
+    def decode(cls, text: str | None) -> TerminationMessage:
+        """Lenient: the message is untrusted text (a crash leaves its last log lines there), so each
+        field that is not of the expected shape is dropped instead of failing the reconcile."""
+        try:
+            raw = json.loads(text) if text else {}
+        except ValueError:
+            return cls()
+        if not isinstance(raw, dict):
+            return cls()
+        fields: dict[str, Any] = {}
+        for key in ("step", "totalSteps", "validationStep"):
+            if (number := _finite(raw.get(key))) is not None:
+                fields[key] = int(number)
+        for key in ("loss", "validationLoss"):
+            if (number := _finite(raw.get(key))) is not None:
+                fields[key] = number
+        results = raw.get("results")
+        if isinstance(results, dict):
+            fields["results"] = {
+                str(k): n for k, v in list(results.items())[:MAX_RESULTS] if (n := _finite(v)) is not None
+            }
+        path = raw.get("modelPath")
+        if isinstance(path, str) and path:
+            fields["modelPath"] = path
+        fields["truncated"] = raw.get("truncated") is True
+        fields["extra"] = {k: v for k, v in raw.items() if k not in _KNOWN}
+        return cls.model_validate(fields)
+
+
+_KNOWN = frozenset(
+    {"step", "totalSteps", "loss", "validationLoss", "validationStep", "results", "modelPath", "truncated"}
+)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, default=str)
+
+
+# --- Data manifest --------------------------------------------------------------------------------
+
+MANIFEST_FILE: Final = "manifest.json"
+SHARD_FORMAT: Final = "llmop-shards-v1"
+
+
+class Shard(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    file: str
+    """Relative to the data directory: ``<split>-NNNNN.bin``, raw little-endian token ids."""
+    tokens: int = Field(ge=0)
+    sha256: str
+
+
+class DataManifest(BaseModel):
+    """``<data_dir>/manifest.json``: what the prepare stage wrote and the train stage reads.
+
+    Written last (atomically), so its presence means the shards it lists are complete.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal["llmop-shards-v1"] = SHARD_FORMAT
+    dtype: Literal["uint16", "uint32"]
+    vocab_size: int = Field(gt=0)
+    eos_id: int = Field(ge=0)
+    pad_id: int = Field(ge=0)
+    tokenizer: str = "tokenizer.json"
+    splits: dict[str, list[Shard]]
+    stats: dict[str, Any] = Field(default_factory=dict)
+    """Counts and timings of the run that wrote it (documents in/out, duplicates removed, ...)."""
+    config_hash: str = ""
+    """Fingerprint of the inputs and the data spec: a re-run with the same one has nothing to do."""
+
+    def files(self, split: str) -> list[str]:
+        return [s.file for s in self.splits.get(split, [])]
+
+    def tokens(self, split: str) -> int:
+        return sum(s.tokens for s in self.splits.get(split, []))
+
+    def dump(self) -> str:
+        return self.model_dump_json(indent=1)

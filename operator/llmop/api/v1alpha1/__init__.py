@@ -1,6 +1,0 @@
-"""llmop.io/v1alpha1."""
-
-from llmop.api.v1alpha1.job import GROUP, KIND, PLURAL, VERSION, LLMTrainingJobSpec
-from llmop.api.v1alpha1.status import LLMTrainingJobStatus
-
-__all__ = ["GROUP", "KIND", "PLURAL", "VERSION", "LLMTrainingJobSpec", "LLMTrainingJobStatus"]

@@ -1,1 +1,0 @@
-"""Pure renderers: API objects in, plain dicts out (no Kubernetes client, no torch)."""
