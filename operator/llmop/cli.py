@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return crdgen.main(["crdgen", args.out_dir])
     if args.command in ("dev", "logs") and importlib.util.find_spec("llmop_dev") is None:
         # The operator image installs only the operator and the contract (operator/Dockerfile).
-        print("llmop: the development tools (llmop-dev, operator/dev) are not installed here", file=sys.stderr)
+        print(
+            "llmop: the development tools (llmop-dev, operator/dev) are not installed here", file=sys.stderr
+        )
         return 2
     if args.command == "dev" and args.dev_command == "cluster":
         from llmop_dev import cluster as devcluster
