@@ -8,15 +8,18 @@ until its object is gone, and never reused while another pod holds it.
 from __future__ import annotations
 
 import ipaddress
+import random
 
 POD_CIDR = ipaddress.IPv4Network("127.2.0.0/16")
 
 
 class Allocator:
-    def __init__(self, cidr: ipaddress.IPv4Network = POD_CIDR) -> None:
+    def __init__(self, cidr: ipaddress.IPv4Network = POD_CIDR, start: int | None = None) -> None:
         # x.y.z.0 and x.y.z.255 are skipped: legal on lo, but they read as network/broadcast addresses.
         self._free = [str(ip) for ip in cidr.hosts() if ip.packed[-1] not in (0, 255)]
-        self._next = 0
+        # A random first address: two runtimes on one machine (two clusters, e.g. two checkouts'
+        # test suites) share lo, and both starting at 127.2.0.1 would hand out the same IP:port.
+        self._next = random.randrange(len(self._free)) if start is None else start
         self._held: dict[str, str] = {}  # pod uid -> IP
 
     def get(self, uid: str) -> str | None:
