@@ -252,3 +252,27 @@ def test_manifests_hold_only_plain_json_values(case: str) -> None:
     job = job_ref(case)
     for stage, (meta, spec) in stage_pods(job).items():
         assert plain_leaves(meta) + plain_leaves(spec) == [], stage
+
+
+def test_a_user_variable_named_like_a_gang_variable_does_not_bring_the_gangs_value_along() -> None:
+    # The compression pods once kept every worker variable whose name the user also set.
+    name, raw = variant(workers={"env": [{"name": "NNODES", "value": "9"}]})
+    job = JobRef(name, "team", "uid-1", LLMTrainingJobSpec.model_validate(raw))
+    for stage, (_, spec) in stage_pods(job).items():
+        env = spec["containers"][0]["env"]
+        if not stage.startswith("worker-"):
+            user = [] if stage == "prepare" else [{"name": "NNODES", "value": "9"}]  # prepare: none
+            assert [e for e in env if e["name"] == "NNODES"] == user, stage
+
+
+def test_gang_scheduling_metadata_never_reaches_the_other_stages() -> None:
+    for case in ("full", "volcano", "coscheduling"):  # Kueue, Volcano, coscheduling
+        for stage, (meta, _) in stage_pods(job_ref(case)).items():
+            if not stage.startswith("worker-"):
+                assert "annotations" not in meta, (case, stage)
+
+
+def test_worker_pod_spec_is_the_workers_spec() -> None:
+    job = job_ref("full")
+    assert workers.worker_pod_spec(job, 2, 5) == workers.build_worker(job, 2, attempt=5)["spec"]
+    assert workers.worker_pod_spec(job)["containers"][0]["resources"] == workers.resources(job)

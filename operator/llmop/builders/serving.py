@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from llmop import naming
-from llmop.builders import JobRef, Manifest, storage, workers
+from llmop.builders import JobRef, Manifest, pod
 from llmop_contract.api.v1alpha1.lifecycle import ServingSpec
 
 KSERVE_API = "serving.kserve.io/v1beta1"
+# preStop, then in-flight requests drain on SIGTERM (llmtrain serve's default --drain-timeout is
+# 25 s: 5 + 25 fits).
+GRACE_SECONDS = 35
+PRE_STOP_SECONDS = 5
 
 
 def _spec(job: JobRef) -> ServingSpec:
@@ -16,74 +18,46 @@ def _spec(job: JobRef) -> ServingSpec:
     return job.spec.serving
 
 
-def _resources(job: JobRef) -> Manifest:
-    res = _spec(job).resources
-    out: Manifest = {}
-    if res.requests:
-        out["requests"] = {k: str(v) for k, v in res.requests.items()}
-    if res.limits:
-        out["limits"] = {k: str(v) for k, v in res.limits.items()}
-    return out
+def _http_probe(path: str, period: int) -> Manifest:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period}
 
 
-def _container(job: JobRef, model_path: str) -> Manifest:
+def _server(job: JobRef, name: str, model_path: str, extra_args: list[str]) -> Manifest:
+    """`llmtrain serve` in the trainer's image, with its port and its readiness probe."""
     s = _spec(job)
-    worker = workers.build_worker(job, 0, attempt=0)["spec"]["containers"][0]
-    probe: dict[str, Any] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
-    return {
-        "name": "serve",
-        "image": worker["image"],
-        "imagePullPolicy": worker["imagePullPolicy"],
-        "command": ["llmtrain"],
-        "args": [
-            "serve",
-            "--model-dir",
-            model_path,
-            # The pod IP, not a wildcard: the server listens where the Service sends traffic.
-            "--host",
-            "$(POD_IP)",
-            "--port",
-            str(s.port),
-            "--max-batch-size",
-            str(s.max_batch_size),
-            "--model-name",
-            job.name,
-        ],
-        "env": [
-            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "HOME", "value": "/tmp"},
-            *({"name": e.name, "value": e.value} for e in job.spec.workers.env),
-        ],
-        "ports": [{"name": "http", "containerPort": s.port}],
-        "resources": _resources(job),
-        # Loading a model takes a while: traffic only once /readyz says the warm-up generation ran,
-        # and liveness only after startup, so a slow load is not mistaken for a hang.
-        "startupProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
-            "periodSeconds": 5,
-            "failureThreshold": 60,
-        },
-        "readinessProbe": probe,
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
-        # Leave the Service's endpoints before SIGTERM starts the drain (llmtrain serve's default
-        # --drain-timeout is 25 s: 5 + 25 fits the grace period below).
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
-        "volumeMounts": storage.volume_mounts(),
-        "securityContext": worker["securityContext"],
-    }
+    args = [
+        "serve",
+        "--model-dir",
+        model_path,
+        # The pod IP, not a wildcard: the server listens where the Service sends traffic.
+        "--host",
+        "$(POD_IP)",
+        "--port",
+        str(s.port),
+        "--max-batch-size",
+        str(s.max_batch_size),
+        "--model-name",
+        job.name,
+        *extra_args,
+    ]
+    # The user's environment (DS_ACCELERATOR, ...), not the trainer's identity or a gang member's.
+    env = [pod.field_var("POD_IP", "status.podIP"), *pod.home_env(), *pod.user_env(job)]
+    main = pod.container(job, name, args, env, pod.resources(s.resources.requests, s.resources.limits))
+    main["ports"] = [{"name": "http", "containerPort": s.port}]
+    # Traffic only once /readyz says the warm-up generation ran.
+    main["readinessProbe"] = _http_probe("/readyz", 5)
+    return main
 
 
-def _pod_spec(job: JobRef, model_path: str) -> Manifest:
-    worker = workers.build_worker(job, 0, attempt=0)["spec"]
-    spec: Manifest = {
-        k: v
-        for k, v in worker.items()
-        if k
-        not in ("hostname", "subdomain", "schedulingGates", "schedulerName", "containers", "restartPolicy")
-    }
-    spec["terminationGracePeriodSeconds"] = 35  # preStop, then in-flight requests drain on SIGTERM
-    spec["containers"] = [_container(job, model_path)]
-    return spec
+def _serve_container(job: JobRef, model_path: str) -> Manifest:
+    main = _server(job, "serve", model_path, [])
+    # Loading a model takes a while: liveness only after startup, so a slow load is not mistaken
+    # for a hang.
+    main["startupProbe"] = {**_http_probe("/healthz", 5), "failureThreshold": 60}
+    main["livenessProbe"] = _http_probe("/healthz", 10)
+    # Leave the Service's endpoints before SIGTERM starts the drain.
+    main["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}}
+    return main
 
 
 def labels(job: JobRef) -> dict[str, str]:
@@ -92,6 +66,11 @@ def labels(job: JobRef) -> dict[str, str]:
 
 def build_deployment(job: JobRef, model_path: str) -> Manifest:
     s = _spec(job)
+    pod_spec = {
+        **pod.pod_spec(job, _serve_container(job, model_path)),
+        **pod.priority(job),
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -101,7 +80,7 @@ def build_deployment(job: JobRef, model_path: str) -> Manifest:
             "selector": {"matchLabels": naming.selector(job.name, naming.ROLE_SERVE)},
             # Never fewer ready replicas than asked for while a new model rolls out.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": labels(job)}, "spec": _pod_spec(job, model_path)},
+            "template": {"metadata": {"labels": labels(job)}, "spec": pod_spec},
         },
     }
 
@@ -119,22 +98,19 @@ def build_service(job: JobRef) -> Manifest:
 
 
 def build_inference_service(job: JobRef, model_path: str) -> Manifest:
-    """KServe's custom-container predictor: same image, command and volume as the Deployment."""
+    """KServe's custom-container predictor: same image, command and volume as the Deployment.
+
+    KServe routes to the container's first port and runs its own probes on the queue proxy, so the
+    container has no startup or liveness probe and no preStop; its queue-proxy sidecar (serverless
+    mode) dials the server on loopback.
+    """
     s = _spec(job)
-    pod = _pod_spec(job, model_path)
-    container = pod.pop("containers")[0]
-    # KServe routes to the container's first port and runs its own probes on the queue proxy.
-    for key in ("startupProbe", "livenessProbe"):
-        container.pop(key, None)
-    container["name"] = "kserve-container"
-    container.pop("lifecycle", None)
-    # KServe's queue-proxy sidecar (serverless mode) dials the server on loopback.
-    container["args"] = [*container["args"], "--host", "127.0.0.1"]
+    main = _server(job, "kserve-container", model_path, ["--host", "127.0.0.1"])
     predictor: Manifest = {
-        **{k: v for k, v in pod.items() if k != "terminationGracePeriodSeconds"},
+        **pod.pod_spec(job, main),
+        **pod.priority(job),
         "minReplicas": s.replicas,
         "maxReplicas": max(s.replicas, 1),
-        "containers": [container],
     }
     return {
         "apiVersion": KSERVE_API,

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from llmop import naming
-from llmop.builders import JobRef, Manifest, storage
+from llmop.builders import JobRef, Manifest, pod
 from llmop_contract.api.v1alpha1.workload import GangScheduler
+from llmop_contract.protocol import Env, ExitCode
 
-TRAINER_UID = 1000
-# Exit code the trainer uses after writing a checkpoint on SIGTERM (EX_TEMPFAIL): "preempted".
-PREEMPTED_EXIT_CODE = 75
+TRAINER_UID = pod.TRAINER_UID
+# Kept for observe.py until it reads ExitCode.PREEMPTED itself.
+PREEMPTED_EXIT_CODE = int(ExitCode.PREEMPTED)
+CHECKPOINT_GRACE_SECONDS = 120  # time to write a checkpoint on SIGTERM
+GPU = "nvidia.com/gpu"
 
 SCHEDULER_NAMES = {
     GangScheduler.VOLCANO: "volcano",
@@ -39,13 +42,7 @@ def build_service(job: JobRef) -> Manifest:
 
 
 def build_service_account(job: JobRef) -> Manifest:
-    """The trainer's identity: bound to no Role, so a compromised pod can do nothing to the API."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": job.metadata(naming.service_account_name(job.name), naming.common_labels(job.name)),
-        "automountServiceAccountToken": False,
-    }
+    return pod.service_account(job)
 
 
 def master_addr(job: JobRef) -> str:
@@ -54,41 +51,34 @@ def master_addr(job: JobRef) -> str:
 
 def _env(job: JobRef, index: int, attempt: int) -> list[Manifest]:
     w = job.spec.workers
-    plain = {
+    rendezvous = {
         "MASTER_ADDR": master_addr(job),
         "MASTER_PORT": str(w.master_port),
         "NNODES": str(w.num_nodes),
         "NODE_RANK": str(index),
         "NPROC_PER_NODE": str(w.procs_per_node),
-        "LLMOP_JOB_NAME": job.name,
-        "LLMOP_JOB_NAMESPACE": job.namespace,
-        "LLMOP_ATTEMPT": str(attempt),
-        "LLMOP_METRICS_PORT": str(w.metrics_port),
-        # Caches that default to $HOME must land on a writable volume (root filesystem is read-only).
-        "HOME": "/tmp",
-        "TRITON_CACHE_DIR": "/tmp/triton",
-        "TORCH_EXTENSIONS_DIR": "/tmp/torch_extensions",
     }
-    env: list[Manifest] = [{"name": k, "value": v} for k, v in plain.items()]
-    # Rank 0 serves metrics on its pod IP, which is where the operator scrapes progress from.
-    env.append({"name": "LLMOP_METRICS_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
-    env += [{"name": e.name, "value": e.value} for e in w.env]
-    return env
+    return [
+        *(pod.var(k, v) for k, v in rendezvous.items()),
+        *pod.identity_env(job),
+        pod.var(Env.ATTEMPT, str(attempt)),
+        pod.var(Env.METRICS_PORT, str(w.metrics_port)),
+        *pod.cache_env(),
+        # Rank 0 serves metrics on its pod IP, which is where the operator scrapes progress from.
+        pod.field_var(Env.METRICS_ADDR, "status.podIP"),
+        *pod.user_env(job),
+    ]
 
 
-def _resources(job: JobRef) -> Manifest:
+def resources(job: JobRef) -> Manifest:
+    """A worker's requests and limits: spec.workers.resourcesPerNode plus its GPUs."""
     w = job.spec.workers
-    requests: dict[str, Any] = {k: str(v) for k, v in w.resources_per_node.requests.items()}
-    limits: dict[str, Any] = {k: str(v) for k, v in w.resources_per_node.limits.items()}
+    requests: dict[str, Any] = dict(w.resources_per_node.requests)
+    limits: dict[str, Any] = dict(w.resources_per_node.limits)
     if w.gpus_per_node:
         # Extended resources must have requests == limits.
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(w.gpus_per_node)
-    out: Manifest = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+        requests[GPU] = limits[GPU] = str(w.gpus_per_node)
+    return pod.resources(requests, limits)
 
 
 def uses_kueue(job: JobRef) -> bool:
@@ -105,7 +95,18 @@ def scheduling_gates(job: JobRef) -> list[str]:
     return []  # Volcano / coscheduling place the PodGroup all or nothing themselves
 
 
-def build_worker(job: JobRef, index: int, attempt: int) -> Manifest:
+def _gang_scheduling(job: JobRef) -> Manifest:
+    """What puts a worker into its gang's scheduling group: gates and scheduler on the pod spec."""
+    sched = job.spec.scheduling
+    spec: Manifest = {}
+    if gates := scheduling_gates(job):
+        spec["schedulingGates"] = [{"name": g} for g in gates]
+    if scheduler := sched.scheduler_name or SCHEDULER_NAMES.get(sched.gang_scheduler):
+        spec["schedulerName"] = scheduler
+    return spec
+
+
+def _metadata(job: JobRef, index: int, attempt: int) -> Manifest:
     w = job.spec.workers
     sched = job.spec.scheduling
     labels = {
@@ -124,62 +125,39 @@ def build_worker(job: JobRef, index: int, attempt: int) -> Manifest:
         annotations["scheduling.k8s.io/group-name"] = naming.pod_group_name(job.name)
     elif sched.gang_scheduler == GangScheduler.COSCHEDULING:
         labels["scheduling.x-k8s.io/pod-group"] = naming.pod_group_name(job.name)
+    return job.metadata(naming.worker_name(job.name, index), labels, annotations)
 
-    pod_spec: Manifest = {
+
+def worker_pod_spec(job: JobRef, index: int = 0, attempt: int = 0) -> Manifest:
+    """Worker `index`'s pod spec. Members of a gang differ only in their hostname and their
+    NODE_RANK / LLMOP_ATTEMPT variables, so the default is enough to read a worker's requests and
+    placement (gang admission)."""
+    w = job.spec.workers
+    main = pod.container(
+        job, "trainer", ["train", pod.CONFIG_PATH], _env(job, index, attempt), resources(job)
+    )
+    main["ports"] = [
+        {"name": "rendezvous", "containerPort": w.master_port},
+        {"name": "metrics", "containerPort": w.metrics_port},
+    ]
+    return {
+        **pod.pod_spec(job, main),
         "restartPolicy": "Never",  # the operator restarts the whole gang, never a single pod
+        "terminationGracePeriodSeconds": CHECKPOINT_GRACE_SECONDS,
+        # <hostname>.<subdomain> resolves through the headless Service: MASTER_ADDR is worker 0's.
         "hostname": naming.worker_name(job.name, index),
         "subdomain": naming.service_name(job.name),
-        "serviceAccountName": naming.service_account_name(job.name),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [
-            {
-                "name": "trainer",
-                "image": w.image,
-                "imagePullPolicy": w.image_pull_policy,
-                "command": ["llmtrain"],
-                "args": ["train", f"{naming.CONFIG_MOUNT}/{naming.CONFIG_FILE}"],
-                "env": _env(job, index, attempt),
-                "ports": [
-                    {"name": "rendezvous", "containerPort": w.master_port},
-                    {"name": "metrics", "containerPort": w.metrics_port},
-                ],
-                "resources": _resources(job),
-                "volumeMounts": storage.volume_mounts(),
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "capabilities": {"drop": ["ALL"]},
-                },
-            }
-        ],
-        "volumes": storage.volumes(job),
+        **_gang_scheduling(job),
+        **pod.priority(job),
     }
-    if gates := scheduling_gates(job):
-        pod_spec["schedulingGates"] = [{"name": g} for g in gates]
-    if scheduler := sched.scheduler_name or SCHEDULER_NAMES.get(sched.gang_scheduler):
-        pod_spec["schedulerName"] = scheduler
-    if w.node_selector:
-        pod_spec["nodeSelector"] = dict(w.node_selector)
-    if w.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in w.tolerations]
-    if w.affinity:
-        pod_spec["affinity"] = w.affinity
-    if w.priority_class_name:
-        pod_spec["priorityClassName"] = w.priority_class_name
+
+
+def build_worker(job: JobRef, index: int, attempt: int) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": job.metadata(naming.worker_name(job.name, index), labels, annotations),
-        "spec": pod_spec,
+        "metadata": _metadata(job, index, attempt),
+        "spec": worker_pod_spec(job, index, attempt),
     }
 
 

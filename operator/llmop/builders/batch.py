@@ -1,0 +1,51 @@
+"""The batch Job around a run-to-completion stage's pod (data preparation, compression, ONNX export)."""
+
+from __future__ import annotations
+
+from llmop.builders import JobRef, Manifest
+
+# As long as a worker gets to write its checkpoint: a stage stopped by an eviction finishes its write.
+GRACE_SECONDS = 120
+
+
+def ignore_disruptions() -> Manifest:
+    """Evictions and preemptions are not the stage's fault: they do not use up retries."""
+    return {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def fail_on_exit_codes(container: str, codes: list[int]) -> Manifest:
+    """A podFailurePolicy rule: these exit codes fail the Job at once (retrying cannot help)."""
+    return {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": container, "operator": "In", "values": codes},
+    }
+
+
+def batch_job(
+    job: JobRef,
+    name: str,
+    labels: dict[str, str],
+    template_metadata: Manifest,
+    pod_spec: Manifest,
+    *,
+    backoff_limit: int,
+    failure_rules: list[Manifest],
+) -> Manifest:
+    """A Job running the pod once to completion (retried by the Job controller, never restarted in place)."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": job.metadata(name, labels),
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "podFailurePolicy": {"rules": [ignore_disruptions(), *failure_rules]},
+            "template": {
+                "metadata": template_metadata,
+                "spec": {
+                    **pod_spec,
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": GRACE_SECONDS,
+                },
+            },
+        },
+    }
