@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-GROUP = "llmop.io"
+from llmop_contract.api.v1alpha1.job import GROUP
+
 JOB_NAME_LABEL = f"{GROUP}/job-name"
 ROLE_LABEL = f"{GROUP}/role"
 ATTEMPT_LABEL = f"{GROUP}/attempt"

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llmop.naming import MANAGED_BY
 from llmop_contract.api.v1alpha1.job import GROUP, KIND, VERSION
 from llmop_contract.api.v1alpha1.search import KIND as SEARCH_KIND
 
@@ -57,7 +58,7 @@ def _job(
             "namespace": ref.namespace,
             "labels": {
                 SEARCH_LABEL: ref.name,
-                "app.kubernetes.io/managed-by": "llmop",
+                "app.kubernetes.io/managed-by": MANAGED_BY,
                 "app.kubernetes.io/part-of": ref.name,
                 **labels,
             },
