@@ -9,6 +9,7 @@ from typing import Any
 from llmop.search import planner
 from llmop.search.observe import JobView
 from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
+from llmop_contract.api.v1alpha1.search_status import LLMHyperparameterSearchStatus
 
 T0 = datetime(2026, 11, 24, 8, 0, 0, tzinfo=UTC)
 LR = {
@@ -80,7 +81,8 @@ def done(index: int, val: float, step: int = 100) -> JobView:
 
 class Search:
     """A search driven pass by pass, the way the controller does: status out of one pass is the
-    status into the next."""
+    status into the next. ``status`` is kept in manifest form (what the apiserver stores), so each
+    pass also reads and writes it the way the controller does."""
 
     def __init__(self, s: LLMHyperparameterSearchSpec, name: str = "s") -> None:
         self.spec, self.name = s, name
@@ -89,9 +91,10 @@ class Search:
 
     def step(self, jobs: list[JobView], seconds: float = 1, **observed: Any) -> planner.Plan:
         self.now += timedelta(seconds=seconds)
-        snap = planner.SearchSnapshot(self.name, "ns", "uid-1", 1, self.spec, copy.deepcopy(self.status))
+        status = LLMHyperparameterSearchStatus.model_validate(copy.deepcopy(self.status))
+        snap = planner.SearchSnapshot(self.name, "ns", "uid-1", 1, self.spec, status)
         result = planner.plan(snap, planner.Observed(jobs=jobs, now=self.now, **observed))
-        self.status = result.status
+        self.status = result.status.to_wire()
         return result
 
     def trial(self, index: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 
 from llmop.search import planner, sampler, space
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.search_status import LLMHyperparameterSearchStatus
 from tests.search.helpers import LR, T0, Search, done, job, spec
 
 
@@ -195,10 +196,13 @@ def test_grid_ends_when_its_points_run_out() -> None:
 
 
 def test_invalid_spec_is_reported_as_failed() -> None:
-    result = planner.reject({}, 3, T0 + timedelta(seconds=1), "parameter lr: ...")
-    failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
+    result = planner.reject(
+        LLMHyperparameterSearchStatus(), 3, T0 + timedelta(seconds=1), "parameter lr: ..."
+    )
+    status = result.status.to_wire()
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSpec" and failed["observedGeneration"] == 3
-    assert result.status["state"] == "Failed"
+    assert status["state"] == "Failed"
 
 
 def test_a_sampler_missing_from_the_operator_image_fails_the_search(monkeypatch: pytest.MonkeyPatch) -> None:

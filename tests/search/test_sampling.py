@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from llmop.search import sampler, space, stopping
+from llmop_contract.api.v1alpha1.search_status import TrialStatus
 from tests.search.helpers import LR, spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,15 +22,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 def record(
     index: int, lr: float, value: float | None = None, state: str = "Succeeded", **extra: Any
-) -> dict[str, Any]:
-    return {
-        "index": index,
-        "name": f"s-{index:03d}",
-        "parameters": {"lr": lr},
-        "state": state,
-        "value": value,
-        **extra,
-    }
+) -> TrialStatus:
+    return TrialStatus.model_validate(
+        {
+            "index": index,
+            "name": f"s-{index:03d}",
+            "parameters": {"lr": lr},
+            "state": state,
+            "value": value,
+            **extra,
+        }
+    )
 
 
 def objective(lr: float) -> float:
@@ -39,12 +42,12 @@ def objective(lr: float) -> float:
 
 def run_search(algorithm: str, trials: int, **extra: Any) -> list[float]:
     sp = spec(algorithm=algorithm, maxTrials=trials, parallelTrials=1, **extra)
-    history: list[dict[str, Any]] = []
+    history: list[TrialStatus] = []
     for i in range(trials):
         values = sampler.suggest(sp, history, i)
         assert values is not None
         history.append(record(i, values["lr"], objective(values["lr"])))
-    return [r["parameters"]["lr"] for r in history]
+    return [float(r.parameters["lr"]) for r in history]
 
 
 def test_grid_visits_the_cartesian_product_in_order() -> None:

@@ -18,6 +18,8 @@ from llmop.search import builders, metrics, planner, records, space
 from llmop.search.observe import JobView
 from llmop_contract.api.v1alpha1.job import GROUP, VERSION
 from llmop_contract.api.v1alpha1.search import PLURAL, LLMHyperparameterSearchSpec
+from llmop_contract.api.v1alpha1.search_status import LLMHyperparameterSearchStatus
+from llmop_contract.api.v1alpha1.status import ConditionStatus
 
 
 @dataclass
@@ -28,7 +30,7 @@ class SearchMemory:
     the watched body may lag behind that write and must not be used to decide the next trial.
     """
 
-    status: dict[str, Any] | None = None
+    status: LLMHyperparameterSearchStatus | None = None
     done: dict[tuple[str, Any], float] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
 
@@ -48,12 +50,12 @@ def _error_text(exc: ValidationError) -> str:
     return f"spec.{where}: {error['msg'].removeprefix('Value error, ')}" if where else error["msg"]
 
 
-async def patch_status(kube: Kube, namespace: str, name: str, status: dict[str, Any]) -> None:
+async def patch_status(kube: Kube, namespace: str, name: str, status: LLMHyperparameterSearchStatus) -> None:
+    body = {"status": status.to_wire()}  # the one place the typed status becomes a manifest again
+
     def call() -> None:
         try:
-            kube.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-            )
+            kube.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
         except ApiException as e:
             if e.status != 404:  # deleted meanwhile: nothing to report to
                 raise
@@ -68,7 +70,9 @@ async def reconcile_once(
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     generation = meta.get("generation", 1)
-    status = memory.status if memory.status is not None else dict(body.get("status") or {})
+    status = memory.status
+    if status is None:  # parsed once: later passes start from the status this daemon wrote
+        status = LLMHyperparameterSearchStatus.model_validate(dict(body.get("status") or {}))
     now = datetime.now(UTC)
     try:
         spec = LLMHyperparameterSearchSpec.model_validate(body.get("spec", {}))
@@ -87,14 +91,18 @@ async def reconcile_once(
 
 
 async def write(
-    kube: Kube, body: kopf.Body, before: dict[str, Any], result: planner.Plan, memory: SearchMemory
+    kube: Kube,
+    body: kopf.Body,
+    before: LLMHyperparameterSearchStatus,
+    result: planner.Plan,
+    memory: SearchMemory,
 ) -> None:
     meta = body["metadata"]
     if result.status != before:
         await patch_status(kube, meta["namespace"], meta["name"], result.status)
     memory.status = result.status
     for t in result.transitions:
-        warning = t.status == "True" and t.type == cond.FAILED
+        warning = t.status == ConditionStatus.TRUE and t.type == cond.FAILED
         (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
     for warning, reason, message in result.events:
         (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
@@ -108,17 +116,15 @@ async def act(
     result: planner.Plan,
     memory: SearchMemory,
 ) -> None:
-    by_index = {r["index"]: r for r in result.status.get("trials", [])}
+    by_index = {r.index: r for r in result.status.trials}
     manifests = [
-        builders.build_trial(
-            ref, i, by_index[i]["parameters"], space.trial_spec(spec, by_index[i]["parameters"])
-        )
+        builders.build_trial(ref, i, by_index[i].parameters, space.trial_spec(spec, by_index[i].parameters))
         for i in memory.not_recently("create", result.create)
     ]
     if result.create_best and memory.not_recently("create", ["best"]):
         best = records.best(list(by_index.values()), spec.objective.direction)
         assert best is not None
-        values = best["parameters"]
+        values = best.parameters
         manifests.append(
             builders.build_best(ref, values, space.trial_spec(spec, values, keep_lifecycle=True))
         )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import Gauge
 
 from llmop.metrics import REGISTRY
+from llmop_contract.api.v1alpha1.search_status import LLMHyperparameterSearchStatus, TrialState
 
-TRIAL_STATES = ("Pending", "Running", "Succeeded", "Failed", "StoppedEarly", "Cancelled")
+TRIAL_STATES = tuple(TrialState)
 
 SEARCH_TRIALS = Gauge(
     "llmop_search_trials",
@@ -24,22 +23,21 @@ SEARCH_BEST = Gauge(
 )
 
 
-def update(namespace: str, search: str, status: dict[str, Any]) -> None:
+def update(namespace: str, search: str, status: LLMHyperparameterSearchStatus) -> None:
     counts = dict.fromkeys(TRIAL_STATES, 0)
-    for trial in status.get("trials") or []:
-        counts[trial["state"]] = counts.get(trial["state"], 0) + 1
+    for trial in status.trials:
+        counts[trial.state] += 1
     for state, n in counts.items():
-        SEARCH_TRIALS.labels(namespace, search, state).set(n)
-    best = (status.get("bestTrial") or {}).get("value")
-    if best is not None:
-        SEARCH_BEST.labels(namespace, search).set(best)
+        SEARCH_TRIALS.labels(namespace, search, state.value).set(n)
+    if status.best_trial is not None:
+        SEARCH_BEST.labels(namespace, search).set(status.best_trial.value)
 
 
 def forget(namespace: str, search: str) -> None:
     """Drop the search's series: no stale series once it is deleted."""
     for state in TRIAL_STATES:
         try:
-            SEARCH_TRIALS.remove(namespace, search, state)
+            SEARCH_TRIALS.remove(namespace, search, state.value)
         except KeyError:
             pass
     try:

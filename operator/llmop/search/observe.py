@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmop import conditions as cond
 from llmop.search.builders import PARAMETERS_ANNOTATION, SEARCH_ROLE_LABEL, TRIAL_INDEX_LABEL
 from llmop_contract.api.v1alpha1.search import ObjectiveMetric
+from llmop_contract.api.v1alpha1.status import ConditionStatus
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class JobView:
 
 
 def _true(conditions: list[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
-    return next((c for c in conditions if c.get("type") == type_ and c.get("status") == "True"), None)
+    return next(
+        (c for c in conditions if c.get("type") == type_ and c.get("status") == ConditionStatus.TRUE), None
+    )
 
 
 def _number(value: Any) -> float | None:
@@ -55,7 +59,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     status = body.get("status") or {}
     progress = status.get("progress") or {}
     conditions = status.get("conditions") or []
-    failed = _true(conditions, "Failed")
+    failed = _true(conditions, cond.FAILED)
     evaluation = ((body.get("spec") or {}).get("training") or {}).get("evaluation") or {}
     try:
         index = int(labels.get(TRIAL_INDEX_LABEL, "-1"))
@@ -69,7 +73,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         index=index,
         parameters=_parameters((meta.get("annotations") or {}).get(PARAMETERS_ANNOTATION)),
         state=status.get("state"),
-        succeeded=_true(conditions, "Succeeded") is not None,
+        succeeded=_true(conditions, cond.SUCCEEDED) is not None,
         failed=failed is not None,
         failure=f"{failed.get('reason', '')}: {failed.get('message', '')}" if failed else "",
         step=int(step) if step is not None else None,

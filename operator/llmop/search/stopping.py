@@ -17,6 +17,8 @@ from typing import Any
 from optuna.pruners import BasePruner, MedianPruner, SuccessiveHalvingPruner
 
 from llmop.search import study
+from llmop.search.context import Pass
+from llmop.search.records import finish
 from llmop.search.study import Record
 from llmop_contract.api.v1alpha1.search import (
     Direction,
@@ -24,6 +26,7 @@ from llmop_contract.api.v1alpha1.search import (
     EarlyStoppingRule,
     LLMHyperparameterSearchSpec,
 )
+from llmop_contract.api.v1alpha1.search_status import EarlyStop, TrialEvent, TrialState
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,16 @@ def settled(record: Record) -> Record:
     loss, corrected by the next read). Judging one evaluation later costs a little time and never
     stops a good trial on such a reading.
     """
-    if record.get("state") != "Running" or not record.get("intermediateValues"):
+    if record.state != TrialState.RUNNING or not record.intermediate_values:
         return record
-    return {**record, "intermediateValues": record["intermediateValues"][:-1]}
+    return record.model_copy(update={"intermediate_values": record.intermediate_values[:-1]})
 
 
 def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: int) -> Decision | None:
     """A Decision to stop trial ``index`` at its latest settled value, or None to let it run."""
     es = spec.early_stopping
     records = [settled(r) for r in records]
-    target = next((r for r in records if r["index"] == index), None)
+    target = next((r for r in records if r.index == index), None)
     if es is None or target is None or not (values := study.intermediate(target)):
         return None
     last = max(values)
@@ -77,12 +80,12 @@ def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: i
     def attrs(record: Record) -> dict[str, Any]:
         if es.rule != EarlyStoppingRule.SUCCESSIVE_HALVING:
             return {}
-        mine = record["index"] == index
+        mine = record.index == index
         return rung_values(study.intermediate(record), es, before=last if mine else None)
 
     # Every other trial is replayed: Median reads only the succeeded ones, SuccessiveHalving ranks
     # against every trial that reached a rung, running ones included (asynchronous halving).
-    others = [r for r in records if r["index"] != index]
+    others = [r for r in records if r.index != index]
     pruner = _pruner(es)
     replayed = study.build(spec, [*others, target], pruner=pruner, system_attrs=attrs)
     judged = replayed.get_trials(deepcopy=False)[-1]
@@ -103,7 +106,7 @@ def _explain(
         peers = [
             v
             for r in records
-            if r.get("state") == "Succeeded" and (v := study.intermediate(r).get(step)) is not None
+            if r.state == TrialState.SUCCEEDED and (v := study.intermediate(r).get(step)) is not None
         ]
         median = f" ({statistics.median(peers):.4g})" if peers else ""
         worse = "higher" if spec.objective.direction == Direction.MINIMIZE else "lower"
@@ -115,3 +118,15 @@ def _explain(
         f"{metric} {value:.4g} at step {step} is not in the best 1/{es.reduction_factor} of the trials"
         " that reached this rung"
     )
+
+
+def stop_behind(p: Pass) -> None:
+    """The early-stopping phase: stop each running trial with news that ``judge`` finds behind."""
+    for r in p.records:
+        if r.state != TrialState.RUNNING or r.index not in p.news:
+            continue
+        if decision := judge(p.spec, p.records, r.index):
+            finish(r, TrialState.STOPPED_EARLY, p.now)
+            r.stopped_early = EarlyStop(rule=decision.rule, step=decision.step, message=decision.message)
+            p.stop_job(r)
+            p.event(False, TrialEvent.STOPPED_EARLY, f"{r.name}: {decision.message}")

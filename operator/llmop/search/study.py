@@ -19,23 +19,25 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from llmop.search import space
 from llmop_contract.api.v1alpha1.search import Direction, LLMHyperparameterSearchSpec
+from llmop_contract.api.v1alpha1.search_status import TrialState as Trial
+from llmop_contract.api.v1alpha1.search_status import TrialStatus
 
-Record = dict[str, Any]  # one entry of status.trials, in manifest form
+Record = TrialStatus  # one entry of status.trials
 
 # Rebuilding a study many times a minute would log every replayed trial.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 _STATES = {
-    "Succeeded": TrialState.COMPLETE,
-    "StoppedEarly": TrialState.PRUNED,
-    "Failed": TrialState.FAIL,
-    "Pending": TrialState.RUNNING,
-    "Running": TrialState.RUNNING,
+    Trial.SUCCEEDED: TrialState.COMPLETE,
+    Trial.STOPPED_EARLY: TrialState.PRUNED,
+    Trial.FAILED: TrialState.FAIL,
+    Trial.PENDING: TrialState.RUNNING,
+    Trial.RUNNING: TrialState.RUNNING,
 }
 
 
 def intermediate(record: Record) -> dict[int, float]:
-    return {int(iv["step"]): float(iv["value"]) for iv in record.get("intermediateValues") or []}
+    return {iv.step: float(iv.value) for iv in record.intermediate_values}
 
 
 def frozen(
@@ -43,8 +45,8 @@ def frozen(
 ) -> FrozenTrial | None:
     """A recorded trial as Optuna sees it; None when it cannot be replayed (cancelled, or values the
     current space does not contain)."""
-    state = _STATES.get(record.get("state", ""))
-    params = record.get("parameters") or {}
+    state = _STATES.get(record.state)
+    params = record.parameters
     if state is None or set(params) != set(dists):
         return None
     try:
@@ -52,7 +54,7 @@ def frozen(
             return None
     except (ValueError, TypeError):
         return None
-    value = record.get("value")
+    value = record.value
     if state == TrialState.COMPLETE and value is None:
         return None
     return create_trial(

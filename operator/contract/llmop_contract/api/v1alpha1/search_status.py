@@ -35,6 +35,38 @@ class TrialState(StrEnum):
     CANCELLED = "Cancelled"
 
 
+ACTIVE_TRIAL_STATES = frozenset({TrialState.PENDING, TrialState.RUNNING})
+FINISHED_TRIAL_STATES = frozenset(set(TrialState) - ACTIVE_TRIAL_STATES)
+# Finished trials whose job the search stopped; a stop that has not taken yet is repeated.
+STOPPED_TRIAL_STATES = frozenset({TrialState.STOPPED_EARLY, TrialState.CANCELLED})
+
+
+class SearchReason(StrEnum):
+    """Reasons of the search's conditions."""
+
+    SEARCH_CREATED = "SearchCreated"
+    TRIALS_RUNNING = "TrialsRunning"
+    TRAINING_BEST = "TrainingBest"
+    SEARCH_SUCCEEDED = "SearchSucceeded"
+    BEST_TRIAL_FOUND = "BestTrialFound"
+    INVALID_SPEC = "InvalidSpec"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    MAX_FAILED_TRIALS_EXCEEDED = "MaxFailedTrialsExceeded"
+    ALGORITHM_UNAVAILABLE = "AlgorithmUnavailable"
+    NO_TRIAL_SUCCEEDED = "NoTrialSucceeded"
+    BEST_JOB_DELETED = "BestJobDeleted"
+    BEST_JOB_FAILED = "BestJobFailed"
+
+
+class TrialEvent(StrEnum):
+    """Reasons of the Events the search posts about its trials."""
+
+    CREATED = "TrialCreated"
+    SUCCEEDED = "TrialSucceeded"
+    FAILED = "TrialFailed"
+    STOPPED_EARLY = "TrialStoppedEarly"
+
+
 class IntermediateValue(ApiModel):
     """The objective as the trial reported it at one step."""
 
