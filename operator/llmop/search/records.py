@@ -94,12 +94,12 @@ def count(records: Sequence[TrialStatus]) -> TrialCounts:
 
 
 def best(records: Sequence[TrialStatus], direction: Direction) -> TrialStatus | None:
-    done = [r for r in records if r.state == TrialState.SUCCEEDED and r.value is not None]
+    done = [(r.value, r) for r in records if r.state == TrialState.SUCCEEDED and r.value is not None]
     if not done:
         return None
     sign = -1.0 if direction == Direction.MAXIMIZE else 1.0
     # Ties go to the earlier trial, so the answer does not depend on the order results arrived in.
-    return min(done, key=lambda r: (sign * (r.value or 0.0), r.index))
+    return min(done, key=lambda vr: (sign * vr[0], vr[1].index))[1]
 
 
 def best_trial(record: TrialStatus) -> BestTrial:

@@ -18,6 +18,7 @@ from optuna.samplers import BaseSampler, GPSampler, RandomSampler, TPESampler
 from llmop.search import space, study
 from llmop.search.space import Values
 from llmop_contract.api.v1alpha1.search import Algorithm, LLMHyperparameterSearchSpec
+from llmop_contract.api.v1alpha1.search_status import TrialStatus
 
 
 def trial_seed(seed: int, index: int) -> int:
@@ -47,7 +48,7 @@ def _make_sampler(spec: LLMHyperparameterSearchSpec, index: int) -> BaseSampler:
     )
 
 
-def suggest(spec: LLMHyperparameterSearchSpec, records: Sequence[study.Record], index: int) -> Values | None:
+def suggest(spec: LLMHyperparameterSearchSpec, records: Sequence[TrialStatus], index: int) -> Values | None:
     """Values for trial ``index`` given the recorded trials; None when Grid has no point left."""
     if spec.algorithm == Algorithm.GRID:
         return space.grid_point(spec.parameters, index)

@@ -19,14 +19,13 @@ from optuna.pruners import BasePruner, MedianPruner, SuccessiveHalvingPruner
 from llmop.search import study
 from llmop.search.context import Pass
 from llmop.search.records import finish
-from llmop.search.study import Record
 from llmop_contract.api.v1alpha1.search import (
     Direction,
     EarlyStopping,
     EarlyStoppingRule,
     LLMHyperparameterSearchSpec,
 )
-from llmop_contract.api.v1alpha1.search_status import EarlyStop, TrialEvent, TrialState
+from llmop_contract.api.v1alpha1.search_status import EarlyStop, TrialEvent, TrialState, TrialStatus
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def rung_values(values: dict[int, float], es: EarlyStopping, before: int | None 
     return attrs
 
 
-def settled(record: Record) -> Record:
+def settled(record: TrialStatus) -> TrialStatus:
     """The record with only the values that can no longer change.
 
     A running trial's latest value may have been read between the trainer moving its step counter
@@ -68,7 +67,7 @@ def settled(record: Record) -> Record:
     return record.model_copy(update={"intermediate_values": record.intermediate_values[:-1]})
 
 
-def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: int) -> Decision | None:
+def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[TrialStatus], index: int) -> Decision | None:
     """A Decision to stop trial ``index`` at its latest settled value, or None to let it run."""
     es = spec.early_stopping
     records = [settled(r) for r in records]
@@ -77,7 +76,7 @@ def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: i
         return None
     last = max(values)
 
-    def attrs(record: Record) -> dict[str, Any]:
+    def attrs(record: TrialStatus) -> dict[str, Any]:
         if es.rule != EarlyStoppingRule.SUCCESSIVE_HALVING:
             return {}
         mine = record.index == index
@@ -97,7 +96,7 @@ def judge(spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: i
 
 
 def _explain(
-    spec: LLMHyperparameterSearchSpec, records: Sequence[Record], index: int, value: float, step: int
+    spec: LLMHyperparameterSearchSpec, records: Sequence[TrialStatus], index: int, value: float, step: int
 ) -> str:
     metric = spec.objective.metric.value
     es = spec.early_stopping

@@ -18,30 +18,29 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from llmop.search import space
+from llmop_contract.api.v1alpha1 import search_status
 from llmop_contract.api.v1alpha1.search import Direction, LLMHyperparameterSearchSpec
-from llmop_contract.api.v1alpha1.search_status import TrialState as Trial
 from llmop_contract.api.v1alpha1.search_status import TrialStatus
-
-Record = TrialStatus  # one entry of status.trials
 
 # Rebuilding a study many times a minute would log every replayed trial.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
+# A trial's state in status -> in Optuna; a cancelled trial is not replayed.
 _STATES = {
-    Trial.SUCCEEDED: TrialState.COMPLETE,
-    Trial.STOPPED_EARLY: TrialState.PRUNED,
-    Trial.FAILED: TrialState.FAIL,
-    Trial.PENDING: TrialState.RUNNING,
-    Trial.RUNNING: TrialState.RUNNING,
+    search_status.TrialState.SUCCEEDED: TrialState.COMPLETE,
+    search_status.TrialState.STOPPED_EARLY: TrialState.PRUNED,
+    search_status.TrialState.FAILED: TrialState.FAIL,
+    search_status.TrialState.PENDING: TrialState.RUNNING,
+    search_status.TrialState.RUNNING: TrialState.RUNNING,
 }
 
 
-def intermediate(record: Record) -> dict[int, float]:
+def intermediate(record: TrialStatus) -> dict[int, float]:
     return {iv.step: float(iv.value) for iv in record.intermediate_values}
 
 
 def frozen(
-    record: Record, dists: dict[str, BaseDistribution], system_attrs: dict[str, Any] | None = None
+    record: TrialStatus, dists: dict[str, BaseDistribution], system_attrs: dict[str, Any] | None = None
 ) -> FrozenTrial | None:
     """A recorded trial as Optuna sees it; None when it cannot be replayed (cancelled, or values the
     current space does not contain)."""
@@ -69,10 +68,10 @@ def frozen(
 
 def build(
     spec: LLMHyperparameterSearchSpec,
-    records: Iterable[Record],
+    records: Iterable[TrialStatus],
     sampler: BaseSampler | None = None,
     pruner: BasePruner | None = None,
-    system_attrs: Callable[[Record], dict[str, Any]] | None = None,
+    system_attrs: Callable[[TrialStatus], dict[str, Any]] | None = None,
 ) -> optuna.Study:
     maximize = spec.objective.direction == Direction.MAXIMIZE
     direction = StudyDirection.MAXIMIZE if maximize else StudyDirection.MINIMIZE
