@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from llmtrain.adapt import llama_args
 from llmtrain.config import load_config
 from llmtrain.model import build_model
 from llmtrain.testing import debug_config, license_documents, write_shards
-from llmtrain.train.data import TokenStream, Windows, read_manifest
+from llmtrain.train.data import TokenStream, Windows, read_manifest, split_files
 from llmtrain.train.engine import param_groups
 from llmtrain.train.loop import run
 
@@ -65,7 +66,7 @@ def bare_step_seconds(data: Path, steps: int) -> float:
     cfg = yaml.safe_load(yaml.safe_dump(SPEC))
     config = load_config(debug_config(data.parent / "bare-cfg", data, cfg))
     tr = config.spec.training
-    model = build_model(config.spec.model, seed=tr.seed)
+    model = build_model(llama_args(config.spec.model), seed=tr.seed)
     opt = torch.optim.AdamW(
         param_groups(model, tr.optimizer.weight_decay),
         lr=tr.optimizer.learning_rate,
@@ -73,7 +74,7 @@ def bare_step_seconds(data: Path, steps: int) -> float:
         eps=tr.optimizer.epsilon,
     )
     m = read_manifest(data)
-    windows = Windows(TokenStream(m.split_files("train"), m.dtype), tr.sequence_length, tr.seed)
+    windows = Windows(TokenStream(split_files(data, m, "train"), m.dtype), tr.sequence_length, tr.seed)
     order = windows.order(0)
     batches = [
         windows.batch([int(w) for w in order[i * tr.micro_batch_size : (i + 1) * tr.micro_batch_size]])

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from llmop_contract.api.v1alpha1.model import ModelSpec
-from llmtrain.model import build_model
+from llmtrain.adapt import llama_args
+from llmtrain.model import LlamaArgs, build_model
 from llmtrain.testing import license_documents, write_shards
 from llmtrain.train.data import read_manifest
 from llmtrain.train.export import export_model, hf_state_dict
 
 
-def tiny(**kw: object) -> ModelSpec:
+def tiny(**kw: object) -> LlamaArgs:
+    """The model arguments of a small ModelSpec (camelCase overrides), through the one adapter."""
     base: dict[str, object] = {
         "hiddenSize": 64,
         "numLayers": 2,
@@ -25,7 +27,7 @@ def tiny(**kw: object) -> ModelSpec:
         "vocabSize": 512,
         "contextLength": 32,
     }
-    return ModelSpec.model_validate({**base, **kw})
+    return llama_args(ModelSpec.model_validate({**base, **kw}))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_export_loads_in_transformers_with_matching_logits(
 
     spec = tiny(**shape)
     ours = build_model(spec, seed=7).eval()
-    out = export_model(ours.state_dict(), spec, read_manifest(data_dir), tmp_path / "model")
+    out = export_model(ours.state_dict(), spec, read_manifest(data_dir), data_dir, tmp_path / "model")
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in theirs.parameters()) == spec.num_parameters()
@@ -141,7 +143,7 @@ def test_activation_checkpointing_recomputes_blocks_in_backward_with_same_gradie
 def test_normal_init_scales_residual_projections() -> None:
     spec = tiny(numLayers=8, hiddenSize=256, numHeads=4, intermediateSize=512)
     model = build_model(spec, seed=0)
-    std = spec.initialization.std
+    std = spec.init_std
     assert model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
     residual = model.layers[0].self_attn.o_proj.weight.std().item()
     assert residual == pytest.approx(std / math.sqrt(2 * spec.num_layers), rel=0.05)
@@ -156,3 +158,24 @@ def test_xavier_and_he_init_bounds() -> None:
     spec = tiny(hiddenSize=256, intermediateSize=512, initialization={"scheme": "He"})
     w = build_model(spec, seed=0).layers[0].mlp.up_proj.weight
     assert w.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},
+        {"numKeyValueHeads": 2, "tieEmbeddings": False},
+        {"initialization": {"scheme": "Xavier", "std": 0.01}},
+    ],
+)
+def test_adapter_keeps_every_model_figure_of_the_spec(shape: dict[str, object]) -> None:
+    spec = ModelSpec.model_validate({"hiddenSize": 64, "numHeads": 4, "vocabSize": 512, **shape})
+    args = llama_args(spec)
+    assert args.num_parameters() == spec.num_parameters()
+    assert args.num_key_value_heads == (spec.num_key_value_heads or spec.num_heads)
+    assert (args.init.value, args.init_std) == (spec.initialization.scheme.value, spec.initialization.std)
+    assert (args.vocab_size, args.context_length, args.tie_embeddings) == (
+        spec.vocab_size,
+        spec.context_length,
+        spec.tie_embeddings,
+    )

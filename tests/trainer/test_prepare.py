@@ -350,12 +350,21 @@ def test_large_vocab_uses_uint32() -> None:
 # --- configuration errors fail before any work ----------------------------------------------------------
 
 
-def _cli(tmp: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+# The two ways to run the stage: the pod's `llmtrain prepare` and the standalone module.
+ENTRY_POINTS = {
+    "llmtrain prepare": ["llmtrain.cli", "prepare"],
+    "python -m llmtrain.prepare": ["llmtrain.prepare"],
+}
+
+
+def _cli(
+    tmp: Path, config: dict[str, Any], entry: str = "python -m llmtrain.prepare"
+) -> subprocess.CompletedProcess[str]:
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer_image")])}
     return subprocess.run(
-        [sys.executable, "-m", "llmtrain.prepare", str(path)],
+        [sys.executable, "-m", *ENTRY_POINTS[entry], str(path)],
         capture_output=True,
         text=True,
         env=env,
@@ -395,3 +404,38 @@ def test_small_vocab_fails_before_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"spec\.model\.vocabSize"):
         prepare_run(cfg)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"sources": [{"uri": "builtin://english"}], "cleaning": {"minWordz": 3}},  # fails validation
+        {"sources": [{"uri": "/does/not/exist.jsonl"}]},  # validates, fails the stage's preflight
+    ],
+)
+def test_both_entry_points_exit_2_with_the_same_message(tmp_path: Path, data: dict[str, Any]) -> None:
+    config = {
+        "paths": {"dataDir": str(tmp_path / "data")},
+        "spec": {"training": {"maxSteps": 1}, "data": data},
+    }
+    results = {entry: _cli(tmp_path, config, entry) for entry in ENTRY_POINTS}
+    for entry, result in results.items():
+        assert result.returncode == 2, (entry, result.stderr)
+        assert "Traceback" not in result.stderr and result.stdout == "", entry
+    first, second = (r.stderr for r in results.values())
+    assert first == second and first.startswith("llmtrain prepare: ")
+    assert not (tmp_path / "data").exists()
+
+
+def test_both_entry_points_prepare_a_valid_config(tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    records = corpus.load("english")[:80]
+    src.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in records))
+    config = _config(tmp_path, [{"uri": str(src)}]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    first = _cli(tmp_path, config, "llmtrain prepare")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["skipped"] is False
+    assert shards.verify(tmp_path / "data") == []
+    second = _cli(tmp_path, config, "python -m llmtrain.prepare")  # the same output: nothing to redo
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads(second.stdout) == {**json.loads(first.stdout), "skipped": True}

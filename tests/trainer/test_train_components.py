@@ -9,10 +9,19 @@ import torch
 
 from llmop_contract.api.v1alpha1.model import ModelSpec
 from llmop_contract.api.v1alpha1.training import LearningRateSchedule, Sparsity, TrainingSpec
+from llmtrain.adapt import llama_args
 from llmtrain.model import build_model
 from llmtrain.testing import license_documents, write_shards
 from llmtrain.train import sparsity
-from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest, validation_batches
+from llmtrain.train.data import (
+    Position,
+    TokenStream,
+    TrainLoader,
+    Windows,
+    read_manifest,
+    split_files,
+    validation_batches,
+)
 from llmtrain.train.metrics import flops_per_token
 from llmtrain.train.schedule import learning_rate, total_steps
 
@@ -22,8 +31,8 @@ def windows(tmp_path_factory: pytest.TempPathFactory) -> Windows:
     # Small shards so windows straddle shard boundaries.
     root = write_shards(tmp_path_factory.mktemp("data"), license_documents()[:120], tokens_per_shard=5000)
     m = read_manifest(root)
-    assert len(m.split_files("train")) > 2
-    return Windows(TokenStream(m.split_files("train"), m.dtype), seq_len=32, seed=11)
+    assert len(split_files(root, m, "train")) > 2
+    return Windows(TokenStream(split_files(root, m, "train"), m.dtype), seq_len=32, seed=11)
 
 
 def test_schedule_shapes() -> None:
@@ -57,7 +66,7 @@ def test_cubic_sparsity_schedule_and_masks() -> None:
     assert [s for s in range(45) if sparsity.due(s, sp)] == [10, 15, 20, 25, 30]
 
     spec = ModelSpec(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=96, vocab_size=512)
-    model = build_model(spec, seed=0, sparse=True)
+    model = build_model(llama_args(spec), seed=0, sparse=True)
     before = {id(m): m.weight.detach().clone() for m in sparsity.prunable(model)}
     sparsity.update_masks(model, 0.3, zero3=False)
     assert sparsity.measured_sparsity(model) == pytest.approx(0.3, abs=1e-3)
@@ -168,7 +177,7 @@ def test_validation_batches_fixed_and_wrap(windows: Windows) -> None:
 
 def test_palm_flops_per_token() -> None:
     spec = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, vocab_size=512)
-    assert flops_per_token(spec, 32) == 6 * spec.num_parameters() + 12 * 2 * 4 * 16 * 32
+    assert flops_per_token(llama_args(spec), 32) == 6 * spec.num_parameters() + 12 * 2 * 4 * 16 * 32
 
 
 def test_manifest_missing_is_a_clear_error(tmp_path: Path) -> None:

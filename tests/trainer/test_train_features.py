@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmtrain.adapt import llama_args
 from llmtrain.config import load_config
 from llmtrain.testing import debug_config, license_documents, write_shards
 from llmtrain.train.metrics import flops_per_token
@@ -187,7 +188,7 @@ def test_metrics_served_during_training_are_the_trainers_figures(data_dir: Path,
     assert values["llmtrain_step"] >= 3 and values["llmtrain_total_steps"] == 400
     assert values["llmtrain_memory_bytes"] > 0 and values["llmtrain_tokens_per_second"] > 0
     assert 0 < values["llmtrain_mfu"] < 1
-    flops = flops_per_token(load_config(str(config)).spec.model, 64)
+    flops = flops_per_token(llama_args(load_config(str(config)).spec.model), 64)
     reasons = [disagreement(v, lines, flops) for v in scrapes]
     print("scrapes at steps", [int(v["llmtrain_step"]) for v in scrapes], "disagreements", reasons)
     assert None in reasons, reasons

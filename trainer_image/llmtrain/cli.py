@@ -16,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-from llmtrain import exitcodes
+from llmop_contract.protocol import ExitCode
 
 # Subcommands with their own argument parsers, imported only when used (serve needs no DeepSpeed).
 _DELEGATED = {
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=f"see `llmtrain {name} --help`")
     args = parser.parse_args(args_list)
 
+    if args.command == "prepare":  # the same entry as `python -m llmtrain.prepare`
+        from llmtrain.prepare.entry import main as prepare_main
+
+        return prepare_main(args.config)
+
     # Validate before importing torch/DeepSpeed, so a bad config fails in well under a second.
     from llmtrain.config import ConfigError, load_config
 
@@ -47,13 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"llmtrain: {exc}", file=sys.stderr)
-        return exitcodes.BAD_CONFIG
-
-    if args.command == "prepare":
-        from llmtrain import prepare
-
-        prepare.run(cfg)
-        return exitcodes.OK
+        return ExitCode.BAD_CONFIG
 
     from llmtrain.launch import launch, wants_launcher
 

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from pydantic import ValidationError
 
 from llmop_contract.api.base import ApiModel
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.protocol import ExitCode
 
 
-class ConfigError(Exception):
-    """The configuration file is unreadable or invalid; the message names every bad field."""
+class ConfigError(ValueError):
+    """The configuration is unreadable, invalid or cannot be carried out: exit 2, nothing was started.
+
+    The one error type for a configuration the user has to fix, whichever stage finds it.
+    ``ConfigError(field, message)`` names the offending field (``spec.data.sources[0].uri: ...``);
+    ``ConfigError(message)`` is a message that already does (every bad field of a file, say).
+    """
+
+    exit_code: Final = ExitCode.BAD_CONFIG
+
+    def __init__(self, field: str, message: str | None = None) -> None:
+        super().__init__(field if message is None else f"{field}: {message}")
+        self.field = None if message is None else field
 
 
 def _all_rules() -> dict[str, str]:

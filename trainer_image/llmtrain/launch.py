@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from llmtrain import exitcodes
+from llmop_contract.protocol import Env, ExitCode
 
 
 def wants_launcher(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
@@ -50,7 +50,7 @@ def torchrun_command(config: str, environ: dict[str, str] | os._Environ[str] = o
 def launch(config: str) -> int:
     with tempfile.TemporaryDirectory(prefix="llmtrain-") as tmp:
         status = Path(tmp) / "status"
-        env = {**os.environ, "LLMTRAIN_STATUS_FILE": str(status)}
+        env = {**os.environ, Env.STATUS_FILE: str(status)}
         child = subprocess.Popen(torchrun_command(config), env=env)
 
         def forward(signum: int, frame: FrameType | None) -> None:
@@ -60,5 +60,5 @@ def launch(config: str) -> int:
         signal.signal(signal.SIGINT, forward)
         code = child.wait()
         if status.is_file() and status.read_text().startswith("preempted"):
-            return exitcodes.PREEMPTED
+            return ExitCode.PREEMPTED
         return code

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from llmop_contract.protocol import Env
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -21,9 +23,7 @@ class Logger:
 
     def __init__(self, rank: int, json_lines: bool | None = None) -> None:
         self.rank = rank
-        self.json = (
-            os.environ.get("LLMTRAIN_LOG_FORMAT", "text") == "json" if json_lines is None else json_lines
-        )
+        self.json = os.environ.get(Env.LOG_FORMAT, "text") == "json" if json_lines is None else json_lines
 
     def event(self, event: str, **fields: Any) -> None:
         if self.rank != 0:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from llmop_contract.protocol import MANIFEST_FILE, DataManifest, Shard
+
 DEBUG_CONFIG = Path(__file__).parent / "configs" / "debug.yaml"
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -65,7 +67,7 @@ def write_shards(
     (root / "tokenizer_meta.json").write_text(
         json.dumps({"eos_token": EOS, "pad_token": PAD, "eos_id": eos_id, "pad_id": pad_id})
     )
-    splits: dict[str, list[dict[str, object]]] = {}
+    splits: dict[str, list[Shard]] = {}
     for split, chosen in (
         ("train", [d for i, d in enumerate(docs) if i % val_every]),
         ("val", [d for i, d in enumerate(docs) if not i % val_every]),
@@ -81,19 +83,17 @@ def write_shards(
             part = tokens[start : start + tokens_per_shard]
             (root / name).write_bytes(part.tobytes())
             splits[split].append(
-                {"file": name, "tokens": len(part), "sha256": hashlib.sha256(part.tobytes()).hexdigest()}
+                Shard(file=name, tokens=len(part), sha256=hashlib.sha256(part.tobytes()).hexdigest())
             )
-    manifest = {
-        "format": "llmop-shards-v1",
-        "dtype": "uint16",
-        "vocab_size": tok.get_vocab_size(),
-        "eos_id": eos_id,
-        "pad_id": pad_id,
-        "tokenizer": "tokenizer.json",
-        "splits": splits,
-        "stats": {"documents": len(docs)},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    manifest = DataManifest(
+        dtype="uint16",
+        vocab_size=tok.get_vocab_size(),
+        eos_id=eos_id,
+        pad_id=pad_id,
+        splits=splits,
+        stats={"documents": len(docs)},
+    )
+    (root / MANIFEST_FILE).write_text(manifest.dump())
     return root
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmtrain import exitcodes, termination
+from llmop_contract.protocol import ExitCode, TerminationMessage
+from llmtrain import termination
 from llmtrain.logs import Logger
 
-FAILED = 1
+FAILED = ExitCode.FAILED
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
         check(stage, shape)
     except (ConfigError, StageError) as exc:
         print(f"llmtrain compress: {exc}", file=sys.stderr)
-        return exitcodes.BAD_CONFIG
+        return ExitCode.BAD_CONFIG
     except MissingModel as exc:
         print(f"llmtrain compress: {exc}", file=sys.stderr)
         return FAILED
@@ -45,5 +46,11 @@ def main(argv: list[str]) -> int:
     from llmtrain.compress.run import run_stage
 
     summary = run_stage(cfg, stage, shape, Logger(rank=0))
-    termination.write(summary)
-    return exitcodes.OK
+    termination.write(
+        TerminationMessage(
+            model_path=summary["modelPath"],
+            results=summary["results"],
+            extra={"stage": summary["stage"], "method": summary["method"]},
+        )
+    )
+    return ExitCode.OK

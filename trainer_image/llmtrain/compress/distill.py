@@ -25,6 +25,7 @@ from torch import Tensor
 from llmop_contract.api.v1alpha1.lifecycle import Distillation
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.api.v1alpha1.workload import WorkersSpec
+from llmtrain.adapt import llama_args
 from llmtrain.compress.recovery import train_loader
 from llmtrain.compress.stages import ModelShape, student_spec
 from llmtrain.logs import Logger
@@ -82,13 +83,13 @@ def distill(
     env = dist.setup()
     one = single_process_config(cfg, spec)
     tr = one.spec.training
-    model_spec = student_spec(spec.student, teacher_shape, cfg.spec.model)
+    student_args = llama_args(student_spec(spec.student, teacher_shape, cfg.spec.model))
     seq_len = min(tr.sequence_length, teacher_shape.context_length)
     torch.manual_seed(tr.seed)
-    student = build_model(model_spec, seed=tr.seed)
+    student = build_model(student_args, seed=tr.seed)
     log.event(
         "distill_start",
-        student_parameters=model_spec.num_parameters(),
+        student_parameters=student_args.num_parameters(),
         teacher_parameters=teacher_shape.num_parameters(),
         steps=spec.steps,
         temperature=spec.temperature,
@@ -140,7 +141,7 @@ def distill(
         loader.close()
     state = full_state_dict(engine, one.spec.deepspeed.zero_stage)
     assert state is not None and env.is_main
-    export_model(state, model_spec, read_manifest(cfg.paths.data_dir), out_dir)
+    export_model(state, student_args, read_manifest(cfg.paths.data_dir), cfg.paths.data_dir, out_dir)
     figures["steps"] = float(spec.steps)
     figures["trainSeconds"] = time.perf_counter() - started
     return figures

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.compress.layout import weights_bytes
 from llmtrain.compress.quantized import Int4WeightOnlyLinear, Int8Embedding, QuantizedLinear
-from llmtrain.train.data import TokenStream, Windows, read_manifest, validation_batches
+from llmtrain.train.data import TokenStream, Windows, read_manifest, split_files, validation_batches
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class EvalData:
 
 def load_eval_data(data_dir: str | Path, settings: EvalSettings, seed: int) -> EvalData:
     manifest = read_manifest(data_dir)
-    stream = TokenStream(manifest.split_files("val"), manifest.dtype)
+    stream = TokenStream(split_files(data_dir, manifest, "val"), manifest.dtype)
     windows = Windows(stream, settings.sequence_length, seed)
     batches = validation_batches(windows, settings.micro_batch_size, 0, 1, settings.max_batches)
     prompt = torch.from_numpy(stream.read(0, settings.prompt_tokens)).unsqueeze(0)

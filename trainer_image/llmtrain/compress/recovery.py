@@ -18,7 +18,7 @@ from torch import Tensor
 
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.logs import Logger
-from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest
+from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest, split_files
 from llmtrain.train.engine import param_groups
 
 RECOVERY_LR_FRACTION = 0.1
@@ -28,7 +28,9 @@ def train_loader(cfg: TrainerConfig, seq_len: int) -> TrainLoader:
     """Training windows for one process, in the job's seeded order from the start of epoch 0."""
     tr = cfg.spec.training
     manifest = read_manifest(cfg.paths.data_dir)
-    windows = Windows(TokenStream(manifest.split_files("train"), manifest.dtype), seq_len, tr.seed)
+    windows = Windows(
+        TokenStream(split_files(cfg.paths.data_dir, manifest, "train"), manifest.dtype), seq_len, tr.seed
+    )
     return TrainLoader(windows, tr.micro_batch_size, 0, 1, Position())
 
 

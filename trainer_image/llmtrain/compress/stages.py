@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,12 +22,13 @@ from llmop_contract.api.v1alpha1.lifecycle import (
 )
 from llmop_contract.api.v1alpha1.model import ModelSpec, TransformerShape
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.protocol import StageKind, StageName
+from llmtrain.config import ConfigError
 
 DEFAULT_INT4_GROUP = 64
-_STAGE = re.compile(r"^(quantize|prune)-(\d+)$|^(distill)$")
 
 
-class StageError(ValueError):
+class StageError(ConfigError):
     """The stage or its combination with the model is invalid (exit 2); the message names the field."""
 
 
@@ -109,22 +109,23 @@ class Stage:
 
 def resolve(cfg: TrainerConfig, name: str) -> Stage:
     """The stage ``name`` of cfg.spec.compression, or StageError."""
-    match = _STAGE.match(name)
-    if match is None:
-        raise StageError(f"--stage {name!r}: expected quantize-<i>, prune-<i> or distill")
+    try:
+        parsed = StageName.parse(name)
+    except ValueError:
+        raise StageError(f"--stage {name!r}: expected quantize-<i>, prune-<i> or distill") from None
     comp: CompressionSpec | None = cfg.spec.compression
     if comp is None:
         raise StageError(f"spec.compression: not set, so there is no stage {name!r}")
-    if match.group(3):
+    if parsed.index is None:
         if comp.distillation is None:
             raise StageError("spec.compression.distillation: not set, so there is no stage 'distill'")
         return Stage(name, "distill", "spec.compression.distillation", comp.distillation)
-    kind, index = match.group(1), int(match.group(2))
-    items: list[Quantization] | list[Pruning] = comp.quantization if kind == "quantize" else comp.pruning
-    field = "spec.compression." + ("quantization" if kind == "quantize" else "pruning")
+    quantize, index = parsed.kind is StageKind.QUANTIZE, parsed.index
+    items: list[Quantization] | list[Pruning] = comp.quantization if quantize else comp.pruning
+    field = "spec.compression." + ("quantization" if quantize else "pruning")
     if index >= len(items):
         raise StageError(f"{field}[{index}]: no such entry (the list has {len(items)}), so no stage {name!r}")
-    return Stage(name, "quantize" if kind == "quantize" else "prune", f"{field}[{index}]", items[index])
+    return Stage(name, "quantize" if quantize else "prune", f"{field}[{index}]", items[index])
 
 
 def kept(units: int, sparsity: float) -> int:

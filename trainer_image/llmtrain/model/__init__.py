@@ -1,5 +1,6 @@
 """The decoder-only transformer trained by llmtrain."""
 
+from llmtrain.model.args import Init, LlamaArgs
 from llmtrain.model.llama import Llama, build_model
 
-__all__ = ["Llama", "build_model"]
+__all__ = ["Init", "Llama", "LlamaArgs", "build_model"]

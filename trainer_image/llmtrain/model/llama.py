@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from llmop_contract.api.v1alpha1.model import InitScheme, ModelSpec
+from llmtrain.model.args import Init, LlamaArgs
 
 ROPE_THETA = 10000.0
 RMS_NORM_EPS = 1e-5
@@ -103,13 +103,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, dropout: float, sparse: bool) -> None:
+    def __init__(self, args: LlamaArgs, dropout: float, sparse: bool) -> None:
         super().__init__()
-        self.n_heads = spec.num_heads
-        self.n_kv = spec.num_key_value_heads or spec.num_heads
-        self.head_dim = spec.hidden_size // spec.num_heads
+        self.n_heads = args.num_heads
+        self.n_kv = args.num_key_value_heads
+        self.head_dim = args.head_dim
         self.dropout = dropout
-        d = spec.hidden_size
+        d = args.hidden_size
         self.q_proj = Linear(d, self.n_heads * self.head_dim, sparse)
         self.k_proj = Linear(d, self.n_kv * self.head_dim, sparse)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, sparse)
@@ -136,11 +136,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, spec: ModelSpec, sparse: bool) -> None:
+    def __init__(self, args: LlamaArgs, sparse: bool) -> None:
         super().__init__()
-        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, sparse)
-        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, sparse)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, sparse)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, sparse)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, sparse)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, sparse)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -148,12 +148,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, dropout: float, sparse: bool) -> None:
+    def __init__(self, args: LlamaArgs, dropout: float, sparse: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size)
-        self.self_attn = Attention(spec, dropout, sparse)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size)
-        self.mlp = MLP(spec, sparse)
+        self.input_layernorm = RMSNorm(args.hidden_size)
+        self.self_attn = Attention(args, dropout, sparse)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size)
+        self.mlp = MLP(args, sparse)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -175,23 +175,23 @@ class Llama(nn.Module):
 
     def __init__(
         self,
-        spec: ModelSpec,
+        args: LlamaArgs,
         dropout: float = 0.0,
         sparse: bool = False,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.spec = spec
+        self.args = args
         self.activation_checkpointing = activation_checkpointing
         self.penalized = False
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(Block(spec, dropout, sparse) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, dropout, sparse) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size)
         # Embeddings are never pruned: a zeroed row would delete a token.
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
-        if spec.tie_embeddings:
+        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        if args.tie_embeddings:
             self.lm_head.weight = cast(nn.Parameter, self.embed_tokens.weight)
-        cos, sin = rotary_tables(spec.hidden_size // spec.num_heads, spec.context_length)
+        cos, sin = rotary_tables(args.head_dim, args.context_length)
         # Derived from the shape, so not persistent: checkpoints and export stay free of them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -233,32 +233,32 @@ class Llama(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(model: Llama, spec: ModelSpec, seed: int) -> None:
-    """Initialise every weight from ``seed`` per spec.initialization (norm gains start at one)."""
+def init_weights(model: Llama, args: LlamaArgs, seed: int) -> None:
+    """Initialise every weight from ``seed`` per args.init (norm gains start at one)."""
     gen = torch.Generator().manual_seed(seed)
-    scheme, std = spec.initialization.scheme, spec.initialization.std
-    residual_std = std / math.sqrt(2 * spec.num_layers)
+    scheme, std = args.init, args.init_std
+    residual_std = std / math.sqrt(2 * args.num_layers)
     for name, p in model.named_parameters():
         if p.ndim == 1:
             p.fill_(1.0)
-        elif scheme == InitScheme.NORMAL or name == "embed_tokens.weight":
+        elif scheme == Init.NORMAL or name == "embed_tokens.weight":
             # GPT-2/Llama practice: projections that write into the residual stream start smaller
             # so the stream's variance does not grow with depth.
             s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             p.normal_(0.0, s, generator=gen)
-        elif scheme == InitScheme.XAVIER:
+        elif scheme == Init.XAVIER:
             nn.init.xavier_uniform_(p, generator=gen)
         else:
             nn.init.kaiming_normal_(p, nonlinearity="relu", generator=gen)
 
 
 def build_model(
-    spec: ModelSpec,
+    args: LlamaArgs,
     seed: int,
     dropout: float = 0.0,
     sparse: bool = False,
     activation_checkpointing: bool = False,
 ) -> Llama:
-    model = Llama(spec, dropout=dropout, sparse=sparse, activation_checkpointing=activation_checkpointing)
-    init_weights(model, spec, seed)
+    model = Llama(args, dropout=dropout, sparse=sparse, activation_checkpointing=activation_checkpointing)
+    init_weights(model, args, seed)
     return model

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from llmop_contract.api.v1alpha1.data import DataSource, SourceFormat
 from llmtrain import corpus
-from llmtrain.prepare.errors import ConfigError
+from llmtrain.config import ConfigError
 
 BUILTIN = "builtin://"
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")

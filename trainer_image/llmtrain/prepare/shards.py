@@ -9,7 +9,6 @@ split. See docs/prepare.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-FORMAT = "llmop-shards-v1"
-MANIFEST = "manifest.json"
+from llmop_contract.protocol import MANIFEST_FILE, SHARD_FORMAT, DataManifest, Shard
+
+FORMAT = SHARD_FORMAT
+MANIFEST = MANIFEST_FILE
 SPLITS = ("train", "val")
 
 
@@ -32,13 +33,13 @@ class ShardWriter:
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype[Any], tokens_per_shard: int) -> None:
         self.out_dir, self.split, self.dtype, self.size = out_dir, split, dtype, tokens_per_shard
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[Shard] = []
         self._pending: list[npt.NDArray[Any]] = []
         self._pending_tokens = 0
 
     @property
     def tokens(self) -> int:
-        return sum(int(s["tokens"]) for s in self.shards) + self._pending_tokens
+        return sum(s.tokens for s in self.shards) + self._pending_tokens
 
     def add(self, ids: npt.NDArray[Any]) -> None:
         self._pending.append(ids.astype(self.dtype, copy=False))
@@ -59,33 +60,30 @@ class ShardWriter:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        self.shards.append(
-            {"file": name, "tokens": int(ids.size), "sha256": hashlib.sha256(data).hexdigest()}
-        )
+        self.shards.append(Shard(file=name, tokens=int(ids.size), sha256=hashlib.sha256(data).hexdigest()))
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[Shard]:
         if self._pending_tokens:
             self._write(np.concatenate(self._pending))
             self._pending, self._pending_tokens = [], 0
         return self.shards
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any] | None:
-    """The manifest, or None when there is none or it is not of this format."""
+def read_manifest(data_dir: Path) -> DataManifest | None:
+    """The manifest, or None when there is none or it is not a valid manifest of this format."""
     try:
-        manifest: dict[str, Any] = json.loads((data_dir / MANIFEST).read_text())
+        return DataManifest.model_validate_json((data_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("format") == FORMAT else None
 
 
-def shards_present(data_dir: Path, manifest: dict[str, Any]) -> bool:
+def shards_present(data_dir: Path, manifest: DataManifest) -> bool:
     """Every listed shard exists with the size its token count implies (cheap; no checksum)."""
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for shards in manifest["splits"].values():
+    itemsize = np.dtype(manifest.dtype).itemsize
+    for shards in manifest.splits.values():
         for s in shards:
-            path = data_dir / s["file"]
-            if not path.is_file() or path.stat().st_size != s["tokens"] * itemsize:
+            path = data_dir / s.file
+            if not path.is_file() or path.stat().st_size != s.tokens * itemsize:
                 return False
     return True
 
@@ -96,15 +94,15 @@ def verify(data_dir: Path) -> list[str]:
     if manifest is None:
         return [f"no {FORMAT} manifest in {data_dir}"]
     problems = []
-    for shards in manifest["splits"].values():
+    for shards in manifest.splits.values():
         for s in shards:
-            path = data_dir / s["file"]
+            path = data_dir / s.file
             if not path.is_file():
-                problems.append(f"{s['file']}: missing")
+                problems.append(f"{s.file}: missing")
                 continue
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != s["sha256"]:
-                problems.append(f"{s['file']}: sha256 {digest} != {s['sha256']}")
+            if digest != s.sha256:
+                problems.append(f"{s.file}: sha256 {digest} != {s.sha256}")
     return problems
 
 
@@ -113,5 +111,5 @@ def load_split(data_dir: Path, split: str) -> list[npt.NDArray[Any]]:
     manifest = read_manifest(data_dir)
     if manifest is None:
         raise FileNotFoundError(f"no {FORMAT} manifest in {data_dir}")
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    return [np.memmap(data_dir / s["file"], dtype=dtype, mode="r") for s in manifest["splits"][split]]
+    dtype = np.dtype(manifest.dtype).newbyteorder("<")
+    return [np.memmap(data_dir / f, dtype=dtype, mode="r") for f in manifest.files(split)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmtrain.prepare.errors import ConfigError
+from llmtrain.config import ConfigError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmtrain import exitcodes, termination
+from llmop_contract.protocol import ExitCode, TerminationMessage
+from llmtrain import termination
 from llmtrain.logs import Logger
 
 
@@ -36,10 +37,10 @@ def main(argv: list[str]) -> int:
             f"llmtrain export-onnx: {args.model_dir} is not a model directory (no config.json)",
             file=sys.stderr,
         )
-        return exitcodes.BAD_CONFIG
+        return ExitCode.BAD_CONFIG
     if not args.tolerance > 0:
         print("llmtrain export-onnx: --tolerance must be > 0", file=sys.stderr)
-        return exitcodes.BAD_CONFIG
+        return ExitCode.BAD_CONFIG
 
     from llmtrain.serve.onnx_export import export_onnx
 
@@ -63,15 +64,15 @@ def main(argv: list[str]) -> int:
         )
         return 1
     termination.write(
-        {
-            "stage": "onnx",
-            "modelPath": str(args.out),
-            "results": {
+        TerminationMessage(
+            model_path=str(args.out),
+            results={
                 "maxAbsDiff": float(report.max_abs_diff),
                 "tolerance": float(report.tolerance),
                 "sizeBytes": float(report.size_bytes),
                 "seconds": float(report.seconds),
             },
-        }
+            extra={"stage": "onnx"},
+        )
     )
-    return exitcodes.OK
+    return ExitCode.OK

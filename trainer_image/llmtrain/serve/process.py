@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmop_contract.protocol import Env
+
 
 class ServerProcess:
     def __init__(self, model_dir: str | Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        child_env = {**os.environ, "LLMTRAIN_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", **(env or {})}
+        child_env = {**os.environ, Env.LOG_FORMAT: "json", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [
                 sys.executable,

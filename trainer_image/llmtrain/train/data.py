@@ -9,7 +9,6 @@ to continue with exactly the same samples, whatever was prefetched when the chec
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from dataclasses import asdict, dataclass
@@ -18,43 +17,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
-FORMAT = "llmop-shards-v1"
+from llmop_contract.protocol import MANIFEST_FILE, SHARD_FORMAT, DataManifest
+
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
-@dataclass(frozen=True)
-class Manifest:
-    data_dir: Path
-    dtype: str
-    vocab_size: int
-    eos_id: int
-    pad_id: int
-    tokenizer: str
-    splits: dict[str, list[str]]
-
-    def split_files(self, split: str) -> list[Path]:
-        return [self.data_dir / f for f in self.splits.get(split, [])]
-
-
-def read_manifest(data_dir: str | Path) -> Manifest:
-    root = Path(data_dir)
-    path = root / "manifest.json"
+def read_manifest(data_dir: str | Path) -> DataManifest:
+    """``<data_dir>/manifest.json``; FileNotFoundError when prepare has not run, ValueError when invalid."""
+    path = Path(data_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `llmtrain prepare` first (or set data.prepare)")
-    raw = json.loads(path.read_text())
-    if raw.get("format") != FORMAT or raw.get("dtype") not in _DTYPES:
-        raise ValueError(f"{path}: expected format {FORMAT} with dtype uint16/uint32")
-    return Manifest(
-        data_dir=root,
-        dtype=raw["dtype"],
-        vocab_size=int(raw["vocab_size"]),
-        eos_id=int(raw["eos_id"]),
-        pad_id=int(raw["pad_id"]),
-        tokenizer=raw.get("tokenizer", "tokenizer.json"),
-        splits={name: [s["file"] for s in shards] for name, shards in raw["splits"].items()},
-    )
+    try:
+        return DataManifest.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise ValueError(f"{path}: expected format {SHARD_FORMAT} with dtype uint16/uint32: {exc}") from exc
+
+
+def split_files(data_dir: str | Path, manifest: DataManifest, split: str) -> list[Path]:
+    """The shard files of ``split``, in order."""
+    return [Path(data_dir) / f for f in manifest.files(split)]
 
 
 class TokenStream:

@@ -12,18 +12,18 @@ from pathlib import Path
 
 from torch import Tensor
 
-from llmop_contract.api.v1alpha1.model import ModelSpec
+from llmop_contract.protocol import DataManifest
+from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import RMS_NORM_EPS, ROPE_THETA
-from llmtrain.train.data import Manifest
 
 
-def hf_state_dict(state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
+def hf_state_dict(state: dict[str, Tensor], args: LlamaArgs) -> dict[str, Tensor]:
     """Our state dict -> LlamaForCausalLM's (masks applied, contiguous, unshared tensors)."""
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
         if name.endswith(".mask"):
             continue
-        if name == "lm_head.weight" and spec.tie_embeddings:
+        if name == "lm_head.weight" and args.tie_embeddings:
             continue
         mask = state.get(name.removesuffix(".weight") + ".mask") if name.endswith(".weight") else None
         value = tensor * mask.to(tensor.dtype) if mask is not None else tensor
@@ -32,12 +32,18 @@ def hf_state_dict(state: dict[str, Tensor], spec: ModelSpec) -> dict[str, Tensor
     return out
 
 
-def export_model(state: dict[str, Tensor], spec: ModelSpec, manifest: Manifest, out_dir: Path) -> Path:
-    """Write safetensors, config.json, generation_config.json and tokenizer files to ``out_dir``."""
+def export_model(
+    state: dict[str, Tensor], args: LlamaArgs, manifest: DataManifest, data_dir: str | Path, out_dir: Path
+) -> Path:
+    """Write safetensors, config.json, generation_config.json and tokenizer files to ``out_dir``.
+
+    ``manifest`` is the one in ``data_dir``, where the tokenizer it names lies.
+    """
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
-    tensors = hf_state_dict(state, spec)
+    tensors = hf_state_dict(state, args)
+    tokenizer_file = Path(data_dir) / manifest.tokenizer
     dtype = next(iter(tensors.values())).dtype
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -45,22 +51,22 @@ def export_model(state: dict[str, Tensor], spec: ModelSpec, manifest: Manifest, 
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_file=str(manifest.data_dir / manifest.tokenizer),
-        eos_token=_token(manifest, manifest.eos_id),
-        pad_token=_token(manifest, manifest.pad_id),
+        tokenizer_file=str(tokenizer_file),
+        eos_token=_token(tokenizer_file, manifest.eos_id),
+        pad_token=_token(tokenizer_file, manifest.pad_id),
     )
     config = LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_key_value_heads or spec.num_heads,
-        head_dim=spec.hidden_size // spec.num_heads,
-        max_position_embeddings=spec.context_length,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=args.context_length,
         rms_norm_eps=RMS_NORM_EPS,
         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-        tie_word_embeddings=spec.tie_embeddings,
+        tie_word_embeddings=args.tie_embeddings,
         bos_token_id=None,
         eos_token_id=manifest.eos_id,
         pad_token_id=manifest.pad_id,
@@ -77,12 +83,12 @@ def export_model(state: dict[str, Tensor], spec: ModelSpec, manifest: Manifest, 
     return out_dir
 
 
-def _token(manifest: Manifest, token_id: int) -> str:
+def _token(tokenizer_file: Path, token_id: int) -> str:
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(manifest.data_dir / manifest.tokenizer)).id_to_token(token_id)
+    tok = Tokenizer.from_file(str(tokenizer_file)).id_to_token(token_id)
     if tok is None:
-        raise ValueError(f"token id {token_id} is not in {manifest.tokenizer}")
+        raise ValueError(f"token id {token_id} is not in {tokenizer_file.name}")
     return str(tok)
 
 

@@ -16,19 +16,29 @@ import torch
 
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.deepspeed import gradient_accumulation_steps
-from llmtrain import exitcodes, termination
+from llmop_contract.protocol import DataManifest, Env, ExitCode, TerminationMessage
+from llmtrain import termination
+from llmtrain.adapt import llama_args
 from llmtrain.logs import Logger
 from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
 from llmtrain.train.checkpoint import Checkpointer
-from llmtrain.train.data import Position, TokenStream, TrainLoader, Windows, read_manifest, validation_batches
+from llmtrain.train.data import (
+    Position,
+    TokenStream,
+    TrainLoader,
+    Windows,
+    read_manifest,
+    split_files,
+    validation_batches,
+)
 from llmtrain.train.engine import initialize, set_learning_rate
 from llmtrain.train.export import export_model, full_state_dict
 from llmtrain.train.metrics import Metrics, Throughput, flops_per_token, memory_bytes
 from llmtrain.train.schedule import learning_rate, total_steps
 
-EXIT_OK = exitcodes.OK
-EXIT_PREEMPTED = exitcodes.PREEMPTED
+EXIT_OK = ExitCode.OK
+EXIT_PREEMPTED = ExitCode.PREEMPTED
 
 
 @dataclass
@@ -78,6 +88,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _windows(cfg: TrainerConfig, manifest: DataManifest, split: str) -> Windows:
+    tr = cfg.spec.training
+    stream = TokenStream(split_files(cfg.paths.data_dir, manifest, split), manifest.dtype)
+    return Windows(stream, tr.sequence_length, tr.seed)
+
+
 def setup(cfg: TrainerConfig) -> Run:
     env = dist.setup()
     log = Logger(env.rank)
@@ -94,8 +110,9 @@ def setup(cfg: TrainerConfig) -> Run:
         )
     # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
     seed_everything(tr.seed + env.rank)
+    model_args = llama_args(spec.model)
     model = build_model(
-        spec.model,
+        model_args,
         seed=tr.seed,
         dropout=tr.regularization.dropout,
         sparse=tr.sparsity.enabled,
@@ -106,27 +123,27 @@ def setup(cfg: TrainerConfig) -> Run:
     checkpointer = Checkpointer(cfg.paths.checkpoint_dir, tr.checkpointing.keep_last, env)
     state = checkpointer.restore(engine) or {}
     position = Position(**state.get("data", {}))
-    train_windows = Windows(
-        TokenStream(manifest.split_files("train"), manifest.dtype), tr.sequence_length, tr.seed
+    loader = TrainLoader(
+        _windows(cfg, manifest, "train"), tr.micro_batch_size, env.rank, env.world_size, position
     )
-    val_windows = Windows(
-        TokenStream(manifest.split_files("val"), manifest.dtype), tr.sequence_length, tr.seed
-    )
-    loader = TrainLoader(train_windows, tr.micro_batch_size, env.rank, env.world_size, position)
     val = validation_batches(
-        val_windows, tr.micro_batch_size, env.rank, env.world_size, tr.evaluation.max_batches
+        _windows(cfg, manifest, "val"),
+        tr.micro_batch_size,
+        env.rank,
+        env.world_size,
+        tr.evaluation.max_batches,
     )
     throughput = Throughput(
         tokens_per_step=tr.global_batch_size * tr.sequence_length,
         samples_per_step=tr.global_batch_size,
-        flops_per_token=flops_per_token(spec.model, tr.sequence_length),
+        flops_per_token=flops_per_token(model_args, tr.sequence_length),
         world=env.world_size,
     )
     metrics = Metrics(with_mfu=throughput.peak_total is not None)
     total = total_steps(tr)
     metrics.total_steps.set(total)
     if env.is_main:
-        port = int(os.environ.get("LLMOP_METRICS_PORT", spec.workers.metrics_port))
+        port = int(os.environ.get(Env.METRICS_PORT, spec.workers.metrics_port))
         log.event("metrics_listening", port=metrics.serve(port))
     step = int(state.get("step", 0))
     metrics.step.set(step)
@@ -135,7 +152,7 @@ def setup(cfg: TrainerConfig) -> Run:
         job=cfg.run.job_name,
         attempt=cfg.run.attempt,
         world_size=env.world_size,
-        parameters=spec.model.num_parameters(),
+        parameters=model_args.num_parameters(),
         total_steps=total,
         gradient_accumulation=gradient_accumulation_steps(spec),
         zero_stage=spec.deepspeed.zero_stage,
@@ -208,15 +225,15 @@ def run(cfg: TrainerConfig) -> Result:
         if env.is_main:
             # The operator copies these final figures into the job's status (HPO reads its objective).
             termination.write(
-                {
-                    "stage": "train",
-                    "step": step,
-                    "totalSteps": r.total_steps,
-                    "loss": result.loss,
-                    "validationLoss": result.validation_loss,
-                    "validationStep": step,
-                    "modelPath": result.export_dir,
-                }
+                TerminationMessage(
+                    step=step,
+                    total_steps=r.total_steps,
+                    loss=result.loss,
+                    validation_loss=result.validation_loss,
+                    validation_step=step,
+                    model_path=result.export_dir,
+                    extra={"stage": "train"},
+                )
             )
         return result
     finally:
@@ -278,8 +295,9 @@ def export(r: Run) -> str | None:
     if state is None:
         dist.barrier(r.env)
         return None
+    data_dir = r.cfg.paths.data_dir
     out = export_model(
-        state, r.cfg.spec.model, read_manifest(r.cfg.paths.data_dir), Path(r.cfg.paths.output_dir) / "model"
+        state, r.model.args, read_manifest(data_dir), data_dir, Path(r.cfg.paths.output_dir) / "model"
     )
     dist.barrier(r.env)
     return str(out)
@@ -287,6 +305,6 @@ def export(r: Run) -> str | None:
 
 def write_status(env: dist.DistEnv, text: str) -> None:
     """Tell a wrapping ``llmtrain train`` launcher (see launch.py) why the workers stopped."""
-    path = os.environ.get("LLMTRAIN_STATUS_FILE")
+    path = os.environ.get(Env.STATUS_FILE)
     if path and env.is_main:
         Path(path).write_text(text + "\n")

@@ -9,7 +9,8 @@ import sys
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from llmop_contract.api.v1alpha1.model import ModelSpec
+from llmop_contract.protocol import Env, Metric
+from llmtrain.model.args import LlamaArgs
 
 # Dense BF16/FP16 tensor-core peak per device, FLOP/s (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
@@ -28,15 +29,14 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
     """PaLM (Chowdhery et al. 2022, app. B): 6N + 12*L*H*Q*T per trained token."""
-    head_dim = spec.hidden_size // spec.num_heads
-    return 6 * spec.num_parameters() + 12 * spec.num_layers * spec.num_heads * head_dim * seq_len
+    return 6 * args.num_parameters() + 12 * args.num_layers * args.num_heads * args.head_dim * seq_len
 
 
 def peak_flops_per_device() -> float | None:
     """LLMOP_PEAK_FLOPS if set, else the table entry for the CUDA device name; None on CPU."""
-    env = os.environ.get("LLMOP_PEAK_FLOPS")
+    env = os.environ.get(Env.PEAK_FLOPS)
     if env:
         return float(env)
     if not torch.cuda.is_available():
@@ -62,21 +62,21 @@ class Metrics:
     def __init__(self, with_mfu: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.step = Gauge("llmtrain_step", "Optimiser steps completed", registry=r)
-        self.total_steps = Gauge("llmtrain_total_steps", "Optimiser steps in the run", registry=r)
+        self.step = Gauge(Metric.STEP.value, "Optimiser steps completed", registry=r)
+        self.total_steps = Gauge(Metric.TOTAL_STEPS.value, "Optimiser steps in the run", registry=r)
         self.tokens = Counter("llmtrain_tokens", "Training tokens consumed (all ranks)", registry=r)
         self.loss = Gauge(
-            "llmtrain_loss", "Training loss (mean over ranks, last log interval step)", registry=r
+            Metric.LOSS.value, "Training loss (mean over ranks, last log interval step)", registry=r
         )
-        self.val_loss = Gauge("llmtrain_validation_loss", "Validation loss", registry=r)
+        self.val_loss = Gauge(Metric.VALIDATION_LOSS.value, "Validation loss", registry=r)
         self.val_ppl = Gauge("llmtrain_validation_perplexity", "Validation perplexity", registry=r)
         # The step counter moves before an evaluation ends: this says which step the loss belongs to.
         self.val_step = Gauge(
-            "llmtrain_validation_step", "Step at which the latest validation loss was computed", registry=r
+            Metric.VALIDATION_STEP.value, "Step at which the latest validation loss was computed", registry=r
         )
         self.lr = Gauge("llmtrain_learning_rate", "Learning rate", registry=r)
         self.tokens_per_second = Gauge(
-            "llmtrain_tokens_per_second", "Training tokens/s (all ranks)", registry=r
+            Metric.TOKENS_PER_SECOND.value, "Training tokens/s (all ranks)", registry=r
         )
         self.samples_per_second = Gauge(
             "llmtrain_samples_per_second", "Training samples/s (all ranks)", registry=r
@@ -91,13 +91,13 @@ class Metrics:
             "llmtrain_checkpoint_seconds", "Duration of the last checkpoint", registry=r
         )
         self.memory = Gauge("llmtrain_memory_bytes", "Peak RSS (CPU) or CUDA max allocated bytes", registry=r)
-        self.eta = Gauge("llmtrain_eta_seconds", "Estimated seconds to the last step", registry=r)
+        self.eta = Gauge(Metric.ETA_SECONDS.value, "Estimated seconds to the last step", registry=r)
         self.sparsity = Gauge("llmtrain_sparsity", "Fraction of prunable weights masked", registry=r)
         self.port: int | None = None
 
     def serve(self, port: int, addr: str | None = None) -> int:
         """Start the HTTP endpoint; port 0 picks a free one. Returns the bound port."""
-        host = addr or os.environ.get("LLMOP_METRICS_ADDR", "127.0.0.1")
+        host = addr or os.environ.get(Env.METRICS_ADDR, "127.0.0.1")
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         self.port = int(server.server_port)
         return self.port
