@@ -56,7 +56,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "pod-metadata": variant(
         workers={
             "podLabels": {"team": "x"},
-            "podAnnotations": {"sidecar.example/inject": "true", "logs.example/format": "json"},
+            "podAnnotations": {
+                "sidecar.example/inject": "true",
+                "logs.example/format": "json",
+                "scheduling.k8s.io/group-name": "users-own-group",
+            },
         }
     ),
     "cpu": variant(
@@ -206,7 +210,13 @@ def test_compression_and_onnx_pods_keep_identity_caches_and_user_env(case: str) 
         assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 120
         assert spec.get("priorityClassName") == job.spec.workers.priority_class_name
         assert meta["labels"][naming.ROLE_LABEL] == naming.ROLE_COMPRESS
-        assert meta.get("annotations", {}) == job.spec.workers.pod_annotations
+        # The user's annotations, but not gang membership: the Job is not part of the training gang.
+        wanted = {
+            k: v
+            for k, v in job.spec.workers.pod_annotations.items()
+            if not k.startswith(("kueue.", "scheduling."))
+        }
+        assert meta.get("annotations", {}) == wanted
         name = stage.removeprefix("compress-")
         assert meta["labels"][naming.STAGE_LABEL] == name
         if stage == "onnx":
