@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from llmop import conditions as cond
+from llmop import deadline
 from llmop.search import builders, records
 from llmop.search.context import Pass
 from llmop.search.schedule import exhausted
@@ -18,15 +19,16 @@ from llmop_contract.api.v1alpha1.status import JobState
 
 
 def deadline_exceeded(p: Pass) -> bool:
+    """deadlineSeconds, by the rule jobs follow too (``llmop.deadline``); True once it failed the search."""
     limit = p.spec.deadline_seconds
-    if limit is None:
+    left = deadline.remaining(p.status.start_time, limit, p.seen.now)
+    if left is None:
         return False
-    assert p.status.start_time is not None
-    elapsed = (p.seen.now - cond.parse_time(p.status.start_time)).total_seconds()
-    if elapsed < limit:
-        p.plan.requeue_after = limit - elapsed
+    if left > 0:
+        p.plan.requeue_after = left
         return False
-    p.fail(SearchReason.DEADLINE_EXCEEDED, f"the search ran longer than deadlineSeconds={limit}")
+    assert limit is not None
+    p.fail(SearchReason.DEADLINE_EXCEEDED, deadline.message("the search", "deadlineSeconds", limit))
     return True
 
 
