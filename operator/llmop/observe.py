@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmop import naming
-from llmop.builders.workers import PREEMPTED_EXIT_CODE
+from llmop_contract.protocol import ExitCode
 
 # Pod failure reasons that are the platform's doing, not the training code's.
 _DISRUPTION_REASONS = {
@@ -51,6 +51,11 @@ class PodView:
         return self.phase == "Succeeded"
 
     @property
+    def live(self) -> bool:
+        """Pending or Running: the pod holds (or waits for) its node."""
+        return self.phase in ("Pending", "Running")
+
+    @property
     def running(self) -> bool:
         return self.phase == "Running" and not self.deleting
 
@@ -81,7 +86,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
     disrupted = (
         any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
         or reason in _DISRUPTION_REASONS
-        or exit_code == PREEMPTED_EXIT_CODE
+        or exit_code == ExitCode.PREEMPTED
     )
     scheduled = next((c for c in conditions if c.get("type") == "PodScheduled"), None)
     unschedulable = (
