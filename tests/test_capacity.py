@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmop import capacity
-from llmop.controller import Cluster
+from llmop.capacity import Cluster
 
 
 def node(name: str, gpus: int = 8, ready: bool = True, **labels: str) -> capacity.NodeView:
@@ -14,11 +14,11 @@ def node(name: str, gpus: int = 8, ready: bool = True, **labels: str) -> capacit
     )
 
 
-def worker(gpus: int, **selector: str) -> dict[str, object]:
+def worker(gpus: int, **selector: str) -> capacity.Demand:
     spec: dict[str, object] = {"containers": [{"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}
     if selector:
         spec["nodeSelector"] = selector
-    return spec
+    return capacity.Demand.of_pod(spec)
 
 
 @pytest.mark.parametrize(("text", "value"), [("500m", 0.5), ("64Gi", 64 * 2**30), (8, 8.0), ("1e3", 1000.0)])

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from llmop import planner
 from llmop.capacity import Fit
 from llmop.conditions import is_true, now_iso
 from llmop.observe import BatchJobView, PodView
-from llmop.reconcile import JobSnapshot, Observed, Plan, classify_failure, plan
+from llmop.planner import JobSnapshot, Observed, classify_failure
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.status import LLMTrainingJobStatus
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
 
@@ -38,8 +40,26 @@ def pod(index: int, attempt: int = 1, phase: str = "Running", **kw: Any) -> PodV
     return replace(base, **kw)
 
 
+@dataclass
+class Plan:
+    """A pass's plan with its status as the controller writes it (the manifest, camelCase)."""
+
+    typed: planner.Plan
+    status: dict[str, Any]
+    finished_stages: list[dict[str, Any]]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.typed, name)
+
+
+def plan(job: JobSnapshot, seen: Observed) -> Plan:
+    p = planner.plan(job, seen)
+    return Plan(p, p.status.to_wire(), [s.to_wire() for s in p.finished_stages])
+
+
 def snapshot(s: LLMTrainingJobSpec, status: dict[str, Any] | None = None) -> JobSnapshot:
-    return JobSnapshot("j", "ns", "uid", 1, s, status or {})
+    """The job as a daemon reads it: the stored status (a manifest) parsed into the status model."""
+    return JobSnapshot("j", "ns", "uid", 1, s, LLMTrainingJobStatus.model_validate(status or {}))
 
 
 def running_status() -> dict[str, Any]:

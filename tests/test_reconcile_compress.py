@@ -10,10 +10,10 @@ from llmop.builders import JobRef
 from llmop.builders.compress import build_compress_job, stages
 from llmop.conditions import get, is_true
 from llmop.observe import BatchJobView, PodView
-from llmop.reconcile import JobSnapshot, Observed, plan
+from llmop.planner import Observed
 from llmop.termination import final_figures
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
-from tests.test_reconcile import NOW, pod
+from tests.test_reconcile import NOW, plan, pod, snapshot
 
 COMPRESSION: dict[str, Any] = {
     "quantization": [{"method": "Int8WeightOnly"}, {"method": "Int4WeightOnly", "groupSize": 32}],
@@ -68,9 +68,7 @@ def result_pod(stage: str, size: float, ppl_increase: float) -> PodView:
 
 
 def step(s: LLMTrainingJobSpec, status: dict[str, Any], **seen: Any) -> Any:
-    return plan(
-        JobSnapshot("j", "ns", "uid", 1, s, status), Observed(seen.pop("pods", []), None, NOW, **seen)
-    )
+    return plan(snapshot(s, status), Observed(seen.pop("pods", []), None, NOW, **seen))
 
 
 def test_training_success_starts_every_stage_and_records_final_figures() -> None:

@@ -32,15 +32,35 @@ def quantity(value: Any) -> float:
     return float(m.group(1)) * _SUFFIX.get(m.group(2), 1.0)
 
 
+def requests_of_resources(resources: Mapping[str, Any]) -> dict[str, float]:
+    """One container's tracked requests (a limit stands in for a missing request, as in Kubernetes)."""
+    merged = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+    return {name: quantity(merged[name]) if name in merged else 0.0 for name in TRACKED}
+
+
 def requests_of(pod_spec: Mapping[str, Any]) -> dict[str, float]:
     total = dict.fromkeys(TRACKED, 0.0)
     for c in pod_spec.get("containers", []):
-        res = c.get("resources") or {}
-        merged = {**(res.get("limits") or {}), **(res.get("requests") or {})}
-        for name in TRACKED:
-            if name in merged:
-                total[name] += quantity(merged[name])
+        for name, value in requests_of_resources(c.get("resources") or {}).items():
+            total[name] += value
     return total
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one member of a gang asks of its node: requests and the placement constraints checked."""
+
+    requests: Mapping[str, float]
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def of_pod(cls, pod_spec: Mapping[str, Any]) -> Demand:
+        return cls(
+            requests_of(pod_spec),
+            dict(pod_spec.get("nodeSelector") or {}),
+            tuple(pod_spec.get("tolerations") or ()),
+        )
 
 
 @dataclass
@@ -83,18 +103,17 @@ def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]
     return False
 
 
-def feasible(node: NodeView, pod_spec: Mapping[str, Any], request: Mapping[str, float]) -> bool:
+def feasible(node: NodeView, demand: Demand) -> bool:
     if not node.ready or node.unschedulable:
         return False
-    selector = pod_spec.get("nodeSelector") or {}
-    if any(node.labels.get(k) != v for k, v in selector.items()):
+    if any(node.labels.get(k) != v for k, v in demand.node_selector.items()):
         return False
-    tolerations = pod_spec.get("tolerations") or []
     if any(
-        t.get("effect") in ("NoSchedule", "NoExecute") and not _tolerated(t, tolerations) for t in node.taints
+        t.get("effect") in ("NoSchedule", "NoExecute") and not _tolerated(t, demand.tolerations)
+        for t in node.taints
     ):
         return False
-    return all(node.free(r) >= request.get(r, 0.0) for r in TRACKED)
+    return all(node.free(r) >= demand.requests.get(r, 0.0) for r in TRACKED)
 
 
 @dataclass(frozen=True)
@@ -105,13 +124,12 @@ class Fit:
     message: str
 
 
-def gang_fits(nodes: list[NodeView], pod_spec: Mapping[str, Any], count: int) -> Fit:
-    """Whether `count` pods with this spec fit, one per node (that is what a training gang needs)."""
-    request = requests_of(pod_spec)
-    ok = [n for n in nodes if feasible(n, pod_spec, request)]
-    gpus = int(request["nvidia.com/gpu"])
+def gang_fits(nodes: list[NodeView], demand: Demand, count: int) -> Fit:
+    """Whether `count` pods with this demand fit, one per node (that is what a training gang needs)."""
+    ok = [n for n in nodes if feasible(n, demand)]
+    gpus = int(demand.requests.get("nvidia.com/gpu", 0.0))
     what = f"{gpus} free nvidia.com/gpu" if gpus else "free CPU and memory"
-    selector = pod_spec.get("nodeSelector") or {}
+    selector = dict(demand.node_selector)
     where = f" matching nodeSelector {selector}" if selector else ""
     message = f"needs {count} nodes with {what}{where}; {len(ok)} available"
     return Fit(fits=len(ok) >= count, feasible_nodes=len(ok), needed=count, message=message)
@@ -134,3 +152,45 @@ def reserve(nodes: list[NodeView], requests: Iterable[Mapping[str, float]]) -> N
         for r in TRACKED:
             node.used[r] += request.get(r, 0.0)
         heapq.heappush(heap, (-node.free("nvidia.com/gpu"), i))
+
+
+class Cluster:
+    """Shared, in-process view used by the all-or-nothing placement check.
+
+    ``releasing`` holds gangs whose gates the operator just lifted but whose pods the index still
+    shows gated (the watch lags the patch); they count as used until the index catches up.
+    """
+
+    def __init__(self) -> None:
+        self.releasing: dict[tuple[str, str], list[Mapping[str, float]]] = {}
+
+    def fit(
+        self,
+        job: tuple[str, str],
+        nodes: Iterable[NodeView],
+        usage: Iterable[tuple[str | None, Mapping[str, float]]],
+        demand: Demand,
+        count: int,
+    ) -> Fit:
+        views = [NodeView(n.name, n.labels, n.allocatable, n.taints, n.ready, n.unschedulable) for n in nodes]
+        by_name = {n.name: n for n in views}
+        unbound: list[Mapping[str, float]] = []
+        for node_name, req in usage:
+            if node_name in by_name:
+                for r in TRACKED:
+                    by_name[node_name].used[r] += req.get(r, 0.0)
+            elif node_name is None:
+                unbound.append(req)
+        for key, requests in self.releasing.items():
+            if key != job:  # a job's own earlier release must not block its own retry
+                unbound.extend(requests)
+        reserve(views, unbound)
+        return gang_fits(views, demand, count)
+
+    def hold(self, job: tuple[str, str], requests: Mapping[str, float], count: int) -> None:
+        """`count` members of the job's gang were just released: they use capacity from now on."""
+        self.releasing[job] = [requests] * count
+
+    def settle(self, job: tuple[str, str]) -> None:
+        """The index shows the job's pods released: their usage is counted from the index again."""
+        self.releasing.pop(job, None)

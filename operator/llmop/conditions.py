@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from llmop_contract.api.v1alpha1.status import Condition, ConditionStatus
+
 CREATED = "Created"
 PREPARED = "DataPrepared"
 GANG_SCHEDULED = "GangScheduled"
@@ -19,12 +21,13 @@ SUSPENDED = "Suspended"
 TRAINED = "Trained"
 COMPRESSED = "Compressed"
 SERVING = "Serving"
+OUTPUT_SELECTED = "OutputSelected"
 # One condition per post-training stage, in the "domain/name" form the conventions allow for extensions.
 STAGE_PREFIX = "stage.llmop.io/"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 
-Condition = dict[str, Any]
+WireCondition = dict[str, Any]  # a condition as a manifest shows it (what tests and kubectl read)
 
 
 def now_iso(now: datetime | None = None) -> str:
@@ -43,13 +46,17 @@ class Transition:
     message: str
 
 
-def get(conditions: list[Condition], type_: str) -> Condition | None:
-    return next((c for c in conditions if c["type"] == type_), None)
+# --- typed conditions (status models), as the planners keep them ---------------------------------
 
 
-def is_true(conditions: list[Condition], type_: str) -> bool:
-    c = get(conditions, type_)
-    return c is not None and c["status"] == "True"
+def find(conditions: list[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def holds(conditions: list[Condition], type_: str) -> bool:
+    """The condition is there and True."""
+    c = find(conditions, type_)
+    return c is not None and c.status == ConditionStatus.TRUE
 
 
 def set_condition(
@@ -62,22 +69,36 @@ def set_condition(
     now: datetime,
 ) -> Transition | None:
     """Set a condition in place; returns the transition when its status changed, else None."""
-    wanted = "True" if status else "False"
-    current = get(conditions, type_)
-    fresh: Condition = {
-        "type": type_,
-        "status": wanted,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now_iso(now),
-        "observedGeneration": generation,
-    }
+    wanted = ConditionStatus.TRUE if status else ConditionStatus.FALSE
+    current = find(conditions, type_)
+    transition = Transition(type_, wanted.value, str(reason), message)
     if current is None:
-        conditions.append(fresh)
+        conditions.append(
+            Condition(
+                type=type_,
+                status=wanted,
+                reason=str(reason),
+                message=message,
+                last_transition_time=now_iso(now),
+                observed_generation=generation,
+            )
+        )
         # A condition appearing as False is not a transition worth an Event.
-        return Transition(type_, wanted, reason, message) if status else None
-    if current["status"] == wanted:
-        current.update(reason=reason, message=message, observedGeneration=generation)
+        return transition if status else None
+    current.reason, current.message, current.observed_generation = str(reason), message, generation
+    if current.status == wanted:
         return None
-    current.update(fresh)
-    return Transition(type_, wanted, reason, message)
+    current.status, current.last_transition_time = wanted, now_iso(now)
+    return transition
+
+
+# --- wire conditions (manifests) ------------------------------------------------------------------
+
+
+def get(conditions: list[WireCondition], type_: str) -> WireCondition | None:
+    return next((c for c in conditions if c["type"] == type_), None)
+
+
+def is_true(conditions: list[WireCondition], type_: str) -> bool:
+    c = get(conditions, type_)
+    return c is not None and c["status"] == "True"

@@ -1,4 +1,8 @@
-"""Carries out one reconcile pass for a job: observe, plan (reconcile.py), act, report."""
+"""Carries out one reconcile pass for a job: observe, plan (``llmop.planner``), act, report.
+
+The job's status is parsed into its typed model once (when a daemon first reads it) and serialised
+once, in ``write_status``; in between the planner reads and writes the model.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,11 +24,18 @@ from llmop import conditions as cond
 from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
 from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView, ServingView, inference_service_view
-from llmop.reconcile import JobSnapshot, Observed, Plan, plan
+from llmop.planner import JobSnapshot, Observed, Plan, gang, plan
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.status import ConditionStatus, JobReason, JobState, LLMTrainingJobStatus
 
 log = logging.getLogger("llmop.controller")
-_WARNING_REASONS = {"WorkerFailed", "WorkerDisrupted", "WorkerLost", "InsufficientCapacity", "Unschedulable"}
+_WARNING_REASONS = {
+    JobReason.WORKER_FAILED,
+    JobReason.WORKER_DISRUPTED,
+    JobReason.WORKER_LOST,
+    JobReason.INSUFFICIENT_CAPACITY,
+    JobReason.UNSCHEDULABLE,
+}
 
 
 @dataclass
@@ -36,7 +46,7 @@ class JobMemory:
     the watched body can lag behind our own patch and must not be used to recount restarts.
     """
 
-    status: dict[str, Any] | None = None
+    status: LLMTrainingJobStatus | None = None
     last_scrape: float = 0.0
     attempt_started: float = field(default_factory=time.monotonic)
     done: dict[tuple[Any, ...], float] = field(default_factory=dict)
@@ -59,44 +69,8 @@ class JobMemory:
         self.done.pop((*action, item), None)
 
 
-class Cluster:
-    """Shared, in-process view used by the all-or-nothing placement check.
-
-    ``releasing`` holds gangs whose gates the operator just lifted but whose pods the index still
-    shows gated (the watch lags the patch); they count as used until the index catches up.
-    """
-
-    def __init__(self) -> None:
-        self.releasing: dict[tuple[str, str], list[dict[str, float]]] = {}
-
-    def fit(
-        self,
-        job: tuple[str, str],
-        nodes: Iterable[capacity.NodeView],
-        usage: Iterable[tuple[str | None, dict[str, float]]],
-        pod_spec: Mapping[str, Any],
-        count: int,
-    ) -> capacity.Fit:
-        views = [
-            capacity.NodeView(n.name, n.labels, n.allocatable, n.taints, n.ready, n.unschedulable)
-            for n in nodes
-        ]
-        by_name = {n.name: n for n in views}
-        unbound: list[dict[str, float]] = []
-        for node_name, req in usage:
-            if node_name in by_name:
-                for r in capacity.TRACKED:
-                    by_name[node_name].used[r] += req.get(r, 0.0)
-            elif node_name is None:
-                unbound.append(req)
-        for key, requests in self.releasing.items():
-            if key != job:  # a job's own earlier release must not block its own retry
-                unbound.extend(requests)
-        capacity.reserve(views, unbound)
-        return capacity.gang_fits(views, pod_spec, count)
-
-
-CLUSTER = Cluster()
+# Gangs released by this operator, shared by every job's daemon (see ``planner.gang``).
+CLUSTER = capacity.Cluster()
 
 
 @dataclass(frozen=True)
@@ -130,7 +104,9 @@ async def reconcile_once(
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     spec = LLMTrainingJobSpec.model_validate(body.get("spec", {}))
-    status = memory.status if memory.status is not None else dict(body.get("status") or {})
+    status = memory.status
+    if status is None:  # parsed once: later passes start from the status this daemon wrote
+        status = LLMTrainingJobStatus.model_validate(dict(body.get("status") or {}))
     job = JobSnapshot(name, namespace, meta["uid"], meta.get("generation", 1), spec, status)
     ref = JobRef(name, namespace, meta["uid"], spec)
 
@@ -144,23 +120,14 @@ async def reconcile_once(
         compress_jobs=_store(indexes.batch_jobs, (namespace, name, naming.ROLE_COMPRESS)),
         compress_pods=_store(indexes.compress_pods, (namespace, name)),
     )
-    if cond.is_true(status.get("conditions") or [], cond.SUCCEEDED):
+    if cond.holds(status.conditions, cond.SUCCEEDED):
         seen = await observe_serving(kube, ref, seen, indexes)
-    attempt = status.get("attempt") or 1
-    if not any(p.gated for p in pods):
-        CLUSTER.releasing.pop((namespace, name), None)  # the index shows them released now
-    current = [p for p in pods if p.attempt == attempt]
-    if any(p.gated for p in current) and workers.scheduling_gates(ref) == [naming.GANG_GATE]:
-        if all(p.gated for p in current):
-            worker = workers.build_worker(ref, 0, attempt)["spec"]
-            nodes, usage = _store(indexes.nodes, None), _store(indexes.resource_usage, None)
-            fit = CLUSTER.fit((namespace, name), nodes, usage, worker, spec.workers.num_nodes)
-        else:
-            # Part of the gang is already released: the rest is only our watch lagging behind our
-            # own patches. Re-checking would count the released half against the other half.
-            n = spec.workers.num_nodes
-            fit = capacity.Fit(True, n, n, "the gang was admitted; releasing the remaining workers")
-        seen = dataclasses.replace(seen, fit=fit)
+    if any(p.gated for p in pods):
+        nodes, usage = _store(indexes.nodes, None), _store(indexes.resource_usage, None)
+    else:
+        nodes, usage = [], []
+    fit = gang.observe(ref, pods, status.attempt or 1, CLUSTER, nodes, usage)
+    seen = dataclasses.replace(seen, fit=fit)
     result = plan(job, seen)
     await act(kube, ref, result, body, pods, memory)
     await report_progress(ref, result, pods, memory, progress_interval)
@@ -210,7 +177,7 @@ async def act(
     if result.delete_pods:
         await asyncio.gather(*(kube.delete_pod(ns, p) for p in result.delete_pods))
     if result.create_workers:
-        attempt = result.status["attempt"]
+        attempt = result.status.attempt
         # The index lags our own creates; re-posting every pass would only collect 409s.
         todo = memory.not_recently(("create", attempt), result.create_workers)
         manifests = [workers.build_worker(ref, i, attempt) for i in todo]
@@ -236,10 +203,9 @@ async def act(
         except ResourceNotFoundError:
             pass  # KServe not installed: nothing of that kind can exist
     if result.ungate:
-        worker = workers.build_worker(ref, 0, result.status["attempt"])["spec"]
-        CLUSTER.releasing[(ns, ref.name)] = [capacity.requests_of(worker)] * len(result.ungate)
+        gang.released(CLUSTER, ref, len(result.ungate))
         gated = {p.name: p.gates for p in pods}
-        todo = memory.not_recently(("ungate", result.status["attempt"]), result.ungate)
+        todo = memory.not_recently(("ungate", result.status.attempt), result.ungate)
         await asyncio.gather(
             *(kube.remove_scheduling_gate(ns, p, naming.GANG_GATE, gated.get(p)) for p in todo)
         )
@@ -248,18 +214,16 @@ async def act(
 async def report_progress(
     ref: JobRef, result: Plan, pods: list[PodView], memory: JobMemory, interval: float
 ) -> None:
-    if result.status.get("state") != "Running" or time.monotonic() - memory.last_scrape < interval:
+    if result.status.state != JobState.RUNNING or time.monotonic() - memory.last_scrape < interval:
         return
-    rank0 = next(
-        (p for p in pods if p.index == 0 and p.attempt == result.status.get("attempt") and p.ip), None
-    )
+    rank0 = next((p for p in pods if p.index == 0 and p.attempt == result.status.attempt and p.ip), None)
     if rank0 is None or rank0.ip is None:
         return
     memory.last_scrape = time.monotonic()
     values = await progress.scrape(rank0.ip, ref.spec.workers.metrics_port)
     if values is None:
         return
-    result.status["progress"] = progress.to_status(values, datetime.now(UTC))
+    result.status.progress = progress.to_status(values, datetime.now(UTC))
     metrics.JOB_STEP.labels(ref.namespace, ref.name).set(values.get("step", 0))
     if "loss" in values:
         metrics.JOB_LOSS.labels(ref.namespace, ref.name).set(values["loss"])
@@ -268,19 +232,26 @@ async def report_progress(
 
 
 async def write_status(
-    kube: Kube, ref: JobRef, before: dict[str, Any], result: Plan, memory: JobMemory, body: kopf.Body
+    kube: Kube,
+    ref: JobRef,
+    before: LLMTrainingJobStatus,
+    result: Plan,
+    memory: JobMemory,
+    body: kopf.Body,
 ) -> None:
     ns, name = ref.namespace, ref.name
     if result.status != before:
-        # A merge patch keeps keys it does not mention: a field the plan dropped is sent as null.
-        dropped = {key: None for key in before if key not in result.status}
-        await kube.patch_job_status(ns, name, {**result.status, **dropped})
+        # The one place the typed status becomes a manifest again. A merge patch keeps keys it does
+        # not mention: a field the plan dropped is sent as null.
+        wire = result.status.to_wire()
+        dropped = {key: None for key in before.to_wire() if key not in wire}
+        await kube.patch_job_status(ns, name, {**wire, **dropped})
     memory.status = result.status
     # One Event per reason and pass: a failure flips Running off and Failed on with the same reason,
     # and two identical Events would read as two failures.
     posted: set[str] = set()
-    for t in sorted(result.transitions, key=lambda t: t.status != "True"):
-        warning = t.status == "True" and (
+    for t in sorted(result.transitions, key=lambda t: t.status != ConditionStatus.TRUE):
+        warning = t.status == ConditionStatus.TRUE and (
             t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS
         )
         if t.reason not in posted:
@@ -292,13 +263,14 @@ async def write_status(
     if len(result.create_workers) == ref.spec.workers.num_nodes:
         memory.attempt_started = time.monotonic()  # a whole gang was just created
     for stage in result.finished_stages:
-        metrics.record_stage(ns, name, stage)
-    metrics.set_state(ns, name, result.status.get("state"))
-    metrics.JOB_RESTARTS.labels(ns, name).set(result.status.get("restartCount", 0))
+        metrics.record_stage(ns, name, stage.to_wire())
+    state = result.status.state
+    metrics.set_state(ns, name, state.value if state else None)
+    metrics.JOB_RESTARTS.labels(ns, name).set(result.status.restart_count)
 
 
 def record_transition(namespace: str, t: cond.Transition) -> None:
-    if t.status != "True":
+    if t.status != ConditionStatus.TRUE:
         return
     if t.type == cond.CREATED:
         metrics.JOBS_CREATED.labels(namespace).inc()

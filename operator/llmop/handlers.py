@@ -21,6 +21,7 @@ from llmop.search import handlers as _search  # noqa: F401 - Kopf registers the 
 from llmop.settings import Settings
 from llmop.wakeup import sleep_until_woken
 from llmop_contract.api.v1alpha1.job import GROUP, PLURAL, VERSION
+from llmop_contract.api.v1alpha1.status import JobState
 
 SETTINGS = Settings.from_env()
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
@@ -144,7 +145,7 @@ async def run_job(
                 memory.status = None  # re-read the stored status: our copy may not have been written
                 delay = 2.0
             timeout = min(delay or SETTINGS.resync_seconds, SETTINGS.resync_seconds)
-            if memory.status and memory.status.get("state") == "Running":
+            if memory.status is not None and memory.status.state == JobState.RUNNING:
                 timeout = min(timeout, SETTINGS.progress_interval_seconds)
             # Sleep until a child or the job changes, the operator stops, or the resync is due.
             await sleep_until_woken(wake, stopped, timeout)

@@ -10,15 +10,18 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmop.conditions import now_iso
+from llmop_contract.api.v1alpha1.status import Progress
+from llmop_contract.protocol import Metric
 
-_FIELDS = {
-    "llmtrain_step": "step",
-    "llmtrain_total_steps": "totalSteps",
-    "llmtrain_loss": "loss",
-    "llmtrain_validation_loss": "validationLoss",
-    "llmtrain_validation_step": "validationStep",
-    "llmtrain_tokens_per_second": "tokensPerSecond",
-    "llmtrain_eta_seconds": "etaSeconds",
+# The trainer's metric -> the status.progress field it feeds.
+_FIELDS: dict[str, str] = {
+    Metric.STEP: "step",
+    Metric.TOTAL_STEPS: "totalSteps",
+    Metric.LOSS: "loss",
+    Metric.VALIDATION_LOSS: "validationLoss",
+    Metric.VALIDATION_STEP: "validationStep",
+    Metric.TOKENS_PER_SECOND: "tokensPerSecond",
+    Metric.ETA_SECONDS: "etaSeconds",
 }
 
 
@@ -31,7 +34,12 @@ def parse(text: str) -> dict[str, float]:
     return values
 
 
-def to_status(values: dict[str, float], now: datetime) -> dict[str, Any]:
+def to_status(values: dict[str, float], now: datetime) -> Progress:
+    return Progress.model_validate(to_wire(values, now))
+
+
+def to_wire(values: dict[str, float], now: datetime) -> dict[str, Any]:
+    """status.progress as a manifest shows it, from the scraped figures."""
     step = int(values.get("step", 0))
     total = int(values["totalSteps"]) if values.get("totalSteps") else None
     out: dict[str, Any] = {"step": step, "updateTime": now_iso(now)}

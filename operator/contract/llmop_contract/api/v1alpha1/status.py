@@ -53,6 +53,47 @@ class StageState(StrEnum):
     SKIPPED = "Skipped"
 
 
+FINISHED_STAGE_STATES = frozenset({StageState.SUCCEEDED, StageState.FAILED})
+
+
+class JobReason(StrEnum):
+    """Reasons of an LLMTrainingJob's conditions (and of the Events posted for their transitions)."""
+
+    JOB_CREATED = "JobCreated"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    PREPARATION_SUCCEEDED = "PreparationSucceeded"
+    PREPARATION_FAILED = "PreparationFailed"
+    AWAITING_ADMISSION = "AwaitingAdmission"
+    GANG_ADMITTED = "GangAdmitted"
+    INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+    UNSCHEDULABLE = "Unschedulable"
+    GANG_SCHEDULED = "GangScheduled"
+    ALL_WORKERS_RUNNING = "AllWorkersRunning"
+    WORKER_FAILED = "WorkerFailed"
+    WORKER_DISRUPTED = "WorkerDisrupted"
+    WORKER_LOST = "WorkerLost"
+    PERMANENT_FAILURE = "PermanentFailure"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    TRAINING_SUCCEEDED = "TrainingSucceeded"
+    COMPRESSING = "Compressing"
+    COMPRESSION_SUCCEEDED = "CompressionSucceeded"
+    COMPRESSION_FAILED = "CompressionFailed"
+    EXPORTING_ONNX = "ExportingOnnx"
+    ONNX_EXPORT_FAILED = "OnnxExportFailed"
+    SELECTED = "Selected"
+    NONE_ELIGIBLE = "NoneEligible"
+    SERVING_DISABLED = "ServingDisabled"
+    SERVING_UNAVAILABLE = "ServingUnavailable"
+    READY = "Ready"
+    STARTING = "Starting"
+    # The per-stage conditions (stage.llmop.io/<name>) follow the stage's state.
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
 class StageStatus(ApiModel):
     """One lifecycle stage (prepare, train, compress-*, serve)."""
 

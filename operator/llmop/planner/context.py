@@ -1,0 +1,125 @@
+"""What one planning pass of a job shares between its phases: the job as read (typed status
+included), what was observed of its children, and the plan being built.
+
+Each phase (``lifecycle``, ``preparation``, ``training``, ``gang``, ``stages``, ``serving``) is a set of
+functions of a ``Pass``; ``llmop.planner.plan`` runs them in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from llmop import conditions as cond
+from llmop.builders.compress import Stage
+from llmop.capacity import Fit
+from llmop.observe import BatchJobView, PodView, ServingView
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.status import (
+    FINISHED_STAGE_STATES,
+    JobReason,
+    JobState,
+    LLMTrainingJobStatus,
+    StageState,
+    StageStatus,
+)
+
+PREPARE = "prepare"  # the data preparation stage's entry in status.stages
+TRAIN = "train"  # the training stage's entry
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: LLMTrainingJobSpec
+    status: LLMTrainingJobStatus
+
+
+@dataclass(frozen=True)
+class Observed:
+    pods: list[PodView]
+    prepare: BatchJobView | None
+    now: datetime
+    fit: Fit | None = None  # only computed when gated workers wait for capacity (see ``gang``)
+    compress_jobs: list[BatchJobView] = field(default_factory=list)
+    compress_pods: list[PodView] = field(default_factory=list)
+    serving: ServingView | None = None
+    serving_unavailable: str | None = None  # e.g. KServe asked for but its CRDs are not installed
+
+
+@dataclass
+class Plan:
+    status: LLMTrainingJobStatus
+    ensure_base: bool = False
+    create_prepare: bool = False
+    create_workers: list[int] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    ungate: list[str] = field(default_factory=list)
+    create_compress: list[Stage] = field(default_factory=list)
+    delete_batch_jobs: list[str] = field(default_factory=list)
+    finished_stages: list[StageStatus] = field(default_factory=list)  # stage entries that just ended
+    serve_model: str | None = None  # ensure serving of this model directory
+    remove_serving: bool = False
+    delete_job: bool = False
+    transitions: list[cond.Transition] = field(default_factory=list)
+    requeue_after: float | None = None
+    gang_running_since: datetime | None = None  # set when the gang just became fully Running
+
+
+class Pass:
+    """One planning pass: the job, what was seen, and the plan (with its typed status) being built."""
+
+    def __init__(self, job: JobSnapshot, seen: Observed) -> None:
+        self.job, self.seen, self.spec = job, seen, job.spec
+        self.plan = Plan(status=job.status.model_copy(deep=True))
+        self.status = self.plan.status
+        self.now = cond.now_iso(seen.now)
+
+    def condition(self, type_: str, status: bool, reason: JobReason, message: str) -> None:
+        t = cond.set_condition(
+            self.status.conditions, type_, status, reason, message, self.job.generation, self.seen.now
+        )
+        if t:
+            self.plan.transitions.append(t)
+
+    def holds(self, type_: str) -> bool:
+        return cond.holds(self.status.conditions, type_)
+
+    def find_stage(self, name: str) -> StageStatus | None:
+        return next((s for s in self.status.stages if s.name == name), None)
+
+    def stage(self, name: str, state: StageState, message: str | None = None) -> StageStatus:
+        """Move a stage's entry to ``state`` (created Pending first); times are stamped on the way."""
+        entry = self.find_stage(name)
+        if entry is None:
+            entry = StageStatus(name=name, state=StageState.PENDING)
+            self.status.stages.append(entry)
+        if state == StageState.RUNNING and not entry.start_time:
+            entry.start_time = self.now
+        if state in FINISHED_STAGE_STATES and entry.state not in FINISHED_STAGE_STATES:
+            entry.start_time = entry.start_time or self.now
+            entry.completion_time = self.now
+            self.plan.finished_stages.append(entry)
+        entry.state = state
+        if message is not None:
+            entry.message = message
+        return entry
+
+    def finished(self) -> bool:
+        return self.holds(cond.SUCCEEDED) or self.holds(cond.FAILED)
+
+    def delete_all_pods(self) -> None:
+        self.plan.delete_pods = [p.name for p in self.seen.pods if not p.deleting]
+        # Compression still running when the job fails (deadline, deletion of the gang) stops too.
+        self.plan.delete_batch_jobs = [j.name for j in self.seen.compress_jobs if j.active]
+
+    def fail(self, reason: JobReason, message: str) -> None:
+        self.delete_all_pods()
+        self.condition(cond.RUNNING, False, reason, message)
+        self.condition(cond.RESTARTING, False, reason, message)
+        self.condition(cond.FAILED, True, reason, message)
+        self.status.completion_time = self.now
+        self.status.state = JobState.FAILED
