@@ -23,7 +23,6 @@ from llmop_contract.api.v1alpha1.search_status import (
     TrialState,
     TrialStatus,
 )
-from llmop_contract.api.v1alpha1.status import Condition, ConditionStatus
 
 
 @dataclass(frozen=True)
@@ -54,43 +53,6 @@ class Plan:
     requeue_after: float | None = None
 
 
-def is_true(conditions: list[Condition], type_: str) -> bool:
-    return any(c.type == type_ and c.status == ConditionStatus.TRUE for c in conditions)
-
-
-def set_condition(
-    conditions: list[Condition],
-    type_: str,
-    status: bool,
-    reason: SearchReason,
-    message: str,
-    generation: int | None,
-    now: datetime,
-) -> cond.Transition | None:
-    """``llmop.conditions.set_condition`` on typed conditions: set in place, return the transition
-    when the condition's status changed (a condition appearing as False is none)."""
-    wanted = ConditionStatus.TRUE if status else ConditionStatus.FALSE
-    current = next((c for c in conditions if c.type == type_), None)
-    transition = cond.Transition(type_, wanted.value, reason.value, message)
-    if current is None:
-        conditions.append(
-            Condition(
-                type=type_,
-                status=wanted,
-                reason=reason.value,
-                message=message,
-                last_transition_time=cond.now_iso(now),
-                observed_generation=generation,
-            )
-        )
-        return transition if status else None
-    current.reason, current.message, current.observed_generation = reason.value, message, generation
-    if current.status == wanted:
-        return None
-    current.status, current.last_transition_time = wanted, cond.now_iso(now)
-    return transition
-
-
 class Pass:
     """One planning pass: the search, what was seen, and the plan the phases fill in."""
 
@@ -105,7 +67,7 @@ class Pass:
         self.news: set[int] = set()  # trials with a new intermediate value this pass
 
     def condition(self, type_: str, status: bool, reason: SearchReason, message: str) -> None:
-        t = set_condition(
+        t = cond.set_condition(
             self.status.conditions, type_, status, reason, message, self.search.generation, self.seen.now
         )
         if t:
@@ -120,7 +82,7 @@ class Pass:
 
     def finished(self) -> bool:
         c = self.status.conditions
-        return is_true(c, cond.SUCCEEDED) or is_true(c, cond.FAILED)
+        return cond.holds(c, cond.SUCCEEDED) or cond.holds(c, cond.FAILED)
 
     def active(self) -> list[TrialStatus]:
         return [r for r in self.records if records.is_active(r)]

@@ -16,7 +16,7 @@ from datetime import datetime
 
 from llmop import conditions as cond
 from llmop.search import conclusion, schedule, stopping, trials
-from llmop.search.context import Observed, Pass, Plan, SearchSnapshot, is_true, set_condition
+from llmop.search.context import Observed, Pass, Plan, SearchSnapshot
 from llmop_contract.api.v1alpha1.search_status import (
     LLMHyperparameterSearchStatus,
     SearchReason,
@@ -34,7 +34,7 @@ def plan(search: SearchSnapshot, seen: Observed) -> Plan:
         return _done(p)
     if p.status.start_time is None:
         p.status.start_time = p.now
-    if not is_true(p.status.conditions, cond.CREATED):
+    if not cond.holds(p.status.conditions, cond.CREATED):
         message = f"{p.spec.algorithm.value} search accepted"
         p.condition(cond.CREATED, True, SearchReason.SEARCH_CREATED, message)
         p.status.state = SearchState.PENDING
@@ -65,7 +65,7 @@ def reject(status: LLMHyperparameterSearchStatus, generation: int, now: datetime
         (cond.RUNNING, False, SearchReason.INVALID_SPEC, message),
         (cond.FAILED, True, SearchReason.INVALID_SPEC, message),
     ):
-        if t := set_condition(conditions, type_, value, reason, text, generation, now):
+        if t := cond.set_condition(conditions, type_, value, reason, text, generation, now):
             out.transitions.append(t)
     out.status.start_time = out.status.start_time or cond.now_iso(now)
     out.status.completion_time = out.status.completion_time or cond.now_iso(now)
