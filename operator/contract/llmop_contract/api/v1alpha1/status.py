@@ -107,7 +107,8 @@ class StageStatus(ApiModel):
     """When the stage finished."""
     message: str | None = Field(None, max_length=4096)
     """Detail, e.g. the failure reason."""
-    results: dict[str, float] = Field(default_factory=dict, max_length=64)
+    # Left out of the manifest while empty: only stages that report figures carry the key.
+    results: dict[str, float] = Field(default_factory=dict, max_length=64, exclude_if=lambda r: not r)
     """Key figures of the stage (documents kept, perplexity, size ratio, ...)."""
     method: str | None = Field(None, max_length=64)
     """Compression method of a compress stage (Int8WeightOnly, Magnitude, Distillation, ...)."""
