@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from llmop import capacity
+from llmop.builders import JobRef, workers
 from llmop.capacity import Cluster
+from llmop.planner import gang
+from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 
 
 def node(name: str, gpus: int = 8, ready: bool = True, **labels: str) -> capacity.NodeView:
@@ -49,3 +52,23 @@ def test_released_gangs_hold_capacity_until_bound_except_for_themselves() -> Non
     assert cluster.fit(("ns", "first"), nodes, [], worker(8), 2).fits
     # Unbound but ungated pods seen in the index count the same way.
     assert not cluster.fit(("ns", "second"), nodes, [(None, {"nvidia.com/gpu": 8.0})], worker(8), 2).fits
+
+
+def test_a_gangs_demand_is_read_from_the_spec_as_the_worker_pod_has_it() -> None:
+    spec = LLMTrainingJobSpec.model_validate(
+        {
+            "data": {"prepare": False},
+            "training": {"maxSteps": 10, "globalBatchSize": 8, "microBatchSize": 1},
+            "workers": {
+                "numNodes": 2,
+                "procsPerNode": 4,
+                "gpusPerNode": 4,
+                "resourcesPerNode": {"requests": {"cpu": "8"}, "limits": {"memory": "64Gi"}},
+                "nodeSelector": {"product": "h100"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        }
+    )
+    ref = JobRef("j", "ns", "uid", spec)
+    assert gang.demand(ref) == capacity.Demand.of_pod(workers.worker_pod_spec(ref))
+    assert gang.demand(ref).requests == {"nvidia.com/gpu": 4.0, "cpu": 8.0, "memory": 64 * 2**30}

@@ -294,3 +294,23 @@ def test_passes_converge_through_a_restart_and_then_ask_for_nothing() -> None:
     assert settled.status["attempt"] == 2 and settled.status["restartCount"] == 1
     assert [(x.index, x.attempt) for x in pods] == [(0, 2), (1, 2)]
     assert plan(snapshot(spec(), settled.status), Observed(pods, None, NOW)).status == settled.status
+
+
+def test_the_status_a_pass_writes_reads_back_unchanged() -> None:
+    for _, s, status, seen in _replays():
+        written = plan(snapshot(s, status), seen).status
+        assert LLMTrainingJobStatus.model_validate(written).to_wire() == written
+
+
+def test_one_deadline_rule_for_jobs_and_searches() -> None:
+    from llmop import deadline
+
+    start = NOW - timedelta(seconds=599)
+    assert deadline.remaining(now_iso(start), None, NOW) is None
+    assert deadline.remaining(now_iso(start), 600, NOW) == 1.0 and not deadline.exceeded(start, 600, NOW)
+    assert deadline.exceeded(now_iso(start), 599, NOW) and deadline.exceeded(start, 10, NOW)
+    assert not deadline.exceeded(None, 600, NOW), "not started yet: the clock starts now"
+    assert (
+        deadline.message("job", "activeDeadlineSeconds", 600)
+        == "job ran longer than activeDeadlineSeconds=600"
+    )
