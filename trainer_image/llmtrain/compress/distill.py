@@ -71,6 +71,25 @@ def single_process_config(cfg: TrainerConfig, spec: Distillation) -> TrainerConf
     )
 
 
+def _optimizer_step(
+    engine: Any, loader: Any, teacher: Any, spec: Distillation, accumulation: int, device: Any
+) -> tuple[torch.Tensor, int]:
+    """One optimiser step over ``accumulation`` micro-batches: summed (loss, kd, ce) and tokens seen."""
+    sums, tokens = torch.zeros(3), 0
+    for _ in range(accumulation):
+        x, y = loader.next()
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=x).logits if spec.alpha else None
+        logits, _ = engine(x)
+        loss, kd, ce = distillation_loss(logits, teacher_logits, y, spec.temperature, spec.alpha)
+        engine.backward(loss)
+        engine.step()
+        sums += torch.stack([loss.detach().float(), kd.detach().float(), ce.detach().float()]).cpu()
+        tokens += x.numel()
+    return sums, tokens
+
+
 def distill(
     cfg: TrainerConfig,
     spec: Distillation,
@@ -112,17 +131,7 @@ def distill(
         for step in range(spec.steps):
             lr = learning_rate(step, spec.steps, spec.learning_rate, schedule)
             set_learning_rate(engine, lr)
-            sums = torch.zeros(3)
-            for _ in range(accumulation):
-                x, y = loader.next()
-                x, y = x.to(device), y.to(device)
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=x).logits if spec.alpha else None
-                logits, _ = engine(x)
-                loss, kd, ce = distillation_loss(logits, teacher_logits, y, spec.temperature, spec.alpha)
-                engine.backward(loss)
-                engine.step()
-                sums += torch.stack([loss.detach().float(), kd.detach().float(), ce.detach().float()]).cpu()
+            sums, tokens = _optimizer_step(engine, loader, teacher, spec, accumulation, device)
             if (step + 1) % every == 0 or step + 1 == spec.steps:
                 mean = (sums / accumulation).tolist()
                 elapsed = time.perf_counter() - started
@@ -135,7 +144,7 @@ def distill(
                     kd=round(mean[1], 5),
                     ce=round(mean[2], 5),
                     lr=lr,
-                    tokens_per_second=round((step + 1) * accumulation * x.numel() / elapsed, 1),
+                    tokens_per_second=round((step + 1) * tokens / elapsed, 1),
                 )
     finally:
         loader.close()

@@ -20,6 +20,7 @@ from llmop_contract.protocol import DataManifest, Env, ExitCode, TerminationMess
 from llmtrain import termination
 from llmtrain.adapt import llama_args
 from llmtrain.logs import Logger
+from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
 from llmtrain.train.checkpoint import Checkpointer
@@ -94,23 +95,14 @@ def _windows(cfg: TrainerConfig, manifest: DataManifest, split: str) -> Windows:
     return Windows(stream, tr.sequence_length, tr.seed)
 
 
-def setup(cfg: TrainerConfig) -> Run:
-    env = dist.setup()
-    log = Logger(env.rank)
-    spec, tr = cfg.spec, cfg.spec.training
-    expected_world = spec.workers.num_nodes * spec.workers.procs_per_node
-    if env.world_size != expected_world:
-        raise ValueError(
-            f"WORLD_SIZE={env.world_size} but workers.numNodes x workers.procsPerNode = {expected_world}"
-        )
-    manifest = read_manifest(cfg.paths.data_dir)
-    if manifest.vocab_size > spec.model.vocab_size:
-        raise ValueError(
-            f"data vocabulary ({manifest.vocab_size}) exceeds model.vocabSize ({spec.model.vocab_size})"
-        )
-    # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
-    seed_everything(tr.seed + env.rank)
-    model_args = llama_args(spec.model)
+def _check_world(cfg: TrainerConfig, world_size: int) -> None:
+    expected = cfg.spec.workers.num_nodes * cfg.spec.workers.procs_per_node
+    if world_size != expected:
+        raise ValueError(f"WORLD_SIZE={world_size} but workers.numNodes x workers.procsPerNode = {expected}")
+
+
+def _model(cfg: TrainerConfig, model_args: LlamaArgs) -> Llama:
+    tr = cfg.spec.training
     model = build_model(
         model_args,
         seed=tr.seed,
@@ -119,6 +111,23 @@ def setup(cfg: TrainerConfig) -> Run:
         activation_checkpointing=tr.activation_checkpointing,
     )
     model.set_penalty(tr.regularization.l1, tr.regularization.l2)
+    return model
+
+
+def setup(cfg: TrainerConfig) -> Run:
+    env = dist.setup()
+    log = Logger(env.rank)
+    spec, tr = cfg.spec, cfg.spec.training
+    _check_world(cfg, env.world_size)
+    manifest = read_manifest(cfg.paths.data_dir)
+    if manifest.vocab_size > spec.model.vocab_size:
+        raise ValueError(
+            f"data vocabulary ({manifest.vocab_size}) exceeds model.vocabSize ({spec.model.vocab_size})"
+        )
+    # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
+    seed_everything(tr.seed + env.rank)
+    model_args = llama_args(spec.model)
+    model = _model(cfg, model_args)
     engine = initialize(model, cfg, log)
     checkpointer = Checkpointer(cfg.paths.checkpoint_dir, tr.checkpointing.keep_last, env)
     state = checkpointer.restore(engine) or {}
