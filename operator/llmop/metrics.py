@@ -7,6 +7,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmop.conditions import parse_time
+from llmop_contract.protocol import StageName
 
 REGISTRY = CollectorRegistry()
 
@@ -111,13 +112,21 @@ def _publish_states() -> None:
         JOBS_BY_STATE.labels(state).set(n)
 
 
+def _stage_kind(name: str) -> str:
+    """The stage label: quantize/prune/distill for compression stages, else the stage's own name."""
+    try:
+        return StageName.parse(name).kind.value
+    except ValueError:
+        return name  # prepare, train, onnx, serve
+
+
 def record_stage(namespace: str, job: str, stage: dict[str, Any]) -> None:
     """A stage just ended: its duration, and for compression its headline figures."""
     method = stage.get("method") or stage["name"]
     start, end = stage.get("startTime"), stage.get("completionTime")
     if start and end:
         seconds = (parse_time(end) - parse_time(start)).total_seconds()
-        STAGE_DURATION.labels(namespace, stage["name"].split("-")[0], method, stage["state"]).observe(seconds)
+        STAGE_DURATION.labels(namespace, _stage_kind(stage["name"]), method, stage["state"]).observe(seconds)
     for figure in COMPRESSION_FIGURES:
         if figure in (stage.get("results") or {}):
             COMPRESSION_RESULT.labels(namespace, job, stage["name"], method, figure).set(
