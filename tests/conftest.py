@@ -8,11 +8,44 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from llmop_dev import cluster as devcluster
 from tests.kube import Cluster
+
+# What runs where (tests/README.md): the directory is the layer, and the layer is a marker, so
+# `pytest -m unit` or `pytest tests/unit` runs the seconds-long tests without a cluster.
+LAYERS = {
+    "unit": "pure: models, planners, builders, capacity; no cluster, no trainer process",
+    "trainer": "the trainer in-process or under torchrun on CPU; no cluster",
+    "cluster": "the real kube-apiserver and the operator; pods are kwok's fakes",
+    "e2e": "the development runtime: pods are real trainer processes",
+    "helm": "the chart: rendered, validated, installed; a real Prometheus",
+}
+NO_CLUSTER = {"unit", "trainer"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for layer, what in LAYERS.items():
+        config.addinivalue_line("markers", f"{layer}: {what}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(tests_dir).parts
+        layer = parts[0] if len(parts) > 1 else None
+        if layer not in LAYERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: every test lives in one of tests/{{{','.join(LAYERS)}}}/"
+            )
+        item.add_marker(layer)
+        if layer in NO_CLUSTER and "cluster" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(
+                f"{item.nodeid}: a {layer} test may not use the cluster; move it to tests/cluster/"
+            )
 
 
 @pytest.fixture(scope="session")

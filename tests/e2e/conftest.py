@@ -17,8 +17,8 @@ import yaml
 from llmop_dev import cluster as devcluster
 from llmop_dev.runtime import paths
 from llmop_dev.stack import Background, start_runtime
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.kube import Cluster
-from tests.operator.conftest import Jobs, OperatorProcess
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from llmop import naming
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.e2e.conftest import claim_dir, tiny_job
 from tests.e2e.test_local_runtime import apply, wait_state
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import Jobs, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.e2e.conftest import claim_dir, is_alive, pod_processes, tiny_job, trainer_log
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import Jobs, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 FINISH_TIMEOUT = 420

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from benchmarks.hpo_grid import template_digest
+from tests.cluster.conftest import OperatorProcess
+from tests.cluster.search.conftest import Searches, delete_searches
 from tests.e2e.conftest import pod_processes
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import OperatorProcess
-from tests.search.conftest import Searches, delete_searches
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmtrain.adapt import llama_args
 from llmtrain.config import load_config
 from llmtrain.testing import debug_config, license_documents, write_shards
 from llmtrain.train.metrics import flops_per_token
@@ -617,7 +618,9 @@ def test_prometheus_scrapes_a_real_llmtrain_train_on_rank_0_through_the_charts_p
     assert at(prom, f"llmtrain_tokens_per_second{sel}", last) > 0
     assert at(prom, f"llmtrain_samples_per_second{sel}", last) > 0
     per_token = at(prom, f"llmtrain_flops_per_second{sel} / llmtrain_tokens_per_second{sel}", last)
-    assert per_token == pytest.approx(flops_per_token(cfg.spec.model, tr.sequence_length), rel=1e-9)
+    assert per_token == pytest.approx(
+        flops_per_token(llama_args(cfg.spec.model), tr.sequence_length), rel=1e-9
+    )
     mfu = at(prom, f"llmtrain_mfu{sel} * {PEAK_FLOPS} / llmtrain_flops_per_second{sel}", last)
     assert mfu == pytest.approx(1, rel=1e-9)
 

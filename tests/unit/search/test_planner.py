@@ -10,7 +10,7 @@ import pytest
 from llmop.search import planner, sampler, space
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.search_status import LLMHyperparameterSearchStatus
-from tests.search.helpers import LR, T0, Search, done, job, spec
+from tests.unit.search.helpers import LR, T0, Search, done, job, spec
 
 
 def test_first_pass_records_parallel_trials_before_creating_them() -> None:

@@ -18,7 +18,7 @@ from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from tests.admission import assert_models_reject
 from tests.kube import Cluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 Manifest = dict[str, Any]
 
 

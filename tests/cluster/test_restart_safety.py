@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import Jobs, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 EXIT_AFTER = "llmop.io/kwok-exit-after"

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.cluster.conftest import Jobs, OperatorProcess, free_port
 from tests.kube import wait_for
-from tests.operator.conftest import Jobs, OperatorProcess, free_port
 
 pytestmark = pytest.mark.cluster
 

@@ -10,7 +10,7 @@ import pytest
 
 from llmop_contract.api import crdgen
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_checked_in_crds_match_models() -> None:

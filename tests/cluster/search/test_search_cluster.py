@@ -15,9 +15,8 @@ from llmop.conditions import parse_time
 from llmop.search import sampler
 from llmop.termination import final_figures
 from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
-from tests.kube import Cluster, wait_for
-from tests.operator.conftest import OperatorProcess
-from tests.search.conftest import (
+from tests.cluster.conftest import OperatorProcess
+from tests.cluster.search.conftest import (
     EXIT_AFTER,
     EXIT_CODE,
     MESSAGE,
@@ -26,6 +25,7 @@ from tests.search.conftest import (
     finishes,
     kwok_template,
 )
+from tests.kube import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 LR = {"name": "lr", "path": "training.optimizer.learningRate", "type": "Float", "scale": "Log"}
@@ -172,7 +172,7 @@ def test_failed_trials_beyond_the_limit_fail_the_search(
     failed = searches.wait_condition("broken", "Failed", timeout=120)
     assert failed["reason"] == "MaxFailedTrialsExceeded" and "3 trials failed" in failed["message"]
     # The pass that failed the search started no trial (that none is started later is
-    # tests/search/test_planner.py's).
+    # tests/unit/search/test_planner.py's).
     status = searches.status("broken")
     assert status["state"] == "Failed" and status["counts"]["failed"] == 3 and status["counts"]["total"] == 3
     assert all("PermanentFailure" in t["message"] for t in status["trials"])

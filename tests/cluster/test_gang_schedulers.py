@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import Jobs, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 

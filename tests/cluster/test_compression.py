@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmop.conditions import parse_time
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import Jobs, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 

@@ -18,7 +18,7 @@ from llmop import naming
 from llmop.builders import JobRef, Manifest, compress, prepare, serving, storage, workers
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RENDEZVOUS = ["MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE"]
 GANG_ONLY_ENV = set(RENDEZVOUS) | {"LLMOP_ATTEMPT", "LLMOP_METRICS_PORT", "LLMOP_METRICS_ADDR"}
 CACHES = ["HOME", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR"]

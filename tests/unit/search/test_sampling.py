@@ -15,9 +15,9 @@ import pytest
 
 from llmop.search import sampler, space, stopping
 from llmop_contract.api.v1alpha1.search_status import TrialStatus
-from tests.search.helpers import LR, spec
+from tests.unit.search.helpers import LR, spec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def record(
@@ -120,8 +120,8 @@ def test_random_values_are_a_function_of_seed_and_index() -> None:
 _DRAW = """
 import json, sys
 from llmop.search import sampler
-from tests.search.helpers import spec
-from tests.search.test_sampling import record, objective
+from tests.unit.search.helpers import spec
+from tests.unit.search.test_sampling import record, objective
 history = [record(i, lr, objective(lr)) for i, lr in enumerate((1e-4, 3e-3, 0.3, 2e-2))]
 draws = [sampler.suggest(spec(algorithm=a, randomStartupTrials=2), history, 4) for a in ("Random", "TPE")]
 json.dump(draws, sys.stdout)

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.cluster.conftest import OperatorProcess
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import OperatorProcess
 
 EXIT_AFTER = "llmop.io/kwok-exit-after"
 EXIT_CODE = "llmop.io/kwok-exit-code"

@@ -9,7 +9,7 @@ from llmop.builders.compress import ONNX, Stage, build_compress_job
 from llmop.builders.serving import build
 from llmop.conditions import get, is_true
 from llmop.observe import ServingView
-from tests.test_reconcile_compress import COMPRESSION, job, result_pod, spec, step, trained_pods
+from tests.unit.test_planner_stages import COMPRESSION, job, result_pod, spec, step, trained_pods
 
 SERVING = {"enabled": True, "replicas": 2, "port": 8000, "resources": {"limits": {"cpu": "2"}}}
 

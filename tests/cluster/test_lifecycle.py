@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from llmop.conditions import parse_time
+from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.kube import Cluster, wait_for
-from tests.operator.conftest import Jobs, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 EXIT_AFTER = "llmop.io/kwok-exit-after"

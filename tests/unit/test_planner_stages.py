@@ -13,7 +13,7 @@ from llmop.observe import BatchJobView, PodView
 from llmop.planner import Observed
 from llmop.termination import final_figures
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
-from tests.test_reconcile import NOW, plan, pod, snapshot
+from tests.unit.test_planner import NOW, plan, pod, snapshot
 
 COMPRESSION: dict[str, Any] = {
     "quantization": [{"method": "Int8WeightOnly"}, {"method": "Int4WeightOnly", "groupSize": 32}],

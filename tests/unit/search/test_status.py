@@ -5,7 +5,7 @@ from __future__ import annotations
 from llmop.metrics import REGISTRY
 from llmop.search import metrics
 from llmop_contract.api.v1alpha1.search_status import LLMHyperparameterSearchStatus
-from tests.search.helpers import Search, done, job, spec
+from tests.unit.search.helpers import Search, done, job, spec
 
 
 def test_the_status_a_pass_writes_reads_back_unchanged() -> None:

@@ -16,7 +16,7 @@ from llmop_contract.api.v1alpha1.search import LLMHyperparameterSearchSpec
 from tests.admission import assert_models_reject
 from tests.kube import Cluster
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 Manifest = dict[str, Any]
 LR = {
     "name": "lr",
@@ -246,7 +246,7 @@ def test_the_search_space_cannot_change_after_creation(cluster: Cluster, namespa
 
 def test_a_trial_that_would_be_invalid_at_a_range_end_is_rejected_by_the_models() -> None:
     # The apiserver cannot see this (it would have to apply the value to the template); the operator
-    # marks such a search Failed with reason InvalidSpec (tests/search/test_search_cluster.py).
+    # marks such a search Failed with reason InvalidSpec (tests/cluster/search/test_search_cluster.py).
     manifest = base()
     manifest["spec"]["parameters"] = [
         {"name": "seq", "path": "training.sequenceLength", "type": "Int", "min": 64, "max": 512}
