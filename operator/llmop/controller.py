@@ -263,7 +263,7 @@ async def write_status(
     if len(result.create_workers) == ref.spec.workers.num_nodes:
         memory.attempt_started = time.monotonic()  # a whole gang was just created
     for stage in result.finished_stages:
-        metrics.record_stage(ns, name, stage.to_wire())
+        metrics.record_stage(ns, name, stage)
     state = result.status.state
     metrics.set_state(ns, name, state.value if state else None)
     metrics.JOB_RESTARTS.labels(ns, name).set(result.status.restart_count)

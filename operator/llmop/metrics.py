@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmop.conditions import parse_time
+from llmop_contract.api.v1alpha1.status import JobState, StageStatus
 from llmop_contract.protocol import StageName
 
 REGISTRY = CollectorRegistry()
@@ -84,18 +83,7 @@ COMPRESSION_FIGURES = ("sizeRatio", "perplexityIncreasePercent", "speedup", "spa
 JOB_RESTARTS = Gauge("llmop_job_restarts", "restartCount of the job", ["namespace", "job"], registry=REGISTRY)
 
 _states: dict[tuple[str, str], str] = {}
-STATES = (
-    "Pending",
-    "Preparing",
-    "Starting",
-    "Running",
-    "Restarting",
-    "Compressing",
-    "Serving",
-    "Suspended",
-    "Succeeded",
-    "Failed",
-)
+STATES = tuple(state.value for state in JobState)
 
 
 def set_state(namespace: str, job: str, state: str | None) -> None:
@@ -120,18 +108,15 @@ def _stage_kind(name: str) -> str:
         return name  # prepare, train, onnx, serve
 
 
-def record_stage(namespace: str, job: str, stage: dict[str, Any]) -> None:
+def record_stage(namespace: str, job: str, stage: StageStatus) -> None:
     """A stage just ended: its duration, and for compression its headline figures."""
-    method = stage.get("method") or stage["name"]
-    start, end = stage.get("startTime"), stage.get("completionTime")
-    if start and end:
-        seconds = (parse_time(end) - parse_time(start)).total_seconds()
-        STAGE_DURATION.labels(namespace, _stage_kind(stage["name"]), method, stage["state"]).observe(seconds)
+    method = stage.method or stage.name
+    if stage.start_time and stage.completion_time:
+        seconds = (parse_time(stage.completion_time) - parse_time(stage.start_time)).total_seconds()
+        STAGE_DURATION.labels(namespace, _stage_kind(stage.name), method, stage.state.value).observe(seconds)
     for figure in COMPRESSION_FIGURES:
-        if figure in (stage.get("results") or {}):
-            COMPRESSION_RESULT.labels(namespace, job, stage["name"], method, figure).set(
-                stage["results"][figure]
-            )
+        if figure in stage.results:
+            COMPRESSION_RESULT.labels(namespace, job, stage.name, method, figure).set(stage.results[figure])
 
 
 def job_info(namespace: str, job: str, nodes: int, gpus: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmop_contract.protocol import MAX_RESULTS, TerminationMessage
+from llmop_contract.protocol import TerminationMessage
 
 # Figures worth a word in the stage's message, in this order.
 _SUMMARY = (
@@ -48,6 +48,6 @@ def final_figures(message: str) -> Figures:
             progress[key] = round(value, 6)  # as progress.to_status: six decimals for losses
     if data.validation_step is not None and "validationLoss" in progress:
         progress["validationStep"] = data.validation_step
-    results = {key: round(value, 6) for key, value in list(data.results.items())[:MAX_RESULTS]}
+    results = {key: round(value, 6) for key, value in data.results.items()}  # at most MAX_RESULTS
     summary = [fmt.format(results[k]) for k, fmt in _SUMMARY if k in results]
     return Figures(progress, results, data.model_path, summary)

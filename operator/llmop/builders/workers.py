@@ -7,11 +7,10 @@ from typing import Any
 from llmop import naming
 from llmop.builders import JobRef, Manifest, pod
 from llmop_contract.api.v1alpha1.workload import GangScheduler
-from llmop_contract.protocol import Env, ExitCode
+from llmop_contract.protocol import Env
 
 TRAINER_UID = pod.TRAINER_UID
 # Kept for observe.py until it reads ExitCode.PREEMPTED itself.
-PREEMPTED_EXIT_CODE = int(ExitCode.PREEMPTED)
 CHECKPOINT_GRACE_SECONDS = 120  # time to write a checkpoint on SIGTERM
 GPU = "nvidia.com/gpu"
 

@@ -116,11 +116,10 @@ def choose_output(p: Pass, wanted: list[Stage]) -> None:
     if rule is None:
         return
     names = {st.name for st in wanted}
-    candidates = [s.to_wire() for s in p.status.stages if s.name in names]
-    pick, why = select(rule, candidates)
+    pick, why = select(rule, [s for s in p.status.stages if s.name in names])
     if pick is not None:
-        p.status.selected_stage = pick["name"]
-        if pick.get("outputPath"):
-            p.status.output_model_path = pick["outputPath"]
+        p.status.selected_stage = pick.name
+        if pick.output_path:
+            p.status.output_model_path = pick.output_path
     reason = JobReason.SELECTED if pick else JobReason.NONE_ELIGIBLE
     p.condition(cond.OUTPUT_SELECTED, pick is not None, reason, why)
