@@ -21,7 +21,7 @@ import numpy as np
 
 from llmop_contract.api.v1alpha1.data import DataSpec
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
-from llmop_contract.protocol import DataManifest, Shard
+from llmop_contract.protocol import MANIFEST_FILE, DataManifest, Shard
 from llmtrain.config import ConfigError
 from llmtrain.prepare import readers, shards
 from llmtrain.prepare import tokenizer as tok
@@ -119,19 +119,19 @@ def write_shards(
 def _commit(tmp: Path, data_dir: Path, manifest: DataManifest) -> None:
     """Moves the finished files into place; the manifest goes last, so a crash at any point leaves
     either the old complete output, or no manifest at all (which the next run rebuilds)."""
-    (data_dir / shards.MANIFEST).unlink(missing_ok=True)
+    (data_dir / MANIFEST_FILE).unlink(missing_ok=True)
     for split in shards.SPLITS:
         for old in data_dir.glob(f"{split}-*.bin"):
             old.unlink()
     for f in sorted(tmp.iterdir()):
         os.replace(f, data_dir / f.name)
-    staged = data_dir / f".{shards.MANIFEST}.tmp"
+    staged = data_dir / f".{MANIFEST_FILE}.tmp"
     with open(staged, "w") as fh:
         json.dump(manifest.model_dump(mode="json"), fh, indent=2)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(staged, data_dir / shards.MANIFEST)
+    os.replace(staged, data_dir / MANIFEST_FILE)
     tmp.rmdir()
     dir_fd = os.open(data_dir, os.O_RDONLY)
     try:
@@ -183,7 +183,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     data_dir = Path(config.paths.data_dir)
     chash = config_hash(config, sources)
     if (existing := _up_to_date(data_dir, chash)) is not None:
-        log.info("%s is up to date (config_hash %s); nothing to do", data_dir / shards.MANIFEST, chash[:12])
+        log.info("%s is up to date (config_hash %s); nothing to do", data_dir / MANIFEST_FILE, chash[:12])
         return {**existing.stats, "skipped": True}
 
     n_workers = workers(data.num_workers)
@@ -238,7 +238,7 @@ def _finish(
     _commit(tmp, data_dir, manifest)
     log.info(
         "wrote %s: train %d tokens in %d shards, val %d tokens in %d shards (%.1fs)",
-        data_dir / shards.MANIFEST,
+        data_dir / MANIFEST_FILE,
         tokens["train"],
         len(splits["train"]),
         tokens["val"],

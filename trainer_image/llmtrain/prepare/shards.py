@@ -18,8 +18,6 @@ import numpy.typing as npt
 
 from llmop_contract.protocol import MANIFEST_FILE, SHARD_FORMAT, DataManifest, Shard
 
-FORMAT = SHARD_FORMAT
-MANIFEST = MANIFEST_FILE
 SPLITS = ("train", "val")
 
 
@@ -72,7 +70,7 @@ class ShardWriter:
 def read_manifest(data_dir: Path) -> DataManifest | None:
     """The manifest, or None when there is none or it is not a valid manifest of this format."""
     try:
-        return DataManifest.model_validate_json((data_dir / MANIFEST).read_text())
+        return DataManifest.model_validate_json((data_dir / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -92,7 +90,7 @@ def verify(data_dir: Path) -> list[str]:
     """Problems found by re-hashing every shard against the manifest (empty when all is well)."""
     manifest = read_manifest(data_dir)
     if manifest is None:
-        return [f"no {FORMAT} manifest in {data_dir}"]
+        return [f"no {SHARD_FORMAT} manifest in {data_dir}"]
     problems = []
     for shards in manifest.splits.values():
         for s in shards:
@@ -110,6 +108,6 @@ def load_split(data_dir: Path, split: str) -> list[npt.NDArray[Any]]:
     """Memory-mapped token arrays of a split, in order (what a training data loader starts from)."""
     manifest = read_manifest(data_dir)
     if manifest is None:
-        raise FileNotFoundError(f"no {FORMAT} manifest in {data_dir}")
+        raise FileNotFoundError(f"no {SHARD_FORMAT} manifest in {data_dir}")
     dtype = np.dtype(manifest.dtype).newbyteorder("<")
     return [np.memmap(data_dir / f, dtype=dtype, mode="r") for f in manifest.files(split)]
