@@ -120,7 +120,9 @@ def distill(
     engine = initialize(student, one, log)
     accumulation = engine.gradient_accumulation_steps()
     schedule = tr.lr_schedule.model_copy(
-        update={"warmup_steps": min(tr.lr_schedule.warmup_steps, max(1, spec.steps // 10))}
+        update={
+            "warmup_steps": min(tr.lr_schedule.effective_warmup_steps(spec.steps), max(1, spec.steps // 10))
+        }
     )
     loader = train_loader(cfg, seq_len)
     device = engine.device

@@ -9,7 +9,7 @@ from llmop_contract.api.v1alpha1.training import LearningRateSchedule, ScheduleT
 
 def learning_rate(step: int, total_steps: int, peak: float, sched: LearningRateSchedule) -> float:
     """Learning rate for optimiser step ``step`` (0-based) of ``total_steps``."""
-    warmup = sched.warmup_steps
+    warmup = sched.effective_warmup_steps(total_steps)
     if step < warmup:
         # (step+1)/warmup so the very first step already moves the weights.
         return peak * (step + 1) / warmup

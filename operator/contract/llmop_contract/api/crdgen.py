@@ -151,6 +151,10 @@ PRINTER_COLUMNS = [
 
 def llmtrainingjob_crd() -> Schema:
     spec = model_schema(LLMTrainingJobSpec)
+    spec["x-kubernetes-validations"] = [
+        *spec.get("x-kubernetes-validations", []),
+        *(rule.schema() for rule in j.IMMUTABILITY_RULES),
+    ]
     status = model_schema(LLMTrainingJobStatus)
     status["properties"]["conditions"].update(
         {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
@@ -172,13 +176,15 @@ def llmtrainingjob_crd() -> Schema:
                     "name": {
                         "type": "string",
                         "maxLength": j.MAX_NAME_LENGTH,
-                        "description": f"At most {j.MAX_NAME_LENGTH} characters: pod, service and job names are derived from it.",
+                        "description": f"A DNS-1035 label of at most {j.MAX_NAME_LENGTH} characters: pod, service and job names are derived from it.",
                     }
                 },
             },
             "spec": spec,
             "status": status,
         },
+        # At the root: metadata.name is the one metadata field CEL may read there.
+        "x-kubernetes-validations": [j.NAME_RULE.schema()],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -270,7 +276,7 @@ def llmhyperparametersearch_crd() -> Schema:
                     "name": {
                         "type": "string",
                         "maxLength": s.MAX_SEARCH_NAME_LENGTH,
-                        "description": f"At most {s.MAX_SEARCH_NAME_LENGTH} characters: trial jobs are "
+                        "description": f"A DNS-1035 label of at most {s.MAX_SEARCH_NAME_LENGTH} characters: trial jobs are "
                         "named <search>-NNN and <search>-best.",
                     }
                 },
@@ -278,6 +284,7 @@ def llmhyperparametersearch_crd() -> Schema:
             "spec": spec,
             "status": status,
         },
+        "x-kubernetes-validations": [s.SEARCH_NAME_RULE.schema()],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

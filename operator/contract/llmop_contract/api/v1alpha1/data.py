@@ -43,6 +43,12 @@ class Cleaning(ApiModel):
             "minWords must not exceed maxWords",
             ".minWords",
         ),
+        Rule(
+            "!self.enabled || self.minMeanWordLength <= self.maxMeanWordLength",
+            lambda m: not m.enabled or m.min_mean_word_length <= m.max_mean_word_length,
+            "minMeanWordLength must not exceed maxMeanWordLength (every document would be removed)",
+            ".minMeanWordLength",
+        ),
     )
 
     enabled: bool = True

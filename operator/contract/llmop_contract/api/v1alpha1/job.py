@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field
 
 from llmop_contract.api.base import ApiModel, Rule
@@ -22,6 +24,64 @@ CATEGORIES = ("llmop", "all")
 # Child names are derived from the job name ("<name>-worker-<i>", "<name>-compress-<method>-<n>"),
 # and pod hostnames and label values must stay within 63 characters.
 MAX_NAME_LENGTH = 40
+# A DNS-1035 label. The apiserver admits any DNS-1123 subdomain as an object name ("my.job",
+# "1job"), but the Services <name>-workers and <name>-serve need a DNS-1035 label, which is also a
+# valid pod hostname (DNS-1123 label) and label value: checking the strictest covers every child.
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_DNS_1035 = "a DNS-1035 label (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit)"
+JOB_CHILDREN = (
+    "the Services <name>-workers and <name>-serve, the pod hostnames <name>-worker-N"
+    " and the llmop.io/job-name label value"
+)
+
+
+def name_rule(children: str) -> Rule:
+    """The root-level CEL rule on metadata.name of a kind whose children are named from it.
+
+    Its check takes the name itself: metadata is the apiserver's, the models only see the spec.
+    """
+    return Rule(
+        f"self.metadata.name.matches('{NAME_PATTERN}')",
+        lambda name: re.fullmatch(NAME_PATTERN, name) is not None,
+        f"metadata.name must be {_DNS_1035}: it names {children}",
+        ".metadata.name",
+    )
+
+
+def derived_name_problem(name: str, max_length: int, children: str) -> str | None:
+    """Why ``name`` cannot name an object whose children are derived from it, or None."""
+    if len(name) > max_length:
+        return f"metadata.name must be at most {max_length} characters: it names {children}"
+    rule = name_rule(children)
+    return None if rule.check(name) else rule.message
+
+
+NAME_RULE = name_rule(JOB_CHILDREN)
+
+
+def name_problem(name: str) -> str | None:
+    """Why an LLMTrainingJob cannot be called ``name`` (a child would be invalid), or None."""
+    return derived_name_problem(name, MAX_NAME_LENGTH, JOB_CHILDREN)
+
+
+# Sections a started job cannot take a change to: the ConfigMap, the prepared data, the PVC, the
+# PodGroup and the running gang were made from them. runPolicy, compression and serving stay
+# mutable: the operator reads them on every pass and acts on the new value.
+IMMUTABLE_SECTIONS = ("model", "data", "training", "deepspeed", "workers", "scheduling", "storage")
+
+
+def _immutable(section: str) -> Rule:
+    return Rule(
+        f"self.{section} == oldSelf.{section}",
+        lambda m: True,  # a transition rule: only the apiserver sees the old object
+        f"spec.{section} is immutable: create a new job",
+        f".{section}",
+    )
+
+
+# On the job's spec only, not on LLMTrainingJobSpec.rules: a search's trialTemplate embeds the same
+# model and has its own transition rule and message.
+IMMUTABILITY_RULES = tuple(_immutable(section) for section in IMMUTABLE_SECTIONS)
 
 
 def _samples_per_micro_step(spec: LLMTrainingJobSpec) -> int:
@@ -59,6 +119,20 @@ class LLMTrainingJobSpec(ApiModel):
             ),
             "FP16 with ZeRO 3 parameter offload is not supported; use BF16",
             ".training.precision",
+        ),
+        Rule(
+            # Only the claim the operator creates has this access mode; an existing claim is the
+            # user's to size and share.
+            "has(self.storage.claimName) || self.storage.accessMode != 'ReadWriteOncePod'"
+            " || (self.workers.numNodes == 1 && (!has(self.serving) || self.serving.replicas <= 1))",
+            lambda m: (
+                m.storage.claim_name is not None
+                or m.storage.access_mode != "ReadWriteOncePod"
+                or (m.workers.num_nodes == 1 and (m.serving is None or m.serving.replicas <= 1))
+            ),
+            "storage.accessMode ReadWriteOncePod lets one pod mount the volume: workers.numNodes and"
+            " serving.replicas must be 1 (use ReadWriteMany)",
+            ".storage.accessMode",
         ),
     )
 

@@ -44,6 +44,14 @@ class TransformerShape(ApiModel):
             "numHeads must be divisible by numKeyValueHeads",
             ".numKeyValueHeads",
         ),
+        Rule(
+            # Rotary positions rotate pairs of dimensions; the guard leaves a width that heads do
+            # not divide to the first rule.
+            "self.hiddenSize % self.numHeads != 0 || (self.hiddenSize / self.numHeads) % 2 == 0",
+            lambda m: m.hidden_size % m.num_heads != 0 or (m.hidden_size // m.num_heads) % 2 == 0,
+            "hiddenSize / numHeads (the head dimension) must be even: rotary positions rotate pairs of dimensions",
+            ".hiddenSize",
+        ),
     )
 
     hidden_size: int = Field(256, ge=16, le=32768)

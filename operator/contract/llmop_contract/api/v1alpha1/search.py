@@ -16,7 +16,12 @@ from pydantic import Field, ValidationError, WithJsonSchema, model_validator
 
 from llmop_contract.api.base import ApiModel, Rule
 from llmop_contract.api.v1alpha1 import tunable
-from llmop_contract.api.v1alpha1.job import MAX_NAME_LENGTH, LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.job import (
+    MAX_NAME_LENGTH,
+    LLMTrainingJobSpec,
+    derived_name_problem,
+    name_rule,
+)
 
 KIND = "LLMHyperparameterSearch"
 PLURAL = "llmhyperparametersearches"
@@ -27,6 +32,18 @@ CATEGORIES = ("llmop", "all")
 # Trials are named "<search>-NNN" and the compressed best "<search>-best", within the job name limit.
 MAX_SEARCH_NAME_LENGTH = MAX_NAME_LENGTH - len("-best")
 MAX_TRIALS = 500
+# A name that passes the job's own name rule gives trial names that pass it too: "-NNN" and "-best"
+# keep a DNS-1035 label one (tests/unit/test_derived_names.py checks every trial index).
+SEARCH_CHILDREN = (
+    "the trial LLMTrainingJobs <name>-NNN and <name>-best, and through them their Services and pods"
+)
+SEARCH_NAME_RULE = name_rule(SEARCH_CHILDREN)
+
+
+def search_name_problem(name: str) -> str | None:
+    """Why an LLMHyperparameterSearch cannot be called ``name`` (a trial would be invalid), or None."""
+    return derived_name_problem(name, MAX_SEARCH_NAME_LENGTH, SEARCH_CHILDREN)
+
 
 # A parameter value in status and annotations: any JSON scalar, typed by the field it lands in.
 Value = Annotated[str | int | float | bool, WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True})]

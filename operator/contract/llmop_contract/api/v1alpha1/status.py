@@ -74,6 +74,7 @@ class JobReason(StrEnum):
     WORKER_FAILED = "WorkerFailed"
     WORKER_DISRUPTED = "WorkerDisrupted"
     WORKER_LOST = "WorkerLost"
+    NODE_LOST = "NodeLost"  # a worker's node was deleted or is NotReady: a disruption
     PERMANENT_FAILURE = "PermanentFailure"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     TRAINING_SUCCEEDED = "TrainingSucceeded"
@@ -88,6 +89,13 @@ class JobReason(StrEnum):
     SERVING_UNAVAILABLE = "ServingUnavailable"
     READY = "Ready"
     STARTING = "Starting"
+    # Synced: whether the operator could carry out its last pass (see llmop/planner/errors.py).
+    RECONCILED = "Reconciled"
+    API_ERROR = "ApiError"  # transient (429, 5xx, timeout): retried with backoff
+    CHILD_REJECTED = "ChildRejected"  # the apiserver refused a child (422, 400): the job fails
+    FORBIDDEN = "Forbidden"  # the operator may not create or change a child (403): the job fails
+    NAME_CONFLICT = "NameConflict"  # a child's name is held by an object this job does not own
+    LEFTOVER_PENDING = "LeftoverPending"  # a child of an earlier job of this name is being removed
     # The per-stage conditions (stage.llmop.io/<name>) follow the stage's state.
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"

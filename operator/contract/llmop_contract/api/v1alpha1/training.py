@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any
 
@@ -48,10 +49,20 @@ class LearningRateSchedule(ApiModel):
 
     type: ScheduleType = ScheduleType.COSINE
     """Decay shape after warmup."""
-    warmup_steps: int = Field(100, ge=0, le=10_000_000)
-    """Steps of linear warmup from zero."""
+    warmup_steps: int | None = Field(None, ge=0, le=10_000_000)
+    """Steps of linear warmup from zero, at most the run's steps; unset warms up for min(100, steps / 10) steps (a tenth of a short run)."""
     min_learning_rate_ratio: float = Field(0.1, ge=0, le=1)
     """Final learning rate as a fraction of the peak."""
+
+    def effective_warmup_steps(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``: warmupSteps, or the default for its length."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        # A fixed 100 would leave a short run (tests, smoke runs) below its peak learning rate.
+        return min(DEFAULT_WARMUP_STEPS, total_steps // 10)
+
+
+DEFAULT_WARMUP_STEPS = 100
 
 
 class Precision(StrEnum):
@@ -113,6 +124,24 @@ class Evaluation(ApiModel):
     """Batches per evaluation."""
 
 
+def _within_steps(cel: str) -> str:
+    """CEL: the step ``cel`` is reached by the run (maxSteps, or maxTokens in whole global batches).
+
+    With maxTokens the run has ceil(maxTokens / (globalBatchSize x sequenceLength)) steps, and
+    s <= ceil(T / P) exactly when (s - 1) x P < T; in doubles, as the product can overflow an int.
+    The guard leaves a spec with neither or both to the rule that says so.
+    """
+    return (
+        f"has(self.maxSteps) == has(self.maxTokens) || (has(self.maxSteps) ? {cel} <= self.maxSteps"
+        f" : double({cel} - 1) * double(self.globalBatchSize) * double(self.sequenceLength)"
+        " < double(self.maxTokens))"
+    )
+
+
+def _reached(m: TrainingSpec, step: int) -> bool:
+    return (m.max_steps is None) == (m.max_tokens is None) or step <= m.total_steps
+
+
 class TrainingSpec(ApiModel):
     """The training loop."""
 
@@ -122,6 +151,20 @@ class TrainingSpec(ApiModel):
             lambda m: (m.max_steps is None) != (m.max_tokens is None),
             "exactly one of maxSteps or maxTokens must be set",
             ".maxSteps",
+        ),
+        Rule(
+            f"!has(self.lrSchedule.warmupSteps) || {_within_steps('self.lrSchedule.warmupSteps')}",
+            lambda m: m.lr_schedule.warmup_steps is None or _reached(m, m.lr_schedule.warmup_steps),
+            "lrSchedule.warmupSteps must not exceed maxSteps (or the steps maxTokens gives):"
+            " the learning rate would never reach its peak",
+            ".lrSchedule.warmupSteps",
+        ),
+        Rule(
+            f"!self.sparsity.enabled || {_within_steps('self.sparsity.endStep')}",
+            lambda m: not m.sparsity.enabled or _reached(m, m.sparsity.end_step),
+            "sparsity.endStep must not exceed maxSteps (or the steps maxTokens gives):"
+            " the model would never reach sparsity.targetSparsity",
+            ".sparsity.endStep",
         ),
     )
 
@@ -157,6 +200,14 @@ class TrainingSpec(ApiModel):
     """Steps between progress log lines and metric updates."""
     seed: int = Field(1234, ge=0)
     """Seed for initialisation, data order and dropout."""
+
+    @property
+    def total_steps(self) -> int:
+        """maxSteps, or maxTokens rounded up to whole global batches of sequenceLength tokens."""
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.max_tokens is not None  # the first rule guarantees exactly one is set
+        return max(1, math.ceil(self.max_tokens / (self.global_batch_size * self.sequence_length)))
 
 
 class Offload(StrEnum):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -66,6 +66,12 @@ class WorkersSpec(ApiModel):
             "procsPerNode must equal gpusPerNode (one process per GPU), or gpusPerNode must be 0 for CPU training",
             ".procsPerNode",
         ),
+        Rule(
+            "self.masterPort != self.metricsPort",
+            lambda m: m.master_port != m.metrics_port,
+            "masterPort and metricsPort must differ: both listen on every worker pod",
+            ".metricsPort",
+        ),
     )
 
     num_nodes: int = Field(1, ge=1, le=1024)
@@ -116,7 +122,7 @@ class ExitCodeRule(ApiModel):
 
     action: ExitCodeAction
     """Restart the gang (counts against backoffLimit) or fail the job."""
-    exit_codes: list[int] = Field(min_length=1, max_length=255)
+    exit_codes: list[Annotated[int, Field(ge=1, le=255)]] = Field(min_length=1, max_length=255)
     """Container exit codes (1-255) this rule matches."""
 
 
