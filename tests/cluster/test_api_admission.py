@@ -7,6 +7,7 @@ CRD schema and the models cannot drift apart on what they accept.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.job import IMMUTABLE_SECTIONS, MAX_NAME_LENGTH, NAME_RULE, name_problem
 from tests.admission import assert_models_reject
 from tests.kube import Cluster
 
@@ -158,6 +160,55 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         put("spec.data.augmentation", {"synonymReplacement": 0.1}),
         "spec.data.augmentation.thesaurusPath",
     ),
+    (
+        "contradiction: warmup longer than the run",
+        put("spec.training.lrSchedule", {"warmupSteps": 101}),
+        "spec.training.lrSchedule.warmupSteps",
+    ),
+    (
+        "contradiction: warmup longer than the steps maxTokens gives",
+        # 8 x 256 tokens a step: 204800 tokens are exactly 100 steps.
+        both(
+            drop("spec.training.maxSteps"),
+            put("spec.training.maxTokens", 204800),
+            put("spec.training.lrSchedule", {"warmupSteps": 101}),
+        ),
+        "spec.training.lrSchedule.warmupSteps",
+    ),
+    (
+        "contradiction: sparsity target reached after the last step",
+        put("spec.training.sparsity", {"enabled": True, "endStep": 101}),
+        "spec.training.sparsity.endStep",
+    ),
+    (
+        "contradiction: odd head dimension",
+        put("spec.model", {"hiddenSize": 36, "numHeads": 4}),
+        "spec.model.hiddenSize",
+    ),
+    (
+        "contradiction: mean word length bounds cross",
+        put("spec.data.cleaning", {"minMeanWordLength": 12}),
+        "spec.data.cleaning.minMeanWordLength",
+    ),
+    (
+        "contradiction: one port for two servers",
+        put("spec.workers.metricsPort", 29500),
+        "spec.workers.metricsPort",
+    ),
+    (
+        "contradiction: one-pod volume for a gang",
+        both(
+            put("spec.storage.accessMode", "ReadWriteOncePod"),
+            put("spec.workers.numNodes", 2),
+            put("spec.training.globalBatchSize", 16),
+        ),
+        "spec.storage.accessMode",
+    ),
+    (
+        "exit code out of range",
+        put("spec.runPolicy.exitCodeRules", [{"action": "Fail", "exitCodes": [0]}]),
+        "spec.runPolicy.exitCodeRules[0].exitCodes[0]",
+    ),
     ("unknown field (strict)", put("spec.training.learningRate", 0.001), "spec.training.learningRate"),
     ("unknown top-level spec field (strict)", put("spec.epochs", 3), "spec.epochs"),
     ("name too long for derived pod names", put("metadata.name", "x" * 41), "metadata.name"),
@@ -250,6 +301,29 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
         "spec.data.augmentation",
         "synonymReplacement needs thesaurusPath",
     ),
+    "contradiction: warmup longer than the run": (
+        "spec.training",
+        "lrSchedule.warmupSteps must not exceed maxSteps",
+    ),
+    "contradiction: warmup longer than the steps maxTokens gives": (
+        "spec.training",
+        "lrSchedule.warmupSteps must not exceed maxSteps (or the steps maxTokens gives)",
+    ),
+    "contradiction: sparsity target reached after the last step": (
+        "spec.training",
+        "sparsity.endStep must not exceed maxSteps",
+    ),
+    "contradiction: odd head dimension": ("spec.model", "the head dimension) must be even"),
+    "contradiction: mean word length bounds cross": (
+        "spec.data.cleaning",
+        "minMeanWordLength must not exceed maxMeanWordLength",
+    ),
+    "contradiction: one port for two servers": ("spec.workers", "masterPort and metricsPort must differ"),
+    "contradiction: one-pod volume for a gang": (
+        "spec",
+        "storage.accessMode ReadWriteOncePod lets one pod mount the volume",
+    ),
+    "exit code out of range": ("spec.runPolicy.exitCodeRules[0].exitCodes[0]", "greater than or equal to 1"),
     "unknown field (strict)": ("spec.training.learningRate", "Extra inputs are not permitted"),
     "unknown top-level spec field (strict)": ("spec.epochs", "Extra inputs are not permitted"),
 }
@@ -308,3 +382,109 @@ def test_examples_accepted_unchanged_with_defaults(cluster: Cluster, namespace: 
     # ... and every default the models declare was filled in by the apiserver, no more, no less.
     expected = _prune_empty(LLMTrainingJobSpec.model_validate(copy.deepcopy(manifest["spec"])).to_wire())
     assert _prune_empty(stored["spec"]) == expected
+
+
+# (case id, job name, what the apiserver's rejection says): each name is a valid object name or
+# fails only on what its children need; the models' name_problem says why in the same words.
+NAME_CASES: list[tuple[str, str, str]] = [
+    ("dot", "my.job", "must be a DNS-1035 label"),
+    ("uppercase", "My-job", "must be a DNS-1035 label"),
+    ("leading digit", "1job", "must be a DNS-1035 label"),
+    ("trailing dash", "job-", "must be a DNS-1035 label"),
+    ("too long", "x" * (MAX_NAME_LENGTH + 1), f"may not be more than {MAX_NAME_LENGTH}"),
+]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("case", "name", "fragment"), NAME_CASES, ids=[c[0] for c in NAME_CASES])
+def test_a_name_that_cannot_name_the_children_is_rejected(
+    cluster: Cluster, namespace: str, case: str, name: str, fragment: str
+) -> None:
+    manifest = base()
+    manifest["metadata"]["name"] = name
+    code, message = _apply(cluster, namespace, manifest)
+    message = " ".join(message.split())
+    print(f"\n[{case}] {message}")
+    assert code != 0, f"{case}: the apiserver accepted {name!r}"
+    assert "metadata.name" in message and fragment in message, message
+    if "DNS-1035" in fragment:
+        assert "<name>-workers" in message, f"{case}: the message does not say which child: {message}"
+
+
+@pytest.mark.parametrize(("case", "name", "fragment"), NAME_CASES, ids=[c[0] for c in NAME_CASES])
+def test_the_operator_side_names_the_same_problem(case: str, name: str, fragment: str) -> None:
+    problem = name_problem(name)
+    assert problem is not None, f"{case}: name_problem admits {name!r}"
+    assert "<name>-workers" in problem and "metadata.name" in problem, problem
+    if "DNS-1035" in fragment:
+        assert problem == NAME_RULE.message
+
+
+def _running_job(cluster: Cluster, namespace: str) -> Manifest:
+    manifest = base()
+    manifest["metadata"]["name"] = "fixed"
+    # Room for a second node, so the workers patch below fails only for being a change.
+    manifest["spec"]["training"]["globalBatchSize"] = 16
+    for _ in range(2):  # a second apply of the same manifest changes nothing and is admitted
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+    return manifest
+
+
+# A change to each section the operator cannot apply to a started job, valid on its own.
+IMMUTABLE_PATCHES: dict[str, Manifest] = {
+    "model": {"hiddenSize": 128},
+    "data": {"cleaning": {"minWords": 5}},
+    "training": {"maxSteps": 200},
+    "deepspeed": {"zeroStage": 1},
+    "workers": {"numNodes": 2},
+    "scheduling": {"queueName": "team-a"},
+    "storage": {"size": "100Gi"},
+}
+
+
+def _patch(cluster: Cluster, namespace: str, spec: Manifest) -> tuple[int, str]:
+    body = json.dumps({"spec": spec})
+    proc = cluster.kubectl(
+        "patch", "llmtrainingjob", "fixed", "-n", namespace, "--type=merge", "-p", body, check=False
+    )
+    return proc.returncode, " ".join(proc.stderr.split())
+
+
+def test_every_immutable_section_has_a_patch() -> None:
+    assert sorted(IMMUTABLE_PATCHES) == sorted(IMMUTABLE_SECTIONS)
+
+
+@pytest.mark.cluster
+def test_a_started_job_takes_only_changes_the_operator_can_apply(cluster: Cluster, namespace: str) -> None:
+    _running_job(cluster, namespace)
+    before = cluster.kubectl_json("get", "llmtrainingjob", "fixed", "-n", namespace)["spec"]
+    refused = {}
+    for section, change in IMMUTABLE_PATCHES.items():
+        code, message = _patch(cluster, namespace, {section: change})
+        print(f"\n[{section}] {message}")
+        if code == 0 or f"spec.{section} is immutable: create a new job" not in message:
+            refused[section] = message or "accepted"
+    assert refused == {}, refused
+    assert cluster.kubectl_json("get", "llmtrainingjob", "fixed", "-n", namespace)["spec"] == before
+    # What the operator reads on every pass may change.
+    for change in (
+        {"runPolicy": {"suspend": True, "ttlSecondsAfterFinished": 60, "activeDeadlineSeconds": 600}},
+        {"serving": {"enabled": True, "replicas": 2}},
+        {"compression": {"quantization": [{"method": "Int8WeightOnly"}]}},
+    ):
+        code, message = _patch(cluster, namespace, change)
+        assert code == 0, message
+    after = cluster.kubectl_json("get", "llmtrainingjob", "fixed", "-n", namespace)["spec"]
+    assert after["runPolicy"]["suspend"] is True and after["serving"]["replicas"] == 2
+    assert after["compression"]["quantization"] == [{"method": "Int8WeightOnly"}]
+
+
+@pytest.mark.cluster
+def test_a_warmup_as_long_as_the_run_is_admitted(cluster: Cluster, namespace: str) -> None:
+    # 99 steps and one token round up to 100 steps: the apiserver counts steps as the trainer does.
+    manifest = base()
+    manifest["metadata"]["name"] = "edge"
+    manifest["spec"]["training"] = {"maxTokens": 99 * 8 * 256 + 1, "lrSchedule": {"warmupSteps": 100}}
+    code, message = _apply(cluster, namespace, manifest)
+    assert code == 0, message
+    LLMTrainingJobSpec.model_validate(manifest["spec"])

@@ -140,6 +140,9 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
     ),
     ("unknown field (strict)", param(scaling="Log"), "spec.parameters[0].scaling"),
     ("name too long for trial names", lambda m: m["metadata"].update(name="s" * 36), "metadata.name"),
+    # A valid object name whose trials ("lr.search-001") would not be admissible job names.
+    ("dot in the name", lambda m: m["metadata"].update(name="lr.search"), "trial LLMTrainingJobs"),
+    ("leading digit in the name", lambda m: m["metadata"].update(name="1search"), "trial LLMTrainingJobs"),
 ]
 
 
