@@ -26,6 +26,9 @@ OUTPUT_SELECTED = "OutputSelected"
 STAGE_PREFIX = "stage.llmop.io/"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+# Whether the last reconcile pass was carried out (Crossplane's convention): False carries the API's
+# message, so an error is visible on the job and not only in the operator's log.
+SYNCED = "Synced"
 
 WireCondition = dict[str, Any]  # a condition as a manifest shows it (what tests and kubectl read)
 

@@ -1,12 +1,16 @@
 """The one small Kubernetes API layer: create-or-get, delete, patch, with idempotency built in.
 
-Uses the official client (synchronous) in worker threads so Kopf's event loop never blocks. 409 on
-create and 404 on delete are success: every call may be repeated after a crash.
+Uses the official client (synchronous) in worker threads so Kopf's event loop never blocks. 404 on
+delete is success, and so is 409 on create when the object there is ours (its controller owner
+reference carries the same UID): every call may be repeated after a crash. An object of the same name
+owned by someone else is never adopted (``Leftover``, ``ChildConflict``), and a failed call on a child
+says which object it was and whether retrying can help (``ChildError``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from kubernetes import client, config
@@ -14,12 +18,78 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-from llmop_contract.api.v1alpha1.job import GROUP, PLURAL, VERSION
+from llmop_contract.api.v1alpha1.job import GROUP, KIND, PLURAL, VERSION
 
 Manifest = dict[str, Any]
 
 
 FIELD_MANAGER = "llmop"
+
+# Retrying cannot fix these: the apiserver (or an admission webhook/policy) refused the object as
+# written (422, 400), or this operator may not do it (403). Everything else (409 on update, 429, 5xx,
+# timeouts) is transient.
+PERMANENT_STATUSES = frozenset({400, 403, 422})
+
+
+def _api_message(e: ApiException) -> str:
+    """The Status message the apiserver sent (what kubectl prints), else the HTTP reason."""
+    try:
+        body = json.loads(e.body or "")
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return f"{e.status} {e.reason or ''}".strip()
+
+
+class ChildError(Exception):
+    """An API call on one of a job's children failed."""
+
+    def __init__(self, verb: str, kind: str, name: str, status: int | None, message: str) -> None:
+        super().__init__(f"{verb} {kind} {name}: {message}")
+        self.verb, self.kind, self.name, self.status, self.message = verb, kind, name, status, message
+
+    @property
+    def permanent(self) -> bool:
+        return self.status in PERMANENT_STATUSES
+
+    @classmethod
+    def of(cls, verb: str, kind: str, name: str, e: ApiException) -> ChildError:
+        return cls(verb, kind, name, e.status, _api_message(e))
+
+
+class Leftover(Exception):
+    """The name is held by a child of an earlier job of the same name, which is being removed.
+
+    Deleting a job and applying it again under its name (a GitOps re-sync, ``make demo`` run twice)
+    races the garbage collector: adopting what is left would mount the old volume and resume the old
+    run. The leftover is deleted (guarded by its UID) and the create is retried once it is gone.
+    """
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(
+            f"{kind} {name} is left over from an earlier job of the same name; removing it first"
+        )
+        self.kind, self.name = kind, name
+
+
+class ChildConflict(Exception):
+    """The name is held by an object that no job of this name owns (created by hand, or by another
+    controller): the operator will not take it over, nor delete what it does not own."""
+
+    def __init__(self, kind: str, name: str, owner: str) -> None:
+        super().__init__(
+            f"{kind} {name} already exists and is owned by {owner}, not by this job;"
+            " delete it or choose another job name"
+        )
+        self.kind, self.name = kind, name
+
+
+def controller_of(obj: Manifest) -> Manifest | None:
+    """The controller owner reference of a manifest (dict form, camelCase or snake_case)."""
+    meta = obj.get("metadata") or {}
+    refs = meta.get("ownerReferences") or meta.get("owner_references") or []
+    return next((r for r in refs if r.get("controller")), None)
 
 
 class Kube:
@@ -48,14 +118,42 @@ class Kube:
     # Generic create/delete through the dynamic client: the builders return plain manifests of
     # several kinds (Pod, Service, Job, PodGroup, ...), and this keeps one code path for all.
     def _create(self, manifest: Manifest) -> bool:
-        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+        kind, meta = manifest["kind"], manifest["metadata"]
+        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=kind)
         try:
-            resource.create(body=manifest, namespace=manifest["metadata"].get("namespace"))
+            resource.create(body=manifest, namespace=meta.get("namespace"))
             return True
         except ApiException as e:
-            if e.status == 409:
-                return False
-            raise
+            if e.status != 409:
+                raise ChildError.of("creating", kind, meta["name"], e) from e
+        try:
+            existing: Manifest = resource.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        except ApiException as e:
+            if e.status == 404:  # gone meanwhile: the next pass creates it
+                raise Leftover(kind, meta["name"]) from e
+            raise ChildError.of("reading", kind, meta["name"], e) from e
+        self._check_owner(manifest, existing)
+        return False
+
+    def _check_owner(self, desired: Manifest, existing: Manifest) -> None:
+        """Return when ``existing`` is ours; otherwise remove a leftover of an earlier job of the
+        same name (raising ``Leftover``) or refuse anything else (``ChildConflict``)."""
+        want = controller_of(desired)
+        if want is None:
+            return  # nothing to compare against (not a job's child)
+        have = controller_of(existing)
+        if have is not None and have.get("uid") == want.get("uid"):
+            return
+        kind, meta = existing["kind"], existing["metadata"]
+        same_name = have is not None and (have.get("kind"), have.get("name")) == (want["kind"], want["name"])
+        if not same_name:
+            owner = f"{have.get('kind')} {have.get('name')}" if have else "no controller"
+            raise ChildConflict(kind, meta["name"], owner)
+        if not meta.get("deletionTimestamp"):
+            self._delete(
+                existing["apiVersion"], kind, meta.get("namespace", ""), meta["name"], uid=meta.get("uid")
+            )
+        raise Leftover(kind, meta["name"])
 
     async def create(self, manifest: Manifest) -> bool:
         """Create; False when it already existed."""
@@ -70,17 +168,25 @@ class Kube:
             return f"{manifest['apiVersion']} {manifest['kind']} is not installed in the cluster"
 
     def _apply(self, manifest: Manifest) -> None:
-        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
-        meta = manifest["metadata"]
-        # Server-side apply: creates or updates only the fields we own, leaving what others set
-        # (HPA-managed replicas excepted: we own replicas) untouched.
-        resource.server_side_apply(
-            body=manifest,
-            name=meta["name"],
-            namespace=meta.get("namespace"),
-            field_manager=FIELD_MANAGER,
-            force_conflicts=True,
-        )
+        kind, meta = manifest["kind"], manifest["metadata"]
+        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=kind)
+        # Server-side apply would silently take over an object of the same name: look first.
+        if (
+            existing := self._get(manifest["apiVersion"], kind, meta.get("namespace", ""), meta["name"])
+        ) is not None:
+            self._check_owner(manifest, existing)
+        try:
+            # Server-side apply: creates or updates only the fields we own, leaving what others set
+            # (HPA-managed replicas excepted: we own replicas) untouched.
+            resource.server_side_apply(
+                body=manifest,
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+            )
+        except ApiException as e:
+            raise ChildError.of("applying", kind, meta["name"], e) from e
 
     async def apply(self, manifest: Manifest) -> None:
         """Create or update to match the manifest (server-side apply)."""
@@ -94,24 +200,31 @@ class Kube:
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise
+            raise ChildError.of("reading", kind, name, e) from e
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
         """The object, None when absent; raises ResourceNotFoundError when its API is not installed."""
         return await asyncio.to_thread(self._get, api_version, kind, namespace, name)
 
-    def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+    def _delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
         resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        body: Manifest = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            # Only that object: never a namesake created meanwhile (409 then: nothing to do).
+            body["preconditions"] = {"uid": uid}
         try:
             # Background: a Job's pods (a Deployment's ReplicaSets) go with it, without waiting.
-            resource.delete(name=name, namespace=namespace, propagation_policy="Background")
+            resource.delete(name=name, namespace=namespace, body=body)
         except ApiException as e:
-            if e.status != 404:
-                raise
+            if e.status == 404 or (uid and e.status == 409):
+                return
+            raise ChildError.of("deleting", kind, name, e) from e
 
-    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
-        """Delete any namespaced object; already gone is success."""
-        await asyncio.to_thread(self._delete, api_version, kind, namespace, name)
+    async def delete(
+        self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None
+    ) -> None:
+        """Delete any namespaced object (only the one with ``uid`` when given); already gone is success."""
+        await asyncio.to_thread(self._delete, api_version, kind, namespace, name, uid)
 
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
         def call() -> None:
@@ -119,7 +232,7 @@ class Kube:
                 self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
             except ApiException as e:
                 if e.status != 404:
-                    raise
+                    raise ChildError.of("deleting", "Pod", name, e) from e
 
         await asyncio.to_thread(call)
 
@@ -163,9 +276,20 @@ class Kube:
                 raise
             gates = [g.name for g in (pod.spec.scheduling_gates if pod.spec else None) or []]
             if gate in gates:
-                patch(gates)
+                try:
+                    patch(gates)
+                except ApiException as e:
+                    if e.status == 404:
+                        return
+                    # A failed test op is a race with another writer, not a bad request: retry.
+                    raise ChildError(
+                        "ungating", "Pod", name, None if e.status == 422 else e.status, _api_message(e)
+                    ) from e
 
-        await asyncio.to_thread(call)
+        try:
+            await asyncio.to_thread(call)
+        except ApiException as e:
+            raise ChildError.of("ungating", "Pod", name, e) from e
 
     async def patch_job_status(self, namespace: str, name: str, status: Manifest) -> None:
         def call() -> None:
@@ -187,6 +311,6 @@ class Kube:
                 )
             except ApiException as e:
                 if e.status != 404:
-                    raise
+                    raise ChildError.of("deleting", KIND, name, e) from e
 
         await asyncio.to_thread(call)

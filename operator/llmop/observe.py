@@ -9,6 +9,20 @@ from typing import Any
 from llmop import naming
 from llmop_contract.protocol import ExitCode
 
+
+def controller_uid(obj: Mapping[str, Any]) -> str:
+    """UID of the object's controller owner ("" when none): a child is used only when this is the
+    job's own UID, so leftovers of an earlier job of the same name are never mistaken for ours."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((str(r.get("uid", "")) for r in refs if r.get("controller")), "")
+
+
+def controller_name(obj: Mapping[str, Any]) -> str:
+    """The object's controller owner as Kind/name ("" when none)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((f"{r.get('kind')}/{r.get('name')}" for r in refs if r.get("controller")), "")
+
+
 # Pod failure reasons that are the platform's doing, not the training code's.
 _DISRUPTION_REASONS = {
     "Evicted",
@@ -41,6 +55,9 @@ class PodView:
     gpus: int
     termination_message: str = ""  # the container's last words (see llmtrain/termination.py)
     stage: str = ""  # compression stage of a compression pod
+    owner_uid: str = ""  # the controller owner's UID: the job (workers) or a batch Job (compression)
+    owner: str = ""  # the controller owner's "Kind/name"
+    uid: str = ""
 
     @property
     def failed(self) -> bool:
@@ -117,6 +134,9 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         gpus=gpus,
         termination_message=message,
         stage=labels.get(naming.STAGE_LABEL, ""),
+        owner_uid=controller_uid(pod),
+        owner=controller_name(pod),
+        uid=meta.get("uid", ""),
     )
 
 
@@ -129,6 +149,7 @@ class ServingView:
     ready_replicas: int
     ready: bool
     url: str | None = None  # KServe reports its own
+    owner_uid: str = ""
 
 
 def deployment_view(obj: Mapping[str, Any]) -> ServingView:
@@ -136,7 +157,8 @@ def deployment_view(obj: Mapping[str, Any]) -> ServingView:
     replicas, ready = spec.get("replicas", 1), status.get("readyReplicas") or 0
     current = status.get("observedGeneration", 0) >= obj.get("metadata", {}).get("generation", 0)
     updated = (status.get("updatedReplicas") or 0) >= replicas
-    return ServingView("Deployment", replicas, ready, current and updated and ready >= replicas > 0)
+    ok = current and updated and ready >= replicas > 0
+    return ServingView("Deployment", replicas, ready, ok, owner_uid=controller_uid(obj))
 
 
 def inference_service_view(obj: Mapping[str, Any]) -> ServingView:
@@ -144,7 +166,9 @@ def inference_service_view(obj: Mapping[str, Any]) -> ServingView:
     conditions = status.get("conditions") or []
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
     replicas = (obj.get("spec") or {}).get("predictor", {}).get("minReplicas", 1)
-    return ServingView("InferenceService", replicas, replicas if ready else 0, ready, status.get("url"))
+    return ServingView(
+        "InferenceService", replicas, replicas if ready else 0, ready, status.get("url"), controller_uid(obj)
+    )
 
 
 @dataclass(frozen=True)
@@ -158,6 +182,8 @@ class BatchJobView:
     active: int
     failures: int = 0  # pods that failed (each a retry, up to the Job's backoffLimit)
     stage: str = ""
+    uid: str = ""
+    owner_uid: str = ""
 
 
 def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
@@ -176,4 +202,6 @@ def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
         active=status.get("active") or 0,
         failures=status.get("failed") or 0,
         stage=job.get("metadata", {}).get("labels", {}).get(naming.STAGE_LABEL, ""),
+        uid=job.get("metadata", {}).get("uid", ""),
+        owner_uid=controller_uid(job),
     )

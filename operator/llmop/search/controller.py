@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llmop import conditions as cond
-from llmop.kube import Kube
+from llmop.kube import ChildConflict, ChildError, Kube
 from llmop.search import builders, metrics, planner, records, space
 from llmop.search.observe import JobView
 from llmop_contract.api.v1alpha1.job import GROUP, VERSION
@@ -80,6 +80,9 @@ async def reconcile_once(
         result = planner.reject(status, generation, now, _error_text(exc))
         await write(kube, body, status, result, memory)
         return None
+    # Trials of an earlier search of the same name are not ours: the create over them removes them
+    # first (``kube.Leftover``), and until then they count for nothing.
+    jobs = [j for j in jobs if j.owner_uid == meta["uid"]]
     search = planner.SearchSnapshot(name, namespace, meta["uid"], generation, spec, status)
     seen = planner.Observed(jobs=jobs, now=now, rejected=dict(memory.rejected))
     # Sampling (GaussianProcess fits a model) must not block Kopf's event loop.
@@ -129,12 +132,21 @@ async def act(
             builders.build_best(ref, values, space.trial_spec(spec, values, keep_lifecycle=True))
         )
     outcomes = await asyncio.gather(*(kube.create(m) for m in manifests), return_exceptions=True)
+    first: BaseException | None = None
     for manifest, outcome in zip(manifests, outcomes, strict=True):
-        if isinstance(outcome, ApiException) and outcome.status == 422:
-            # The apiserver refused the job (a rule the models could not check): the trial fails.
-            index = int(manifest["metadata"]["labels"].get(builders.TRIAL_INDEX_LABEL, "-1"))
-            memory.rejected[index] = f"the apiserver rejected the trial's job: {outcome.reason}"
+        labels = manifest["metadata"]["labels"]
+        index = int(labels.get(builders.TRIAL_INDEX_LABEL, "-1"))
+        if isinstance(outcome, ChildError | ChildConflict) and (
+            isinstance(outcome, ChildConflict) or outcome.permanent
+        ):
+            # The apiserver refused the job (a rule the models could not check), or its name is
+            # held by a job this search does not own: the trial fails, with the API's message.
+            memory.rejected[index] = f"the apiserver rejected the trial's job: {outcome}"
         elif isinstance(outcome, BaseException):
-            raise outcome
+            # Transient, or a leftover being removed: created again on a later pass.
+            memory.done.pop(("create", "best" if index < 0 else index), None)
+            first = first or outcome
+    if first is not None:
+        raise first
     deletes = memory.not_recently("delete", result.delete)
     await asyncio.gather(*(kube.delete_job(ref.namespace, n) for n in deletes))

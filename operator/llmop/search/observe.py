@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmop import conditions as cond
+from llmop.observe import controller_uid
 from llmop.search.builders import PARAMETERS_ANNOTATION, SEARCH_ROLE_LABEL, TRIAL_INDEX_LABEL
 from llmop_contract.api.v1alpha1.search import ObjectiveMetric
 from llmop_contract.api.v1alpha1.status import ConditionStatus
@@ -33,6 +34,7 @@ class JobView:
     eval_interval: int
     disruptions: int
     deleting: bool
+    owner_uid: str = ""  # the controller owner's UID: a trial is this search's only when it matches
 
 
 def _true(conditions: list[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
@@ -84,6 +86,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         eval_interval=int(evaluation.get("intervalSteps") or 1),
         disruptions=int(status.get("disruptionCount") or 0),
         deleting=bool(meta.get("deletionTimestamp")),
+        owner_uid=controller_uid(body),
     )
 
 
