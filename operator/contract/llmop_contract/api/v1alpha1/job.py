@@ -68,6 +68,7 @@ def name_problem(name: str) -> str | None:
 # PodGroup and the running gang were made from them. runPolicy, compression and serving stay
 # mutable: the operator reads them on every pass and acts on the new value.
 IMMUTABLE_SECTIONS = ("model", "data", "training", "deepspeed", "workers", "scheduling", "storage")
+MUTABLE_SECTIONS = ("runPolicy", "compression", "serving")
 
 
 def _immutable(section: str) -> Rule:
