@@ -352,4 +352,7 @@ def test_bad_stage_or_combination_exits_2_naming_the_field(
     lines = stderr.strip().splitlines()
     print(lines)
     assert len(lines) == 1 and field in lines[0]
-    assert message == {} and not (tmp_path / "output" / "compressed").exists()
+    # The termination message carries the same line, for the operator's Failed condition.
+    assert message["exitCode"] == 2 and message["stage"] == stage
+    assert lines[0] == f"llmtrain compress: {message['message']}"
+    assert not (tmp_path / "output" / "compressed").exists()

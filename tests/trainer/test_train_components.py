@@ -13,6 +13,7 @@ from llmtrain.adapt import llama_args
 from llmtrain.model import build_model
 from llmtrain.testing import license_documents, write_shards
 from llmtrain.train import sparsity
+from llmtrain.config import DataError
 from llmtrain.train.data import (
     Position,
     TokenStream,
@@ -181,5 +182,5 @@ def test_palm_flops_per_token() -> None:
 
 
 def test_manifest_missing_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="llmtrain prepare"):
+    with pytest.raises(DataError, match="llmtrain prepare"):
         read_manifest(tmp_path)

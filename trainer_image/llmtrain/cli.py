@@ -6,7 +6,8 @@
     llmtrain serve ...                      OpenAI-compatible completions API for a model directory
     llmtrain export-onnx ...                ONNX export of a model directory, checked with onnxruntime
 
-Exit codes: 0 done, 2 invalid configuration (nothing was started), 75 preempted by SIGTERM after a
+Exit codes: 0 done, 2 invalid configuration or unusable data (one line on stderr naming the cause,
+and in the termination message; see llmtrain/exits.py), 75 preempted by SIGTERM after a
 checkpoint was written (restart to resume), anything else a failure.
 """
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-
-from llmop_contract.protocol import ExitCode
 
 # Subcommands with their own argument parsers, imported only when used (serve needs no DeepSpeed).
 _DELEGATED = {
@@ -45,14 +44,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return prepare_main(args.config)
 
-    # Validate before importing torch/DeepSpeed, so a bad config fails in well under a second.
+    # Validate the config and the data before importing torch/DeepSpeed (and before the launcher
+    # starts torchrun, which would turn any exit code into 1), so bad input fails in under a second.
     from llmtrain.config import ConfigError, load_config
+    from llmtrain.datacheck import check_training_data
+    from llmtrain.exits import refuse
 
     try:
         cfg = load_config(args.config)
+        check_training_data(cfg)
     except ConfigError as exc:
-        print(f"llmtrain: {exc}", file=sys.stderr)
-        return ExitCode.BAD_CONFIG
+        return refuse("llmtrain train", exc, "train")
 
     from llmtrain.launch import launch, wants_launcher
 
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args.config)
     from llmtrain.train.loop import run
 
-    return run(cfg).exit_code
+    try:
+        return run(cfg).exit_code
+    except ConfigError as exc:  # found by a rank after start-up (the checks above, or a shard's content)
+        return refuse("llmtrain train", exc, "train")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@ class ConfigError(ValueError):
         self.field = None if message is None else field
 
 
+class DataError(ConfigError):
+    """The data or the model directory a stage reads is missing, empty or too small: exit 2 as well.
+
+    Not a crash: a retry reads the same files and fails the same way, so the operator must fail the
+    job instead of restarting it (``ExitCode.BAD_CONFIG`` is the one code it never retries).
+    """
+
+
 def _all_rules() -> dict[str, str]:
     """Cross-field rule message -> the field it points at (relative, e.g. ".training.sequenceLength")."""
     out: dict[str, str] = {}

@@ -4,20 +4,21 @@ STAGE is ``quantize-<i>`` (spec.compression.quantization[i]), ``prune-<i>`` (spe
 or ``distill`` (spec.compression.distillation). Reads ``<outputDir>/model`` (never writes it) and the
 shards in ``dataDir``; writes ``<outputDir>/compressed/<STAGE>/`` atomically, with report.json.
 
-Exit codes: 0 done (or already done), 2 invalid config, stage or method/model combination (one line
-on stderr naming the field; nothing was loaded), anything else a failure.
+Exit codes: 0 done (or already done), 2 invalid config, stage or method/model combination, no
+trained model in ``<outputDir>/model``, or data missing or too small for the evaluation (one line on
+stderr naming the field or the cause, also in the termination message; nothing was loaded),
+anything else a failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from llmop_contract.protocol import ExitCode, TerminationMessage
 from llmtrain import termination
 from llmtrain.logs import Logger
 
-FAILED = ExitCode.FAILED
+PROG = "llmtrain compress"
 
 
 def main(argv: list[str]) -> int:
@@ -28,24 +29,25 @@ def main(argv: list[str]) -> int:
 
     # Everything below until run_stage is torch-free, so a bad stage fails in well under a second.
     from llmtrain.compress.layout import model_dir
-    from llmtrain.compress.stages import MissingModel, ModelShape, StageError, check, resolve
+    from llmtrain.compress.stages import ModelShape, check, check_data, resolve
     from llmtrain.config import ConfigError, load_config
+    from llmtrain.exits import refuse
 
     try:
         cfg = load_config(args.config)
         stage = resolve(cfg, args.stage)
-        shape = ModelShape.read(model_dir(cfg.paths.output_dir))
+        shape = ModelShape.read(model_dir(cfg.paths.output_dir))  # MissingModel, a DataError
         check(stage, shape)
-    except (ConfigError, StageError) as exc:
-        print(f"llmtrain compress: {exc}", file=sys.stderr)
-        return ExitCode.BAD_CONFIG
-    except MissingModel as exc:
-        print(f"llmtrain compress: {exc}", file=sys.stderr)
-        return FAILED
+        check_data(cfg, stage, shape)
+    except ConfigError as exc:  # StageError and DataError included
+        return refuse(PROG, exc, args.stage)
 
     from llmtrain.compress.run import run_stage
 
-    summary = run_stage(cfg, stage, shape, Logger(rank=0))
+    try:
+        summary = run_stage(cfg, stage, shape, Logger(rank=0))
+    except ConfigError as exc:  # the model directory or the data turned out unusable once read
+        return refuse(PROG, exc, args.stage)
     termination.write(
         TerminationMessage(
             model_path=summary["modelPath"],

@@ -23,7 +23,7 @@ from llmop_contract.api.v1alpha1.lifecycle import (
 from llmop_contract.api.v1alpha1.model import ModelSpec, TransformerShape
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.protocol import StageKind, StageName
-from llmtrain.config import ConfigError
+from llmtrain.config import ConfigError, DataError
 
 DEFAULT_INT4_GROUP = 64
 
@@ -32,8 +32,8 @@ class StageError(ConfigError):
     """The stage or its combination with the model is invalid (exit 2); the message names the field."""
 
 
-class MissingModel(RuntimeError):
-    """There is no trained model to compress (a failure of the job, not of the configuration)."""
+class MissingModel(DataError):
+    """There is no trained model to compress: exit 2, since a retry would find the same directory."""
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,21 @@ class ModelShape:
             raise MissingModel(
                 f"no trained model at {model_dir} ({path}: {exc}); run the train stage first"
             ) from exc
-        heads = int(raw["num_attention_heads"])
-        return cls(
-            hidden_size=int(raw["hidden_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
-            intermediate_size=int(raw["intermediate_size"]),
-            vocab_size=int(raw["vocab_size"]),
-            context_length=int(raw["max_position_embeddings"]),
-            tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        )
+        try:
+            heads = int(raw["num_attention_heads"])
+            return cls(
+                hidden_size=int(raw["hidden_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+                intermediate_size=int(raw["intermediate_size"]),
+                vocab_size=int(raw["vocab_size"]),
+                context_length=int(raw["max_position_embeddings"]),
+                tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MissingModel(f"{path} is not a Llama model config ({exc!r})") from exc
 
     def num_parameters(self) -> int:
         attn = 2 * self.hidden_size * self.head_dim * (self.num_heads + self.num_key_value_heads)
@@ -126,6 +129,29 @@ def resolve(cfg: TrainerConfig, name: str) -> Stage:
     if index >= len(items):
         raise StageError(f"{field}[{index}]: no such entry (the list has {len(items)}), so no stage {name!r}")
     return Stage(name, "quantize" if quantize else "prune", f"{field}[{index}]", items[index])
+
+
+def needs_train_split(stage: Stage) -> bool:
+    """Whether the stage reads training windows (calibration, recovery or distillation), not only val."""
+    spec = stage.spec
+    if isinstance(spec, Pruning):
+        return spec.method == PruningMethod.STRUCTURED or spec.recovery_steps > 0
+    return isinstance(spec, Distillation)
+
+
+def check_data(cfg: TrainerConfig, stage: Stage, shape: ModelShape) -> None:
+    """DataError unless cfg.paths.dataDir holds what the stage reads: one evaluation window of the val
+    split (evaluate.py), and a global batch of training windows when ``needs_train_split``."""
+    from llmtrain import datacheck
+
+    manifest = datacheck.read_manifest(cfg.paths.data_dir)
+    seq = min(cfg.spec.training.sequence_length, shape.context_length)
+    datacheck.check_split(cfg.paths.data_dir, manifest, "val", seq, 1, "evaluation")
+    if needs_train_split(stage):
+        micro = cfg.spec.training.micro_batch_size
+        datacheck.check_split(
+            cfg.paths.data_dir, manifest, "train", seq, micro, f"{stage.field} (microBatchSize {micro})"
+        )
 
 
 def kept(units: int, sparsity: float) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 from llmop_contract.api.v1alpha1.data import DataSpec
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.protocol import MANIFEST_FILE, DataManifest, Shard
-from llmtrain.config import ConfigError
+from llmtrain import datacheck
+from llmtrain.config import ConfigError, DataError
 from llmtrain.prepare import readers, shards
 from llmtrain.prepare import tokenizer as tok
 from llmtrain.prepare.fingerprint import config_hash
@@ -167,9 +168,27 @@ def _filter(docs: Docs, data: DataSpec, report: Report) -> Docs:
         report.stats["near_duplicates"].get("clusters", 0),
         len(docs.texts),
     )
+    if not report.stats.get("documents_in"):
+        raise DataError("spec.data.sources", "the sources hold no documents (0 read)")
     if not docs.texts:
-        raise ConfigError("spec.data.cleaning", "no document survived cleaning and deduplication")
+        raise DataError("spec.data.cleaning", "no document survived cleaning and deduplication")
+    if len(docs.texts) < 2:
+        # One document cannot be split: the val split would be empty and training would crash on it.
+        raise DataError(
+            "spec.data.sources",
+            f"only 1 of {report.stats['documents_in']} documents is left after cleaning and deduplication "
+            f"({removed['exact_duplicate']} exact and {removed['near_duplicate']} near duplicates removed); "
+            "at least 2 distinct documents are needed, one for the validation split",
+        )
     return docs
+
+
+def check_tokens(config: TrainerConfig, splits: dict[str, list[Shard]]) -> None:
+    """DataError when the shards are too small for the job to train on (nothing is committed then)."""
+    seq = config.spec.training.sequence_length
+    for split, (needed, why) in datacheck.training_needs(config).items():
+        tokens = sum(s.tokens for s in splits.get(split, []))
+        datacheck.require_windows(split, tokens, seq, needed, why)
 
 
 def run(config: TrainerConfig) -> dict[str, Any]:
@@ -205,6 +224,11 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     report.stats["documents_out"] = {"train": len(train_texts), "val": len(val_texts)}
     with report.stage("tokenise_and_write"):
         tmp, splits = write_shards(config, {"train": train_texts, "val": val_texts}, info, report)
+    try:
+        check_tokens(config, splits)
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return _finish(config, report, t_start, tmp, splits, info, chash)
 
 

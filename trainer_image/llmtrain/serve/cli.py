@@ -181,4 +181,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    from llmtrain.config import DataError
+    from llmtrain.exits import refuse
+
+    # Before listening: a missing directory is the user's to fix (exit 2), not a crash to restart.
+    if not (Path(args.model_dir) / "config.json").is_file():
+        missing = DataError(f"--model-dir {args.model_dir} is not a model directory (no config.json)")
+        return refuse("llmtrain serve", missing, "serve")
+    return asyncio.run(serve(args))

@@ -32,12 +32,12 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad flags, which is our BAD_CONFIG too
         return int(exc.code or 0)
+    from llmtrain.config import DataError
+    from llmtrain.exits import refuse
+
     if not (Path(args.model_dir) / "config.json").is_file():
-        print(
-            f"llmtrain export-onnx: {args.model_dir} is not a model directory (no config.json)",
-            file=sys.stderr,
-        )
-        return ExitCode.BAD_CONFIG
+        missing = DataError(f"{args.model_dir} is not a model directory (no config.json)")
+        return refuse("llmtrain export-onnx", missing, "onnx")
     if not args.tolerance > 0:
         print("llmtrain export-onnx: --tolerance must be > 0", file=sys.stderr)
         return ExitCode.BAD_CONFIG

@@ -17,23 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch import Tensor
 
-from llmop_contract.protocol import MANIFEST_FILE, SHARD_FORMAT, DataManifest
+from llmop_contract.protocol import DataManifest
+from llmtrain import datacheck
+from llmtrain.config import DataError
 
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 def read_manifest(data_dir: str | Path) -> DataManifest:
-    """``<data_dir>/manifest.json``; FileNotFoundError when prepare has not run, ValueError when invalid."""
-    path = Path(data_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `llmtrain prepare` first (or set data.prepare)")
-    try:
-        return DataManifest.model_validate_json(path.read_text())
-    except ValidationError as exc:
-        raise ValueError(f"{path}: expected format {SHARD_FORMAT} with dtype uint16/uint32: {exc}") from exc
+    """``<data_dir>/manifest.json``; DataError (exit 2) when prepare has not run or it is invalid."""
+    return datacheck.read_manifest(data_dir)
 
 
 def split_files(data_dir: str | Path, manifest: DataManifest, split: str) -> list[Path]:
@@ -79,7 +74,7 @@ class Windows:
         self.stream, self.seq_len, self.seed = stream, seq_len, seed
         self.count = (len(stream) - 1) // seq_len
         if self.count < 1:
-            raise ValueError(f"split has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+            raise DataError(f"split has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
         self._order: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
@@ -114,7 +109,7 @@ class TrainLoader:
         self.windows, self.micro, self.rank, self.world = windows, micro_batch, rank, world
         self.per_epoch = windows.count // (micro_batch * world)
         if self.per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"train split has {windows.count} windows, fewer than one global micro-batch "
                 f"({micro_batch} x {world} processes)"
             )
