@@ -26,12 +26,24 @@ class Logger:
         self.json = os.environ.get(Env.LOG_FORMAT, "text") == "json" if json_lines is None else json_lines
 
     def event(self, event: str, **fields: Any) -> None:
+        self._write(None, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """An event that needs a person's attention: ``level=WARNING`` (logfmt: the line starts with it)."""
+        self._write("WARNING", event, fields)
+
+    def _write(self, level: str | None, event: str, fields: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         record = {"ts": round(time.time(), 3), "event": event, "rank": self.rank, **fields}
+        if level:
+            record = {"level": level, **record}
         if self.json:
             line = json.dumps(record)
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.pop("ts")))
-            line = f"{stamp} {record.pop('event')} " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
+            prefix = f"{record.pop('level')} " if level else ""
+            line = f"{stamp} {prefix}{record.pop('event')} " + " ".join(
+                f"{k}={_fmt(v)}" for k, v in record.items()
+            )
         print(line, file=sys.stdout, flush=True)

@@ -118,6 +118,12 @@ class Metric(StrEnum):
     VALIDATION_STEP = "llmtrain_validation_step"
     TOKENS_PER_SECOND = "llmtrain_tokens_per_second"
     ETA_SECONDS = "llmtrain_eta_seconds"
+    CHECKPOINT_FALLBACKS = "llmtrain_checkpoint_fallbacks"
+    """Checkpoints rejected at the last resume (missing manifest, size or checksum mismatch; set aside as
+    ``rejected-<tag>`` in the checkpoint directory): the run fell back to an older one, or to scratch
+    when this equals the number it found. 0 on a clean resume or a first start."""
+    RESUMED_FROM_STEP = "llmtrain_resumed_from_step"
+    """Step of the checkpoint the run resumed from; 0 when it started from scratch."""
 
 
 # --- Termination message --------------------------------------------------------------------------

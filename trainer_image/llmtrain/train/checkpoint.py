@@ -5,12 +5,22 @@ Layout under paths.checkpointDir::
     step-00000100/            one complete checkpoint (DeepSpeed model/optimiser states, ZeRO partitions)
         mp_rank_00_model_states.pt ... zero_pp_rank_*_optim_states.pt
         rng-rank00000.pt       python/numpy/torch RNG state of each rank
-    latest                    text file naming the newest complete checkpoint ("step-00000100")
+        llmtrain-checkpoint.json   size and sha256 of every file above, written last (integrity.py)
+    latest                    text file naming the newest committed checkpoint ("step-00000100")
     .tmp-step-00000200/       a checkpoint being written (deleted at start-up if a crash left one)
+    rejected-step-00000300/   a checkpoint that failed verification at a resume, kept for inspection
 
-Every rank writes its shards into the ``.tmp-`` directory; after a barrier rank 0 renames it into place
-and only then rewrites ``latest`` (write-to-temp + os.replace). A crash at any moment therefore leaves
-``latest`` pointing at a complete checkpoint.
+Every rank writes its shards into the ``.tmp-`` directory; after a barrier rank 0 hashes them into the
+manifest, renames the directory into place and only then rewrites ``latest`` (write-to-temp +
+os.replace). That covers a crash during the save, but not a file damaged afterwards (a full disk that
+the save did not notice, storage that lost writes, a file truncated by hand), and neither our
+``latest`` nor DeepSpeed's says anything about completeness. So a resume trusts no pointer: rank 0
+verifies the ``step-*`` directories newest first against their manifests, takes the first that
+verifies, logs one WARNING line per rejected one and renames it ``rejected-<tag>`` (never deleted: a
+person decides; renamed so that keep-last rotation counts only good checkpoints, a re-save of the same
+step does not overwrite it, and the next retry does not hash it again), then broadcasts its choice so
+every rank loads the same tag. This needs the checkpoint directory on storage shared by all ranks,
+which the commit by rename already does.
 """
 
 from __future__ import annotations
@@ -19,20 +29,78 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from llmtrain.train.dist import DistEnv, barrier
+from llmtrain.train import integrity
+from llmtrain.train.dist import DistEnv, barrier, broadcast_from_main
+from llmtrain.train.integrity import Rejection
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+TAG_PREFIX = "step-"
+REJECTED_PREFIX = "rejected-"
 
 
 def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def step_of(tag: str) -> int | None:
+    number = tag.removeprefix(TAG_PREFIX)
+    return int(number) if tag.startswith(TAG_PREFIX) and number.isdigit() else None
+
+
+def candidates(root: Path) -> list[Path]:
+    """The committed checkpoint directories, newest (highest step) first."""
+    found = [(step_of(p.name), p) for p in root.glob(TAG_PREFIX + "*") if p.is_dir()]
+    return [p for step, p in sorted(((s, p) for s, p in found if s is not None), reverse=True)]
+
+
+def select(root: Path) -> tuple[str | None, list[Rejection]]:
+    """The newest checkpoint whose manifest verifies (None if none does), and those rejected before it."""
+    rejected: list[Rejection] = []
+    for directory in candidates(root):
+        problem = integrity.verify(directory)
+        if problem is None:
+            return directory.name, rejected
+        rejected.append(problem)
+    return None, rejected
+
+
+def set_aside(directory: Path) -> Path:
+    """Rename a rejected checkpoint out of the ``step-*`` namespace; returns where it now is."""
+    target = directory.with_name(REJECTED_PREFIX + directory.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"{REJECTED_PREFIX}{directory.name}.{n}")
+    os.rename(directory, target)
+    return target
+
+
+@dataclass
+class Restored:
+    """What a resume found. ``rejected`` is filled on rank 0 only (the rank that verified)."""
+
+    client: dict[str, Any] | None
+    """The checkpoint's client state (step, data position, ...) plus "tag"; None: start from scratch."""
+    fallbacks: int = 0
+    """Checkpoints newer than the one used (or all, when starting from scratch) that failed verification."""
+    rejected: list[tuple[Rejection, Path]] = field(default_factory=list)
+    """(why, where it was moved to) per rejected checkpoint, newest first."""
+
+    @property
+    def tag(self) -> str | None:
+        return None if self.client is None else str(self.client["tag"])
+
+    @property
+    def step(self) -> int:
+        return 0 if self.client is None else int(self.client.get("step", 0))
 
 
 def latest_tag(root: Path) -> str | None:
@@ -90,28 +158,52 @@ class Checkpointer:
         torch.save(_rng_state(), self.root / tmp / f"rng-rank{self.env.rank:05d}.pt")
         barrier(self.env)  # every rank's shards are on disk before the checkpoint becomes visible
         if self.env.is_main:
+            # Our addition to DeepSpeed's format: the manifest is what makes the directory "complete"
+            # (see integrity.py). Hashing reads every file once; 1 MiB at a time, on this rank only.
+            integrity.write_manifest(self.root / tmp, step)
             final = self.root / tag
             if final.exists():  # the same step saved again (e.g. SIGTERM right after an interval save)
                 shutil.rmtree(final)
             os.rename(self.root / tmp, final)
-            pointer_tmp = self.root / (TMP_PREFIX + LATEST)
-            pointer_tmp.write_text(tag + "\n")
-            os.replace(pointer_tmp, self.root / LATEST)
-            _fsync_dir(self.root)
+            self._point_latest(tag)
             self._prune()
         barrier(self.env)
         return time.perf_counter() - start
 
+    def _point_latest(self, tag: str | None) -> None:
+        """Rewrite ``latest`` atomically (remove it for None), for tools that read DeepSpeed's pointer."""
+        pointer = self.root / LATEST
+        if tag is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            pointer_tmp = self.root / (TMP_PREFIX + LATEST)
+            pointer_tmp.write_text(tag + "\n")
+            os.replace(pointer_tmp, pointer)
+        _fsync_dir(self.root)
+
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        # Rejected checkpoints were renamed out of step-*: only good ones count towards keepLast.
+        done = sorted(p for p in self.root.glob(TAG_PREFIX + "*") if p.is_dir())
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def restore(self, engine: Any) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint into ``engine``; returns its client state, or None."""
-        tag = latest_tag(self.root)
+    def restore(self, engine: Any) -> Restored:
+        """Load the newest checkpoint that verifies into ``engine`` (a collective: every rank calls it).
+
+        Rank 0 alone verifies (reading every file once, not once per rank) and sets rejected ones
+        aside; the tag it chose is broadcast, so all ranks load the same checkpoint.
+        """
+        rejected: list[tuple[Rejection, Path]] = []
+        choice: tuple[str | None, int] = (None, 0)
+        if self.env.is_main:
+            tag, problems = select(self.root)
+            rejected = [(problem, set_aside(problem.checkpoint)) for problem in problems]
+            if rejected:
+                self._point_latest(tag)
+            choice = (tag, len(problems))
+        tag, fallbacks = broadcast_from_main(choice, self.env)
         if tag is None:
-            return None
+            return Restored(None, fallbacks, rejected)
         path, client = engine.load_checkpoint(str(self.root), tag=tag, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
@@ -120,4 +212,4 @@ class Checkpointer:
             _set_rng_state(torch.load(rng, weights_only=False))
         client = dict(client or {})
         client["tag"] = tag
-        return client
+        return Restored(client, fallbacks, rejected)

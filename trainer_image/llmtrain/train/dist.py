@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -75,6 +76,18 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+T = TypeVar("T")
+
+
+def broadcast_from_main(value: T, env: DistEnv) -> T:
+    """Rank 0's ``value`` on every rank (a small picklable object: a decision, not a tensor)."""
+    if env.world_size == 1:
+        return value
+    box: list[object] = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]  # rank 0 sent a T
 
 
 def barrier(env: DistEnv) -> None:

@@ -19,11 +19,12 @@ from llmop_contract.deepspeed import gradient_accumulation_steps
 from llmop_contract.protocol import DataManifest, Env, ExitCode, TerminationMessage
 from llmtrain import termination
 from llmtrain.adapt import llama_args
+from llmtrain.datacheck import check_training_data
 from llmtrain.logs import Logger
 from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
-from llmtrain.train.checkpoint import Checkpointer
+from llmtrain.train.checkpoint import Checkpointer, Restored
 from llmtrain.train.data import (
     Position,
     TokenStream,
@@ -48,6 +49,7 @@ class Result:
     step: int
     total_steps: int
     resumed_from: str | None = None
+    checkpoint_fallbacks: int = 0
     validation_loss: float | None = None
     loss: float | None = None  # training loss at the last logged step
     export_dir: str | None = None
@@ -81,6 +83,7 @@ class Run:
     step: int
     resumed_from: str | None
     logged_step: int = 0
+    checkpoint_fallbacks: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -119,18 +122,17 @@ def setup(cfg: TrainerConfig) -> Run:
     log = Logger(env.rank)
     spec, tr = cfg.spec, cfg.spec.training
     _check_world(cfg, env.world_size)
-    manifest = read_manifest(cfg.paths.data_dir)
-    if manifest.vocab_size > spec.model.vocab_size:
-        raise ValueError(
-            f"data vocabulary ({manifest.vocab_size}) exceeds model.vocabSize ({spec.model.vocab_size})"
-        )
+    # Also checked by `llmtrain train` before the launcher; again here for ranks started directly.
+    manifest = check_training_data(cfg)
     # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
     seed_everything(tr.seed + env.rank)
     model_args = llama_args(spec.model)
     model = _model(cfg, model_args)
     engine = initialize(model, cfg, log)
     checkpointer = Checkpointer(cfg.paths.checkpoint_dir, tr.checkpointing.keep_last, env)
-    state = checkpointer.restore(engine) or {}
+    restored = checkpointer.restore(engine)
+    report_restore(log, restored, checkpointer)
+    state = restored.client or {}
     position = Position(**state.get("data", {}))
     loader = TrainLoader(
         _windows(cfg, manifest, "train"), tr.micro_batch_size, env.rank, env.world_size, position
@@ -156,6 +158,8 @@ def setup(cfg: TrainerConfig) -> Run:
         log.event("metrics_listening", port=metrics.serve(port))
     step = int(state.get("step", 0))
     metrics.step.set(step)
+    metrics.checkpoint_fallbacks.set(restored.fallbacks)
+    metrics.resumed_from_step.set(restored.step)
     log.event(
         "start",
         job=cfg.run.job_name,
@@ -167,6 +171,7 @@ def setup(cfg: TrainerConfig) -> Run:
         zero_stage=spec.deepspeed.zero_stage,
         precision=tr.precision.value,
         resumed_from=state.get("tag"),
+        checkpoint_fallbacks=restored.fallbacks,
         data_position=f"{position.epoch}:{position.batch}",
     )
     metrics.tokens.inc(step * throughput.tokens_per_step)
@@ -185,7 +190,29 @@ def setup(cfg: TrainerConfig) -> Run:
         step,
         state.get("tag"),
         step,
+        restored.fallbacks,
     )
+
+
+def report_restore(log: Logger, restored: Restored, checkpointer: Checkpointer) -> None:
+    """One WARNING line per rejected checkpoint, and one more when none was left to resume from."""
+    for problem, kept_as in restored.rejected:
+        log.warning(
+            "checkpoint_rejected",
+            checkpoint=problem.checkpoint.name,
+            file=problem.file or "",
+            reason=problem.reason,
+            detail=problem.detail,
+            kept_as=str(kept_as),
+            message=f"checkpoint rejected, kept as {kept_as.name}: {problem}",
+        )
+    if restored.rejected and restored.client is None:
+        log.warning(
+            "checkpoint_none_valid",
+            rejected=len(restored.rejected),
+            checkpoint_dir=str(checkpointer.root),
+            message="no checkpoint passed verification: training starts from scratch at step 0",
+        )
 
 
 def run(cfg: TrainerConfig) -> Result:
@@ -193,7 +220,14 @@ def run(cfg: TrainerConfig) -> Result:
     tr, engine, env = cfg.spec.training, r.engine, r.env
     gas, dev = gradient_accumulation_steps(cfg.spec), engine.device
     preemption = Preemption()
-    result = Result(EXIT_OK, r.step, r.total_steps, resumed_from=r.resumed_from)
+    result = Result(
+        EXIT_OK,
+        r.step,
+        r.total_steps,
+        resumed_from=r.resumed_from,
+        checkpoint_fallbacks=r.checkpoint_fallbacks,
+    )
+    resumed_from_step = r.step
     r.throughput.mark(r.step, time.perf_counter())
     step = r.step
     try:
@@ -241,7 +275,12 @@ def run(cfg: TrainerConfig) -> Result:
                     validation_loss=result.validation_loss,
                     validation_step=step,
                     model_path=result.export_dir,
-                    extra={"stage": "train"},
+                    # For the operator's event about a fallback (Metric.CHECKPOINT_FALLBACKS says it live).
+                    extra={
+                        "stage": "train",
+                        "resumedFromStep": resumed_from_step,
+                        "checkpointFallbacks": result.checkpoint_fallbacks,
+                    },
                 )
             )
         return result

@@ -90,6 +90,16 @@ class Metrics:
         self.checkpoint_seconds = Gauge(
             "llmtrain_checkpoint_seconds", "Duration of the last checkpoint", registry=r
         )
+        self.checkpoint_fallbacks = Gauge(
+            Metric.CHECKPOINT_FALLBACKS.value,
+            "Checkpoints that failed verification at the last resume (set aside as rejected-<tag>)",
+            registry=r,
+        )
+        self.resumed_from_step = Gauge(
+            Metric.RESUMED_FROM_STEP.value,
+            "Step of the checkpoint resumed from (0: from scratch)",
+            registry=r,
+        )
         self.memory = Gauge("llmtrain_memory_bytes", "Peak RSS (CPU) or CUDA max allocated bytes", registry=r)
         self.eta = Gauge(Metric.ETA_SECONDS.value, "Estimated seconds to the last step", registry=r)
         self.sparsity = Gauge("llmtrain_sparsity", "Fraction of prunable weights masked", registry=r)
