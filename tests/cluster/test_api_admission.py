@@ -209,6 +209,27 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         put("spec.runPolicy.exitCodeRules", [{"action": "Fail", "exitCodes": [0]}]),
         "spec.runPolicy.exitCodeRules[0].exitCodes[0]",
     ),
+    (
+        "contradiction: a queue the coscheduler does not have",
+        put("spec.scheduling", {"gangScheduler": "Coscheduling", "queueName": "team-a"}),
+        "spec.scheduling.queueName",
+    ),
+    (
+        "pattern: pod label value",
+        put("spec.workers.podLabels", {"team": "a b"}),
+        "spec.workers.podLabels.team",
+    ),
+    (
+        "pattern: node selector value",
+        put("spec.workers.nodeSelector", {"gpu": "-h100"}),
+        "spec.workers.nodeSelector.gpu",
+    ),
+    ("pattern: queue name", put("spec.scheduling.queueName", "Team_A"), "spec.scheduling.queueName"),
+    (
+        "pattern: priority class name",
+        put("spec.workers.priorityClassName", "High"),
+        "spec.workers.priorityClassName",
+    ),
     ("unknown field (strict)", put("spec.training.learningRate", 0.001), "spec.training.learningRate"),
     ("unknown top-level spec field (strict)", put("spec.epochs", 3), "spec.epochs"),
     ("name too long for derived pod names", put("metadata.name", "x" * 41), "metadata.name"),
@@ -324,6 +345,14 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
         "storage.accessMode ReadWriteOncePod lets one pod mount the volume",
     ),
     "exit code out of range": ("spec.runPolicy.exitCodeRules[0].exitCodes[0]", "greater than or equal to 1"),
+    "contradiction: a queue the coscheduler does not have": (
+        "spec.scheduling",
+        "queueName applies to Kueue (gangScheduler None) or Volcano",
+    ),
+    "pattern: pod label value": ("spec.workers.podLabels.team", "String should match pattern"),
+    "pattern: node selector value": ("spec.workers.nodeSelector.gpu", "String should match pattern"),
+    "pattern: queue name": ("spec.scheduling.queueName", "String should match pattern"),
+    "pattern: priority class name": ("spec.workers.priorityClassName", "String should match pattern"),
     "unknown field (strict)": ("spec.training.learningRate", "Extra inputs are not permitted"),
     "unknown top-level spec field (strict)": ("spec.epochs", "Extra inputs are not permitted"),
 }

@@ -96,6 +96,8 @@ class JobReason(StrEnum):
     FORBIDDEN = "Forbidden"  # the operator may not create or change a child (403): the job fails
     NAME_CONFLICT = "NameConflict"  # a child's name is held by an object this job does not own
     LEFTOVER_PENDING = "LeftoverPending"  # a child of an earlier job of this name is being removed
+    SPEC_UPDATED = "SpecUpdated"  # an edit of a mutable section was taken up (an Event, no condition)
+    CHECKPOINT_FALLBACK = "CheckpointFallback"  # resumed past checkpoints that failed verification
     # The per-stage conditions (stage.llmop.io/<name>) follow the stage's state.
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"

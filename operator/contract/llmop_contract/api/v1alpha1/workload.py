@@ -11,6 +11,13 @@ from llmop_contract.api.base import ApiModel, Quantity, Rule
 
 DEFAULT_IMAGE = "ghcr.io/llmop/trainer:0.1.0"
 
+# What the apiserver demands of what the operator copies into its children (apimachinery's
+# validation): the CRD cannot see that a value lands in a pod, so without these a bad one is admitted
+# and every create of the pod, PodGroup or Kueue label fails 422.
+# A label value: at most 63 letters, digits, '-', '_' and '.', starting and ending alphanumeric.
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
+DNS_1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
 
 class ResourceRequirements(ApiModel):
     """Per-node CPU, memory and other resources (GPUs are added from gpusPerNode)."""
@@ -86,13 +93,13 @@ class WorkersSpec(ApiModel):
     """Image pull policy."""
     resources_per_node: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """CPU, memory and extra resources per worker pod."""
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
     """Node labels every worker must match, e.g. nvidia.com/gpu.product."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Tolerations for tainted GPU nodes."""
     affinity: dict[str, Any] | None = None
     """A Kubernetes Affinity object copied to every worker pod."""
-    priority_class_name: str | None = Field(None, max_length=253)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_1123_SUBDOMAIN)
     """PriorityClass of the worker pods."""
     master_port: int = Field(29500, ge=1024, le=65535)
     """Rendezvous port on worker 0."""
@@ -100,7 +107,7 @@ class WorkersSpec(ApiModel):
     """Port of the rank-0 trainer's Prometheus endpoint."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     """Extra environment variables for the trainer (e.g. NCCL tuning)."""
-    pod_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    pod_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
     """Extra labels on every worker pod (the operator's own llmop.io/* labels win)."""
     pod_annotations: dict[str, str] = Field(default_factory=dict, max_length=32)
     """Extra annotations on every worker pod, e.g. for sidecar injection or log collection."""
@@ -152,11 +159,21 @@ class GangScheduler(StrEnum):
 class SchedulingSpec(ApiModel):
     """Gang scheduling and quota."""
 
+    rules = (
+        Rule(
+            "self.gangScheduler != 'Coscheduling' || !has(self.queueName)",
+            lambda m: m.gang_scheduler != GangScheduler.COSCHEDULING or m.queue_name is None,
+            "queueName applies to Kueue (gangScheduler None) or Volcano; the coscheduler has no queues",
+            ".queueName",
+        ),
+    )
+
     gang_scheduler: GangScheduler = GangScheduler.NONE
     """Create a PodGroup for Volcano or the scheduler-plugins coscheduler."""
     scheduler_name: str | None = Field(None, max_length=253)
     """schedulerName for the worker pods (defaults follow gangScheduler)."""
-    queue_name: str | None = Field(None, max_length=63)
+    # Also the kueue.x-k8s.io/queue-name label value: an object name that is a label value too.
+    queue_name: str | None = Field(None, max_length=63, pattern=DNS_1123_SUBDOMAIN)
     """Kueue LocalQueue (the gang is admitted as one Kueue plain pod group), or the Volcano queue when gangScheduler is Volcano."""
     schedule_timeout_seconds: int = Field(600, ge=1)
     """How long a gang may wait unplaced before the Unschedulable condition is raised."""
