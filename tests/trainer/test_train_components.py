@@ -10,10 +10,10 @@ import torch
 from llmop_contract.api.v1alpha1.model import ModelSpec
 from llmop_contract.api.v1alpha1.training import LearningRateSchedule, Sparsity, TrainingSpec
 from llmtrain.adapt import llama_args
+from llmtrain.config import DataError
 from llmtrain.model import build_model
 from llmtrain.testing import license_documents, write_shards
 from llmtrain.train import sparsity
-from llmtrain.config import DataError
 from llmtrain.train.data import (
     Position,
     TokenStream,

@@ -56,8 +56,9 @@ class ModelShape:
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise MissingModel(
-                f"no trained model at {model_dir} ({path}: {exc}); run the train stage first"
+                f"no trained model at {model_dir} ({path.name}: {why}); run the train stage first"
             ) from exc
         try:
             heads = int(raw["num_attention_heads"])
