@@ -184,7 +184,7 @@ def llmtrainingjob_crd() -> Schema:
             "status": status,
         },
         # At the root: metadata.name is the one metadata field CEL may read there.
-        "x-kubernetes-validations": [j.NAME_RULE.schema()],
+        "x-kubernetes-validations": [j.NAME_RULE.schema(), j.COMPRESSION_FROZEN_RULE.schema()],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

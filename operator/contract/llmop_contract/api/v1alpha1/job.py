@@ -84,6 +84,20 @@ def _immutable(section: str) -> Rule:
 # model and has its own transition rule and message.
 IMMUTABILITY_RULES = tuple(_immutable(section) for section in IMMUTABLE_SECTIONS)
 
+# compression is read when training finishes: the stages are planned then, and a finished stage is
+# never redone. An edit after that point would move observedGeneration without any effect, so from
+# then on it is refused. A root-level transition rule, the only place CEL sees the status.
+COMPRESSION_FROZEN_RULE = Rule(
+    "!has(oldSelf.status) || !has(oldSelf.status.conditions)"
+    " || !oldSelf.status.conditions.exists(c, c.type == 'Trained' && c.status == 'True')"
+    " || (has(self.spec.compression) == has(oldSelf.spec.compression)"
+    " && (!has(self.spec.compression) || self.spec.compression == oldSelf.spec.compression))",
+    lambda m: True,  # a transition rule: only the apiserver sees the old object
+    "spec.compression cannot change once training has finished (condition Trained): its stages"
+    " were planned from the old value; create a new job",
+    ".spec.compression",
+)
+
 
 def _samples_per_micro_step(spec: LLMTrainingJobSpec) -> int:
     return spec.training.micro_batch_size * spec.workers.num_nodes * spec.workers.procs_per_node
