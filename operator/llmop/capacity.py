@@ -63,6 +63,11 @@ class Demand:
         )
 
 
+# Taints the node lifecycle controller puts on a node whose kubelet stopped reporting (unreachable)
+# or reports Ready False (not-ready); either means its pods' fate cannot be confirmed.
+LOST_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
+
 @dataclass
 class NodeView:
     name: str
@@ -72,21 +77,34 @@ class NodeView:
     ready: bool
     unschedulable: bool
     used: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TRACKED, 0.0))
+    ready_status: str = "True"  # the Ready condition's status: True, False, Unknown ("" if absent)
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> NodeView:
-        status = node.get("status", {})
+        status = node.get("status") or {}
         alloc = status.get("allocatable") or {}
+        conditions: list[Mapping[str, Any]] = status.get("conditions") or []
+        ready_status = next((str(c.get("status") or "") for c in conditions if c.get("type") == "Ready"), "")
         return cls(
             name=node["metadata"]["name"],
             labels=dict(node["metadata"].get("labels") or {}),
             allocatable={k: quantity(alloc[k]) if k in alloc else 0.0 for k in TRACKED},
             taints=list((node.get("spec") or {}).get("taints") or []),
-            ready=any(
-                c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-            ),
+            ready=ready_status == "True",
             unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
+            ready_status=ready_status,
         )
+
+    def trouble(self) -> str | None:
+        """Why this node's pods are lost (phrased to follow "node X"), or None while it is healthy.
+
+        A node without a Ready condition yet is only registering, not lost; a cordoned node
+        (unschedulable) still runs its pods.
+        """
+        if self.ready_status in ("False", "Unknown"):
+            return f"is NotReady (Ready={self.ready_status})"
+        taint = next((t["key"] for t in self.taints if t.get("key") in LOST_TAINTS), None)
+        return f"is {taint.removeprefix('node.kubernetes.io/')} (taint {taint})" if taint else None
 
     def free(self, resource: str) -> float:
         return self.allocatable[resource] - self.used[resource]

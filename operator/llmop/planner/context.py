@@ -7,6 +7,7 @@ functions of a ``Pass``; ``llmop.planner.plan`` runs them in order.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -48,6 +49,9 @@ class Observed:
     compress_pods: list[PodView] = field(default_factory=list)
     serving: ServingView | None = None
     serving_unavailable: str | None = None  # e.g. KServe asked for but its CRDs are not installed
+    # The nodes of this job's pods that are gone or not ready, each with what happened to it
+    # ("was deleted", "is NotReady (Ready=Unknown)"); see ``llmop.nodewatch``.
+    lost_nodes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Plan:
     create_prepare: bool = False
     create_workers: list[int] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
+    # Deleted with grace 0: their node is lost, so no kubelet will ever confirm their termination.
+    force_delete_pods: list[str] = field(default_factory=list)
     ungate: list[str] = field(default_factory=list)
     create_compress: list[Stage] = field(default_factory=list)
     delete_batch_jobs: list[str] = field(default_factory=list)
@@ -112,9 +118,20 @@ class Pass:
         return self.holds(cond.SUCCEEDED) or self.holds(cond.FAILED)
 
     def delete_all_pods(self) -> None:
-        self.plan.delete_pods = [p.name for p in self.seen.pods if not p.deleting]
+        self.delete_pods(self.seen.pods)
         # Compression still running when the job fails (deadline, deletion of the gang) stops too.
         self.plan.delete_batch_jobs = [j.name for j in self.seen.compress_jobs if j.active]
+
+    def delete_pods(self, pods: list[PodView]) -> None:
+        """Delete these pods: gracefully, or at once where their node is lost.
+
+        A pod on a deleted or NotReady node stays Terminating until the node comes back or the pod
+        garbage collector removes it (a minute or more), and the next gang waits for every old pod
+        to be gone: only a deletion with grace 0 removes it now. Even one already Terminating.
+        """
+        lost = self.seen.lost_nodes
+        self.plan.delete_pods = [p.name for p in pods if not p.deleting and p.node not in lost]
+        self.plan.force_delete_pods = [p.name for p in pods if p.node in lost]
 
     def fail(self, reason: JobReason, message: str) -> None:
         self.delete_all_pods()

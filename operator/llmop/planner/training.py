@@ -45,8 +45,21 @@ def train(p: Pass) -> None:
     stale = [x for x in p.seen.pods if x.attempt != attempt]
     if stale:
         # Never two gangs at once: the next attempt starts only once every old pod is gone.
-        p.plan.delete_pods = [x.name for x in stale if not x.deleting]
+        p.delete_pods(stale)
         p.status.state = JobState.RESTARTING
+        return
+    if lost := lost_worker(p, current):
+        # Its node is gone or NotReady: the worker is lost now, whatever the pod's phase still says
+        # (nothing updates it until the pod is garbage-collected). Its peers' errors that follow are
+        # the same disruption, so this comes before the failure policy.
+        node = lost.node or ""
+        what = f"node {node} of worker {lost.index} {p.seen.lost_nodes[node]}"
+        restart(p, attempt, JobReason.NODE_LOST, what)
+        return
+    if evicted := next((x for x in current if x.deleting and x.disrupted), None):
+        # Evicted, preempted or drained (DisruptionTarget): restart now rather than once it is gone,
+        # so its peers stop (and checkpoint) together instead of hanging in collectives meanwhile.
+        restart(p, attempt, JobReason.WORKER_DISRUPTED, f"worker {evicted.name} is being evicted")
         return
     present = {x.index for x in current}
     missing = [i for i in range(p.spec.workers.num_nodes) if i not in present]
@@ -68,6 +81,12 @@ def train(p: Pass) -> None:
         return
     if gang.admitted(p, current):
         placement(p, current)
+
+
+def lost_worker(p: Pass, current: list[PodView]) -> PodView | None:
+    """A worker of the current gang on a lost node that it had not finished on, if any."""
+    lost = p.seen.lost_nodes
+    return next((x for x in current if x.node in lost and not x.succeeded), None)
 
 
 def placement(p: Pass, current: list[PodView]) -> None:
