@@ -42,8 +42,12 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, log_dir: Path, kubeconfig: Path | None = None
+    ) -> None:
         self.cluster, self.namespace = cluster, namespace
+        # Another way to the apiserver than the cluster's own (the chaos test's fault proxy).
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.metrics_port, self.health_port = free_port(), free_port()
         self.log_path = log_dir / "operator.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,7 +55,7 @@ class OperatorProcess:
     def start(self) -> None:
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "KUBECONFIG": str(self.kubeconfig),
             "LLMOP_NAMESPACES": self.namespace,
             "LLMOP_BIND_ADDRESS": "127.0.0.1",
             "LLMOP_METRICS_PORT": str(self.metrics_port),
