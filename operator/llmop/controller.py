@@ -12,20 +12,22 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-from llmop import capacity, metrics, naming, progress
+from llmop import capacity, metrics, naming, nodewatch, progress
 from llmop import conditions as cond
 from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
-from llmop.kube import Kube
-from llmop.observe import BatchJobView, PodView, ServingView, inference_service_view
-from llmop.planner import JobSnapshot, Observed, Plan, gang, plan
-from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop.kube import ChildConflict, ChildError, Kube, Leftover
+from llmop.observe import BatchJobView, PodView, ServingView, controller_uid, inference_service_view
+from llmop.planner import JobSnapshot, Observed, Plan, errors, gang, plan
+from llmop.planner.context import Event
+from llmop_contract.api.v1alpha1.job import KIND, LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import ConditionStatus, JobReason, JobState, LLMTrainingJobStatus
 
 log = logging.getLogger("llmop.controller")
@@ -50,6 +52,8 @@ class JobMemory:
     last_scrape: float = 0.0
     attempt_started: float = field(default_factory=time.monotonic)
     done: dict[tuple[Any, ...], float] = field(default_factory=dict)
+    error_streak: int = 0  # failed passes in a row (the retry backoff)
+    fallback_reported: int = 0  # the attempt whose checkpoint fallback was reported
 
     def not_recently(self, action: tuple[Any, ...], items: list[Any], window: float = 15.0) -> list[Any]:
         """The items not acted on within `window` seconds, now marked as acted on.
@@ -83,6 +87,7 @@ class Indexes:
     deployments: Any
     nodes: Any
     resource_usage: Any
+    node_health: Any  # by node name (see nodewatch.py)
 
 
 def _store(index: Any, key: Any) -> list[Any]:
@@ -110,15 +115,26 @@ async def reconcile_once(
     job = JobSnapshot(name, namespace, meta["uid"], meta.get("generation", 1), spec, status)
     ref = JobRef(name, namespace, meta["uid"], spec)
 
-    pods: list[PodView] = _store(indexes.worker_pods, (namespace, name))
-    prepare_jobs: list[BatchJobView] = _store(indexes.batch_jobs, (namespace, name, naming.ROLE_PREPARE))
+    # Only children whose controller is this job (by UID): what an earlier job of the same name
+    # left behind is not ours, and creating over it removes it first (``kube.Leftover``).
+    uid = job.uid
+    every_pod: list[PodView] = _store(indexes.worker_pods, (namespace, name))
+    pods = [v for v in every_pod if v.owner_uid == uid]
+    leftovers = [v for v in every_pod if v.owner_uid != uid and v.owner == f"{KIND}/{name}"]
+    prepare_jobs = [
+        v for v in _store(indexes.batch_jobs, (namespace, name, naming.ROLE_PREPARE)) if v.owner_uid == uid
+    ]
+    compress_jobs: list[BatchJobView] = [
+        v for v in _store(indexes.batch_jobs, (namespace, name, naming.ROLE_COMPRESS)) if v.owner_uid == uid
+    ]
+    ours = {j.uid for j in compress_jobs}  # compression pods belong to our batch Jobs
     now = datetime.now(UTC)
     seen = Observed(
         pods=pods,
         prepare=prepare_jobs[0] if prepare_jobs else None,
         now=now,
-        compress_jobs=_store(indexes.batch_jobs, (namespace, name, naming.ROLE_COMPRESS)),
-        compress_pods=_store(indexes.compress_pods, (namespace, name)),
+        compress_jobs=compress_jobs,
+        compress_pods=[v for v in _store(indexes.compress_pods, (namespace, name)) if v.owner_uid in ours],
     )
     if cond.holds(status.conditions, cond.SUCCEEDED):
         seen = await observe_serving(kube, ref, seen, indexes)
@@ -127,19 +143,83 @@ async def reconcile_once(
     else:
         nodes, usage = [], []
     fit = gang.observe(ref, pods, status.attempt or 1, CLUSTER, nodes, usage)
-    seen = dataclasses.replace(seen, fit=fit)
+    lost = nodewatch.lost_nodes(indexes.node_health, pods)
+    seen = dataclasses.replace(seen, fit=fit, lost_nodes=lost)
     result = plan(job, seen)
-    await act(kube, ref, result, body, pods, memory)
-    await report_progress(ref, result, pods, memory, progress_interval)
-    await write_status(kube, ref, status, result, memory, body)
+    # A deletion destroys the evidence its decision was made from (the failed pod of a counted
+    # restart): the status recording the decision (new attempt, restartCount) goes out first, so an
+    # action or status write that fails half-way can neither lose the restart nor recount it as a
+    # lost worker. Creates are repeated from the same evidence, so they go first and status after.
+    decided = bool(result.delete_pods or result.force_delete_pods or result.delete_batch_jobs)
+    if decided:
+        await write_status(kube, ref, status, result, memory, body)
+    try:
+        await act(kube, ref, result, body, pods, memory, leftovers)
+    except Exception as e:  # every failure is reported on the job, then retried or made final
+        problem = problem_of(e)
+        memory.error_streak += 1
+        metrics.RECONCILE_ERRORS.labels(namespace).inc()
+        level = logging.INFO if problem.kind == errors.ProblemKind.LEFTOVER else logging.WARNING
+        log.log(level, "%s/%s: %s (%s)", namespace, name, problem.message, problem.kind.value)
+        base = dataclasses.replace(job, status=result.status) if decided else job
+        failed = errors.act_failed(base, seen, problem, memory.error_streak)
+        await write_status(kube, ref, base.status, failed, memory, body)
+        return failed.requeue_after
+    memory.error_streak = 0
+    if decided:
+        # Written already: what is left to say is the recovery and the progress.
+        done = dataclasses.replace(job, status=result.status)
+        result = Plan(status=result.status.model_copy(deep=True), requeue_after=result.requeue_after)
+        errors.reconciled(done, result, seen)
+        await write_status(kube, ref, done.status, result, memory, body)
+    else:
+        errors.reconciled(job, result, seen)
+        await report_progress(ref, result, pods, memory, progress_interval)
+        await write_status(kube, ref, status, result, memory, body)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return result.requeue_after
+
+
+def problem_of(e: BaseException) -> errors.Problem:
+    """What a failed action means for the job (see ``planner.errors``)."""
+    kind, reason = errors.ProblemKind.TRANSIENT, JobReason.API_ERROR
+    if isinstance(e, Leftover):
+        kind, reason = errors.ProblemKind.LEFTOVER, JobReason.LEFTOVER_PENDING
+    elif isinstance(e, ChildConflict):
+        kind, reason = errors.ProblemKind.PERMANENT, JobReason.NAME_CONFLICT
+    elif isinstance(e, ChildError) and e.quota_exceeded:
+        reason = JobReason.QUOTA_EXCEEDED
+    elif isinstance(e, ChildError) and e.permanent:
+        kind = errors.ProblemKind.PERMANENT
+        reason = JobReason.FORBIDDEN if e.status == 403 else JobReason.CHILD_REJECTED
+    message = str(e) or type(e).__name__
+    return errors.Problem(kind, reason, message[:_MESSAGE_LIMIT])
+
+
+_MESSAGE_LIMIT = 4096
+_T = TypeVar("_T")
+
+
+async def _each(
+    items: Sequence[_T], call: Callable[[_T], Awaitable[Any]], forget: Callable[[_T], None] | None = None
+) -> None:
+    """Run ``call`` on every item concurrently; every call finishes, then the first error is raised
+    (after ``forget`` of each failed item, so a remembered action is retried on the next pass)."""
+    outcomes = await asyncio.gather(*(call(i) for i in items), return_exceptions=True)
+    failed = [(i, o) for i, o in zip(items, outcomes, strict=True) if isinstance(o, BaseException)]
+    for item, _ in failed:
+        if forget is not None:
+            forget(item)
+    if failed:
+        raise failed[0][1]
 
 
 async def observe_serving(kube: Kube, ref: JobRef, seen: Observed, indexes: Indexes) -> Observed:
     """The serving Deployment from the index, or the InferenceService (no index: its CRD is optional)."""
     if ref.spec.serving is None or not ref.spec.serving.kserve:
-        views: list[ServingView] = _store(indexes.deployments, (ref.namespace, ref.name))
+        views: list[ServingView] = [
+            v for v in _store(indexes.deployments, (ref.namespace, ref.name)) if v.owner_uid == ref.uid
+        ]
         return dataclasses.replace(seen, serving=views[0] if views else None)
     try:
         obj = await kube.get(
@@ -149,11 +229,18 @@ async def observe_serving(kube: Kube, ref: JobRef, seen: Observed, indexes: Inde
         return dataclasses.replace(
             seen, serving_unavailable="serving.kserve is true but the KServe CRDs are not installed"
         )
-    return dataclasses.replace(seen, serving=inference_service_view(obj) if obj else None)
+    ours = obj is not None and controller_uid(obj) == ref.uid
+    return dataclasses.replace(seen, serving=inference_service_view(obj) if obj and ours else None)
 
 
 async def act(
-    kube: Kube, ref: JobRef, result: Plan, body: kopf.Body, pods: list[PodView], memory: JobMemory
+    kube: Kube,
+    ref: JobRef,
+    result: Plan,
+    body: kopf.Body,
+    pods: list[PodView],
+    memory: JobMemory,
+    leftovers: Sequence[PodView] = (),
 ) -> None:
     ns = ref.namespace
     if result.delete_job:
@@ -163,7 +250,7 @@ async def act(
         base = [workers.build_service_account(ref), config.build_config_map(ref), workers.build_service(ref)]
         if claim := storage.build_claim(ref):
             base.append(claim)
-        await asyncio.gather(*(kube.create(m) for m in base))
+        await _each(base, kube.create)
         if group := scheduling.build_pod_group(ref):
             if problem := await kube.create_optional(group):
                 kopf.warn(body, reason="PodGroupUnavailable", message=problem)
@@ -171,17 +258,33 @@ async def act(
         await kube.create(prepare.build_prepare_job(ref))
     if result.create_compress:
         todo = memory.not_recently(("compress",), result.create_compress)
-        await asyncio.gather(*(kube.create(compress.build_compress_job(ref, st)) for st in todo))
+        await _each(
+            todo,
+            lambda st: kube.create(compress.build_compress_job(ref, st)),
+            lambda st: memory.forget(("compress",), st),
+        )
     if result.delete_batch_jobs:
-        await asyncio.gather(*(kube.delete("batch/v1", "Job", ns, j) for j in result.delete_batch_jobs))
+        await _each(result.delete_batch_jobs, lambda j: kube.delete("batch/v1", "Job", ns, j))
     if result.delete_pods:
-        await asyncio.gather(*(kube.delete_pod(ns, p) for p in result.delete_pods))
+        await _each(result.delete_pods, lambda p: kube.delete_pod(ns, p))
+    if result.force_delete_pods:
+        await _each(result.force_delete_pods, lambda p: kube.delete_pod(ns, p, grace_seconds=0))
+    if result.create_workers and leftovers:
+        # Workers of an earlier job of this name still hold names (and nodes) of the new gang:
+        # creating around them would start a partial gang that restarts as soon as one of them
+        # goes. Remove them (that pod, by UID, never a namesake) and create the gang once they are gone.
+        going = [v for v in leftovers if not v.deleting]
+        await _each(going, lambda v: kube.delete("v1", "Pod", ns, v.name, uid=v.uid))
+        raise Leftover("Pod", leftovers[0].name)
     if result.create_workers:
         attempt = result.status.attempt
         # The index lags our own creates; re-posting every pass would only collect 409s.
         todo = memory.not_recently(("create", attempt), result.create_workers)
-        manifests = [workers.build_worker(ref, i, attempt) for i in todo]
-        await asyncio.gather(*(kube.create(m) for m in manifests))
+        await _each(
+            todo,
+            lambda i: kube.create(workers.build_worker(ref, i, attempt)),
+            lambda i: memory.forget(("create", attempt), i),
+        )
     if result.serve_model is not None:
         manifests = serving.build(ref, result.serve_model)
         # Server-side apply is idempotent, but a finished job is reconciled on every resync: apply
@@ -205,9 +308,12 @@ async def act(
     if result.ungate:
         gang.released(CLUSTER, ref, len(result.ungate))
         gated = {p.name: p.gates for p in pods}
-        todo = memory.not_recently(("ungate", result.status.attempt), result.ungate)
-        await asyncio.gather(
-            *(kube.remove_scheduling_gate(ns, p, naming.GANG_GATE, gated.get(p)) for p in todo)
+        action = ("ungate", result.status.attempt)
+        todo = memory.not_recently(action, result.ungate)
+        await _each(
+            todo,
+            lambda p: kube.remove_scheduling_gate(ns, p, naming.GANG_GATE, gated.get(p)),
+            lambda p: memory.forget(action, p),
         )
 
 
@@ -224,6 +330,10 @@ async def report_progress(
     if values is None:
         return
     result.status.progress = progress.to_status(values, datetime.now(UTC))
+    attempt = result.status.attempt
+    if (message := progress.fallback_message(values)) and memory.fallback_reported != attempt:
+        memory.fallback_reported = attempt  # once per attempt: every scrape of it says the same
+        result.events.append(Event(JobReason.CHECKPOINT_FALLBACK, message, warning=True))
     metrics.JOB_STEP.labels(ref.namespace, ref.name).set(values.get("step", 0))
     if "loss" in values:
         metrics.JOB_LOSS.labels(ref.namespace, ref.name).set(values["loss"])
@@ -251,13 +361,20 @@ async def write_status(
     # and two identical Events would read as two failures.
     posted: set[str] = set()
     for t in sorted(result.transitions, key=lambda t: t.status != ConditionStatus.TRUE):
-        warning = t.status == ConditionStatus.TRUE and (
-            t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS
+        warning = (
+            t.status == ConditionStatus.TRUE
+            and (t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS)
+        ) or (
+            t.type == cond.SYNCED
+            and t.status == ConditionStatus.FALSE
+            and t.reason != JobReason.LEFTOVER_PENDING
         )
         if t.reason not in posted:
             posted.add(t.reason)
             (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
         record_transition(ns, t)
+    for event in result.events:
+        (kopf.warn if event.warning else kopf.info)(body, reason=event.reason, message=event.message)
     if result.gang_running_since is not None:
         metrics.TIME_TO_RUNNING.observe(time.monotonic() - memory.attempt_started)
     if len(result.create_workers) == ref.spec.workers.num_nodes:

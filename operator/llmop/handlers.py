@@ -14,9 +14,10 @@ from typing import Any
 
 import kopf
 
-from llmop import capacity, controller, metrics, naming
+from llmop import capacity, controller, metrics, naming, nodewatch
 from llmop.kube import Kube
 from llmop.observe import BatchJobView, PodView, ServingView, batch_job_view, deployment_view, pod_view
+from llmop.planner import errors
 from llmop.search import handlers as _search  # noqa: F401 - Kopf registers the search handlers on import
 from llmop.settings import Settings
 from llmop.wakeup import sleep_until_woken
@@ -31,6 +32,9 @@ _kube: Kube | None = None
 def _wake(namespace: str | None, job: str | None) -> None:
     if namespace and job and (event := _wakeups.get((namespace, job))):
         event.set()
+
+
+nodewatch.use_wakeup(_wake)  # node events wake the jobs with workers on the node
 
 
 @kopf.on.startup()
@@ -140,10 +144,13 @@ async def run_job(
                     _kube, body, memory, indexes, SETTINGS.progress_interval_seconds
                 )
             except Exception:
+                # Failed actions are reported on the job by reconcile_once; this is the rest (the
+                # status write itself failing, the API unreachable): logged, retried with backoff.
                 metrics.RECONCILE_ERRORS.labels(namespace).inc()
+                memory.error_streak += 1
                 logger.exception("reconcile failed; retrying")
                 memory.status = None  # re-read the stored status: our copy may not have been written
-                delay = 2.0
+                delay = errors.backoff(memory.error_streak)
             timeout = min(delay or SETTINGS.resync_seconds, SETTINGS.resync_seconds)
             if memory.status is not None and memory.status.state == JobState.RUNNING:
                 timeout = min(timeout, SETTINGS.progress_interval_seconds)

@@ -50,8 +50,13 @@ class ChildError(Exception):
         self.verb, self.kind, self.name, self.status, self.message = verb, kind, name, status, message
 
     @property
+    def quota_exceeded(self) -> bool:
+        """A ResourceQuota refused it (403 too): capacity that frees up, so worth retrying."""
+        return self.status == 403 and "exceeded quota" in self.message
+
+    @property
     def permanent(self) -> bool:
-        return self.status in PERMANENT_STATUSES
+        return self.status in PERMANENT_STATUSES and not self.quota_exceeded
 
     @classmethod
     def of(cls, verb: str, kind: str, name: str, e: ApiException) -> ChildError:

@@ -137,6 +137,17 @@ def test_suspend_and_resume(jobs: Jobs, operator: OperatorProcess, cluster: Clus
     jobs.wait_pods("sus", 4, attempt=1)
     jobs.patch_spec("sus", {"runPolicy": {"suspend": True}})
     jobs.wait_condition("sus", "Suspended")
+    # The edit was taken up, and says so: observedGeneration follows, an Event names the generation.
+    job = jobs.get("sus")
+    generation = job["metadata"]["generation"]
+    assert generation >= 2 and job["status"]["observedGeneration"] == generation
+    wait_for(
+        lambda: any(
+            e["reason"] == "SpecUpdated" and f"generation {generation}" in e["message"]
+            for e in jobs.events("sus")
+        ),
+        what="the SpecUpdated Event",
+    )
     wait_for(lambda: not jobs.pods("sus"), what="pods deleted while suspended")
     assert jobs.status("sus")["state"] == "Suspended"
     jobs.patch_spec("sus", {"runPolicy": {"suspend": False}})

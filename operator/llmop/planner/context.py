@@ -73,6 +73,16 @@ class Plan:
     transitions: list[cond.Transition] = field(default_factory=list)
     requeue_after: float | None = None
     gang_running_since: datetime | None = None  # set when the gang just became fully Running
+    events: list[Event] = field(default_factory=list)  # posted besides the conditions' transitions
+
+
+@dataclass(frozen=True)
+class Event:
+    """An Event about the job that is not a condition's transition."""
+
+    reason: str
+    message: str
+    warning: bool = False
 
 
 class Pass:
@@ -93,6 +103,15 @@ class Pass:
 
     def holds(self, type_: str) -> bool:
         return cond.holds(self.status.conditions, type_)
+
+    def observe_generation(self) -> None:
+        """This pass acts on the spec as it is now: say so in observedGeneration, with an Event when
+        an edit (of the sections that stay mutable: runPolicy, compression, serving) was taken up."""
+        seen = self.status.observed_generation
+        if seen is not None and seen < self.job.generation:
+            message = f"generation {self.job.generation} of the spec applied (was {seen})"
+            self.plan.events.append(Event(JobReason.SPEC_UPDATED, message))
+        self.status.observed_generation = self.job.generation
 
     def find_stage(self, name: str) -> StageStatus | None:
         return next((s for s in self.status.stages if s.name == name), None)

@@ -4,7 +4,7 @@ The pass that hit the error acted only in part, so its own plan is dropped and t
 over the status as it was before the pass (every action is idempotent: the next pass redoes the
 rest). Retrying cannot fix a child the apiserver refused (422, 400) or may not be created (403), nor
 a name held by an object the job does not own: those fail the job with the API's own message. Any
-other error (429, 5xx, timeouts, a leftover of an earlier job of the same name still being removed)
+other error (429, 5xx, timeouts, a ResourceQuota's 403 "exceeded quota", a leftover of an earlier job of the same name still being removed)
 is reported on ``Synced`` and retried with backoff.
 """
 
@@ -21,6 +21,9 @@ from llmop_contract.api.v1alpha1.status import JobReason
 MAX_BACKOFF_SECONDS = 60.0
 # A leftover is being deleted by us: its removal is an event away, so look again soon.
 LEFTOVER_RECHECK_SECONDS = 1.0
+# Quota frees up without any event on the job's children (another job's pods end): look again at
+# least this often, however long the quota has been exhausted.
+QUOTA_RECHECK_SECONDS = 10.0
 
 
 class ProblemKind(StrEnum):
@@ -67,6 +70,8 @@ def act_failed(job: JobSnapshot, seen: Observed, problem: Problem, streak: int) 
     p.condition(cond.SYNCED, False, problem.reason, problem.message)
     if problem.kind == ProblemKind.LEFTOVER:
         p.plan.requeue_after = LEFTOVER_RECHECK_SECONDS
+    elif problem.reason == JobReason.QUOTA_EXCEEDED:
+        p.plan.requeue_after = min(backoff(streak), QUOTA_RECHECK_SECONDS)
     else:
         p.plan.requeue_after = backoff(streak)
     # Only the condition may go out: the pass's other decisions were not carried out.

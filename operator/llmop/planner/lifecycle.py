@@ -18,7 +18,7 @@ def acknowledge(p: Pass) -> None:
         p.plan.ensure_base = True
         p.condition(cond.CREATED, True, JobReason.JOB_CREATED, f"LLMTrainingJob {p.job.name} accepted")
         p.status.state = JobState.PENDING
-    p.status.observed_generation = p.job.generation
+    p.observe_generation()
 
 
 def deadline_exceeded(p: Pass) -> bool:
@@ -58,6 +58,8 @@ def succeed(p: Pass, reason: JobReason, message: str) -> None:
 
 
 def after_finish(p: Pass) -> None:
+    # What a finished job still acts on (serving, the TTL) is read from the spec as it is now.
+    p.observe_generation()
     # A failed job keeps no running pods (a Succeeded one has none); then TTL clean-up.
     p.plan.delete_pods = [x.name for x in p.seen.pods if not x.deleting and x.live]
     if p.holds(cond.SUCCEEDED):

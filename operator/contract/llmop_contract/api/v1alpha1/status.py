@@ -94,6 +94,7 @@ class JobReason(StrEnum):
     API_ERROR = "ApiError"  # transient (429, 5xx, timeout): retried with backoff
     CHILD_REJECTED = "ChildRejected"  # the apiserver refused a child (422, 400): the job fails
     FORBIDDEN = "Forbidden"  # the operator may not create or change a child (403): the job fails
+    QUOTA_EXCEEDED = "QuotaExceeded"  # a ResourceQuota refused a child (403): retried until it fits
     NAME_CONFLICT = "NameConflict"  # a child's name is held by an object this job does not own
     LEFTOVER_PENDING = "LeftoverPending"  # a child of an earlier job of this name is being removed
     SPEC_UPDATED = "SpecUpdated"  # an edit of a mutable section was taken up (an Event, no condition)
