@@ -32,6 +32,8 @@ def free_port() -> int:
     """
     for _ in range(200):
         port = random.randrange(20000, 32000)
+        if port == 29500:  # the default workers.masterPort: a job may not use it as metricsPort too
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
