@@ -193,6 +193,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes(data_dir: Path, tmp_path: Path
     assert latest_tag(tmp_path / "checkpoints") == f"step-{step:08d}"
 
     spec["training"]["maxSteps"] = step + 5  # finish shortly after the preemption point
+    # A loaded machine may preempt within warmup: a warmup past maxSteps is refused (admission rule).
+    spec["training"]["lrSchedule"]["warmupSteps"] = min(10, step + 5)
     config = debug_config(tmp_path, data_dir, spec)
     with log.open("a") as out:
         rc = subprocess.run(

@@ -9,9 +9,10 @@ rules for features that run did not exercise). No wildcards, no secrets, no pods
 # LLMTrainingJobs: Kopf watches them and patches only metadata (its finalizer and handler-progress
 # annotations, never spec); the daemon writes status through /status; a finished job with
 # ttlSecondsAfterFinished is deleted. create: an LLMHyperparameterSearch creates its trial jobs.
+# get: a trial's create met a job of its name (409), whose owner is read before anything else.
 - apiGroups: [llmop.io]
   resources: [llmtrainingjobs]
-  verbs: [list, watch, patch, delete, create]
+  verbs: [list, watch, get, patch, delete, create]
 - apiGroups: [llmop.io]
   resources: [llmtrainingjobs/status]
   verbs: [patch]
@@ -29,19 +30,21 @@ rules for features that run did not exercise). No wildcards, no secrets, no pods
   resources: [pods]
   verbs: [list, watch, get, create, patch, delete]
 # Per-job children: the trainer's ServiceAccount (bound to nothing), its config, the storage claim.
+# get and delete: a create that meets an object of the same name (409) reads its owner, and removes
+# it when it is a leftover of an earlier job of this name (kube.py; never adopted).
 - apiGroups: [""]
   resources: [serviceaccounts, configmaps, persistentvolumeclaims]
-  verbs: [create]
-# Services: the gang's headless Service (create); the serving Service, server-side applied and
-# deleted when serving is switched off.
+  verbs: [get, create, delete]
+# Services: the gang's headless Service (create); the serving Service, read before it is
+# server-side applied (an apply would take over a namesake) and deleted when serving is switched off.
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, patch, delete]
-# Serving: the model server Deployment, indexed for its readiness, server-side applied (an apply
-# that creates the object is authorised as create), deleted when serving is switched off.
+  verbs: [get, create, patch, delete]
+# Serving: the model server Deployment, indexed for its readiness, read and then server-side applied
+# (an apply that creates the object is authorised as create), deleted when serving is switched off.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, patch, delete]
+  verbs: [list, watch, get, create, patch, delete]
 # Serving through KServe (spec.serving.kserve): the InferenceService, read for its URL and readiness.
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
@@ -53,11 +56,11 @@ rules for features that run did not exercise). No wildcards, no secrets, no pods
 # batch Jobs: data preparation and one per compression method; deleted when a stage is redone.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch, get, create, delete]
 # Gang scheduling PodGroups (spec.scheduling.gangScheduler: Coscheduling / Volcano).
 - apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
   resources: [podgroups]
-  verbs: [create]
+  verbs: [get, create, delete]
 {{- end }}
 
 {{- define "llmop.rbac.clusterRules" -}}
