@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from llmop.observe import controller_of
 from llmop_contract.api.v1alpha1.job import GROUP, KIND, PLURAL, VERSION
 
 Manifest = dict[str, Any]
@@ -88,13 +89,6 @@ class ChildConflict(Exception):
             " delete it or choose another job name"
         )
         self.kind, self.name = kind, name
-
-
-def controller_of(obj: Manifest) -> Manifest | None:
-    """The controller owner reference of a manifest (dict form, camelCase or snake_case)."""
-    meta = obj.get("metadata") or {}
-    refs = meta.get("ownerReferences") or meta.get("owner_references") or []
-    return next((r for r in refs if r.get("controller")), None)
 
 
 class Kube:

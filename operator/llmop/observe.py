@@ -10,17 +10,24 @@ from llmop import naming
 from llmop_contract.protocol import ExitCode
 
 
+def controller_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The object's controller owner reference (a manifest, or a client's snake_case dict)."""
+    meta = obj.get("metadata") or {}
+    refs = meta.get("ownerReferences") or meta.get("owner_references") or []
+    return next((r for r in refs if r.get("controller")), None)
+
+
 def controller_uid(obj: Mapping[str, Any]) -> str:
     """UID of the object's controller owner ("" when none): a child is used only when this is the
     job's own UID, so leftovers of an earlier job of the same name are never mistaken for ours."""
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return next((str(r.get("uid", "")) for r in refs if r.get("controller")), "")
+    ref = controller_of(obj)
+    return str(ref.get("uid", "")) if ref else ""
 
 
 def controller_name(obj: Mapping[str, Any]) -> str:
     """The object's controller owner as Kind/name ("" when none)."""
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return next((f"{r.get('kind')}/{r.get('name')}" for r in refs if r.get("controller")), "")
+    ref = controller_of(obj)
+    return f"{ref.get('kind')}/{ref.get('name')}" if ref else ""
 
 
 # Pod failure reasons that are the platform's doing, not the training code's.
