@@ -230,6 +230,82 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         put("spec.workers.priorityClassName", "High"),
         "spec.workers.priorityClassName",
     ),
+    (
+        "contradiction: a pretrained source and a shape",
+        put("spec.model", {"pretrained": {"uri": "hf://org/model"}, "hiddenSize": 64}),
+        "spec.model.pretrained",
+    ),
+    (
+        "contradiction: LoRA settings without LoRA",
+        put("spec.training.lora", {"rank": 8}),
+        "spec.training.lora",
+    ),
+    (
+        "contradiction: LoRA from scratch",
+        put("spec.training.method", "LoRA"),
+        "spec.training.method",
+    ),
+    (
+        "contradiction: QLoRA without GPUs",
+        both(
+            put("spec.model.pretrained", {"uri": "hf://org/model"}),
+            put("spec.training.method", "QLoRA"),
+            put("spec.workers.gpusPerNode", 0),
+        ),
+        "spec.training.method",
+    ),
+    (
+        "contradiction: supervised records from scratch",
+        put("spec.data.format", {"type": "PromptCompletion"}),
+        "spec.data.format.type",
+    ),
+    (
+        "contradiction: a template format without a template",
+        both(
+            put("spec.model.pretrained", {"uri": "hf://org/model"}),
+            put("spec.data.format", {"type": "Template"}),
+        ),
+        "spec.data.format.promptTemplate",
+    ),
+    (
+        "contradiction: a template naming no field",
+        both(
+            put("spec.model.pretrained", {"uri": "hf://org/model"}),
+            put("spec.data.format", {"type": "Template", "promptTemplate": "Label:"}),
+        ),
+        "spec.data.format.promptTemplate",
+    ),
+    (
+        "unknown format field (strict)",
+        put("spec.data.format", {"type": "Text", "answerField": "label"}),
+        "spec.data.format.answerField",
+    ),
+    (
+        "contradiction: a second tokenizer for a pretrained model",
+        both(
+            put("spec.model.pretrained", {"uri": "hf://org/model"}),
+            put("spec.data.tokenizer.path", "/t/tokenizer.json"),
+        ),
+        "spec.data.tokenizer.path",
+    ),
+    (
+        "contradiction: from-scratch regularisation on a pretrained model",
+        both(
+            put("spec.model.pretrained", {"uri": "hf://org/model"}),
+            put("spec.training.regularization", {"dropout": 0.1}),
+        ),
+        "spec.training.regularization",
+    ),
+    (
+        "pattern: model source scheme",
+        put("spec.model.pretrained", {"uri": "ftp://host/model"}),
+        "spec.model.pretrained.uri",
+    ),
+    (
+        "contradiction: a revision of a path",
+        put("spec.model.pretrained", {"uri": "models/base", "revision": "v1"}),
+        "spec.model.pretrained.revision",
+    ),
     ("unknown field (strict)", put("spec.training.learningRate", 0.001), "spec.training.learningRate"),
     ("unknown top-level spec field (strict)", put("spec.epochs", 3), "spec.epochs"),
     ("name too long for derived pod names", put("metadata.name", "x" * 41), "metadata.name"),
@@ -353,6 +429,33 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
     "pattern: node selector value": ("spec.workers.nodeSelector.gpu", "String should match pattern"),
     "pattern: queue name": ("spec.scheduling.queueName", "String should match pattern"),
     "pattern: priority class name": ("spec.workers.priorityClassName", "String should match pattern"),
+    "contradiction: a pretrained source and a shape": (
+        "spec.model",
+        "model.pretrained and the from-scratch shape",
+    ),
+    "contradiction: LoRA settings without LoRA": (
+        "spec.training",
+        "training.lora applies only to method LoRA",
+    ),
+    "contradiction: LoRA from scratch": ("spec", "LoRA and QLoRA adapt an existing model"),
+    "contradiction: QLoRA without GPUs": ("spec", "training.method QLoRA needs GPUs"),
+    "contradiction: supervised records from scratch": ("spec", "supervised types need model.pretrained"),
+    "contradiction: a template format without a template": (
+        "spec.data.format",
+        "promptTemplate is required with type Template",
+    ),
+    "contradiction: a template naming no field": ("spec.data.format", "must name at least one record field"),
+    "unknown format field (strict)": ("spec.data.format.answerField", "Extra inputs are not permitted"),
+    "contradiction: a second tokenizer for a pretrained model": (
+        "spec",
+        "data.tokenizer.path cannot be used with model.pretrained",
+    ),
+    "contradiction: from-scratch regularisation on a pretrained model": (
+        "spec",
+        "apply to a model from scratch only",
+    ),
+    "pattern: model source scheme": ("spec.model.pretrained", "uri must be hf://ORG/NAME"),
+    "contradiction: a revision of a path": ("spec.model.pretrained", "revision applies only to a hub source"),
     "unknown field (strict)": ("spec.training.learningRate", "Extra inputs are not permitted"),
     "unknown top-level spec field (strict)": ("spec.epochs", "Extra inputs are not permitted"),
 }

@@ -6,12 +6,13 @@ or restructuring is an edit here and nowhere else.
 
 from __future__ import annotations
 
-from llmop_contract.api.v1alpha1.model import ModelSpec
+from llmop_contract.api.v1alpha1.model import ModelSpec, ScratchModel
 from llmtrain.model.args import Init, LlamaArgs
 
 
-def llama_args(spec: ModelSpec) -> LlamaArgs:
+def llama_args(spec: ModelSpec | ScratchModel) -> LlamaArgs:
     """The model arguments of ``spec`` (numKeyValueHeads defaulted to numHeads)."""
+    spec = spec.scratch()
     return LlamaArgs(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,

@@ -94,10 +94,10 @@ def training_needs(cfg: TrainerConfig) -> dict[str, tuple[int, str]]:
 def check_training_data(cfg: TrainerConfig) -> DataManifest:
     """The manifest of cfg.paths.dataDir when training can start on it, else DataError."""
     manifest = read_manifest(cfg.paths.data_dir)
-    if manifest.vocab_size > cfg.spec.model.vocab_size:
+    if manifest.vocab_size > cfg.spec.model.scratch().vocab_size:
         raise DataError(
             "spec.model.vocabSize",
-            f"the data's vocabulary ({manifest.vocab_size}) exceeds it ({cfg.spec.model.vocab_size})",
+            f"the data's vocabulary ({manifest.vocab_size}) exceeds it ({cfg.spec.model.scratch().vocab_size})",
         )
     seq = cfg.spec.training.sequence_length
     for split, (needed, why) in training_needs(cfg).items():

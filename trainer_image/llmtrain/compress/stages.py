@@ -220,5 +220,6 @@ def student_spec(student: TransformerShape, teacher: ModelShape, base: ModelSpec
             vocab_size=teacher.vocab_size,
             context_length=teacher.context_length,
             tie_embeddings=teacher.tie_embeddings,
+            pretrained=None,  # the student is built from scratch whatever the teacher was
         )
     )

@@ -30,8 +30,8 @@ def config_hash(config: TrainerConfig, sources: list[ResolvedSource]) -> str:
     payload = {
         "pipeline_version": PIPELINE_VERSION,
         "data": data.model_dump(mode="json", exclude={"num_workers", "prepare"}),
-        "vocab_size": config.spec.model.vocab_size,
-        "context_length": config.spec.model.context_length,
+        "vocab_size": config.spec.model.scratch().vocab_size,
+        "context_length": config.spec.model.scratch().context_length,
         "inputs": [s.fingerprint() for s in sources],
         "tokenizer_file": _file(data.tokenizer.path),
         "thesaurus_file": _file(data.augmentation.thesaurus_path if data.augmentation.enabled else None),

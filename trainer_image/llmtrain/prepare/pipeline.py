@@ -53,10 +53,10 @@ def preflight(config: TrainerConfig) -> list[readers.ResolvedSource]:
     if data.tokenizer.path:
         if not os.path.isfile(data.tokenizer.path):
             raise ConfigError("spec.data.tokenizer.path", f"{data.tokenizer.path!r} is not a file")
-    elif config.spec.model.vocab_size < tok.MIN_VOCAB:
+    elif config.spec.model.scratch().vocab_size < tok.MIN_VOCAB:
         raise ConfigError(
             "spec.model.vocabSize",
-            f"a byte-level BPE needs at least {tok.MIN_VOCAB} tokens, got {config.spec.model.vocab_size}",
+            f"a byte-level BPE needs at least {tok.MIN_VOCAB} tokens, got {config.spec.model.scratch().vocab_size}",
         )
     aug = data.augmentation
     if aug.enabled and aug.synonym_replacement and not os.path.isfile(aug.thesaurus_path or ""):
@@ -104,13 +104,13 @@ def write_shards(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = data_dir / f".prepare-tmp-{os.getpid()}"
     tmp.mkdir()
-    dtype = shards.dtype_for(config.spec.model.vocab_size)
+    dtype = shards.dtype_for(config.spec.model.scratch().vocab_size)
     splits: dict[str, list[Shard]] = {}
     for split, split_texts in texts.items():
         writer = shards.ShardWriter(tmp, split, dtype, config.spec.data.sharding.tokens_per_shard)
         _write_split(split_texts, info, writer, split)
         splits[split] = writer.close()
-    tok.save(info, tmp, config.spec.model.context_length)
+    tok.save(info, tmp, config.spec.model.scratch().context_length)
     with open(tmp / REPORT, "w") as fh:
         for entry in report.clusters:
             fh.write(json.dumps(entry) + "\n")
@@ -251,8 +251,8 @@ def _finish(
     stats["docs_per_second"] = round(stats["documents_in"] / max(seconds["total"], 1e-9), 1)
     data_dir = Path(config.paths.data_dir)
     manifest = DataManifest(
-        dtype=shards.dtype_for(config.spec.model.vocab_size).name,
-        vocab_size=config.spec.model.vocab_size,
+        dtype=shards.dtype_for(config.spec.model.scratch().vocab_size).name,
+        vocab_size=config.spec.model.scratch().vocab_size,
         eos_id=info.eos_id,
         pad_id=info.pad_id,
         splits=splits,

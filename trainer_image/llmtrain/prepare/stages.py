@@ -171,7 +171,7 @@ def augment_documents(train_texts: list[str], data: DataSpec, report: Report) ->
 
 def build_tokenizer(config: TrainerConfig, train_texts: list[str]) -> tok.TokenizerInfo:
     """The configured tokenizer, or one trained on the clean training split (without augmented copies)."""
-    path, vocab_size = config.spec.data.tokenizer.path, config.spec.model.vocab_size
+    path, vocab_size = config.spec.data.tokenizer.path, config.spec.model.scratch().vocab_size
     info = tok.load(path, vocab_size) if path else tok.train(train_texts, vocab_size)
     log.info(
         "tokenizer: %d tokens, eos %r=%d, pad %r=%d",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from pydantic import Field
@@ -129,6 +130,76 @@ class Augmentation(ApiModel):
     )
 
 
+class RecordFormat(StrEnum):
+    TEXT = "Text"
+    PROMPT_COMPLETION = "PromptCompletion"
+    CHAT = "Chat"
+    TEMPLATE = "Template"
+
+
+class Packing(StrEnum):
+    PACKED = "Packed"
+    PADDED = "Padded"
+
+
+_TEMPLATE_FIELD = r"\{([A-Za-z_][A-Za-z0-9_]*)\}"
+
+
+class DataFormat(ApiModel):
+    """What a record is: plain text for language modelling, or a supervised example with the loss on its answer."""
+
+    rules = (
+        Rule(
+            "(self.type == 'Template') == has(self.promptTemplate)",
+            lambda m: (m.type == RecordFormat.TEMPLATE) == (m.prompt_template is not None),
+            "promptTemplate is required with type Template and applies only to it",
+            ".promptTemplate",
+        ),
+        Rule(
+            "self.type == 'Template' || !has(self.completionTemplate)",
+            lambda m: m.type == RecordFormat.TEMPLATE or m.completion_template is None,
+            "completionTemplate applies only to type Template",
+            ".completionTemplate",
+        ),
+        Rule(
+            "!has(self.promptTemplate) || self.promptTemplate.matches('[{][A-Za-z_][A-Za-z0-9_]*[}]')",
+            lambda m: m.prompt_template is None or re.search(_TEMPLATE_FIELD, m.prompt_template) is not None,
+            "promptTemplate must name at least one record field in braces, e.g. 'Review: {text}\\nLabel:'",
+            ".promptTemplate",
+        ),
+        Rule(
+            "self.type != 'Text' || self.packing == 'Packed'",
+            lambda m: m.type != RecordFormat.TEXT or m.packing == Packing.PACKED,
+            "packing Padded applies only to supervised formats (plain text is always packed)",
+            ".packing",
+        ),
+    )
+
+    type: RecordFormat = RecordFormat.TEXT
+    """Text (sources[].textField, loss on every token), PromptCompletion (promptField + completionField), Chat (messagesField: a list of {role, content} rendered with the model's chat template, loss on assistant turns) or Template (promptTemplate over a labelled record, completionTemplate the answer)."""
+    prompt_field: str = Field("prompt", min_length=1, max_length=256)
+    """PromptCompletion: the field holding the prompt."""
+    completion_field: str = Field("completion", min_length=1, max_length=256)
+    """PromptCompletion: the field holding the completion (the only tokens with a loss); Template: the answer's field when completionTemplate is unset."""
+    messages_field: str = Field("messages", min_length=1, max_length=256)
+    """Chat: the field holding the conversation."""
+    prompt_template: str | None = Field(None, min_length=1, max_length=8192)
+    """Template: the prompt, with {field} replaced by the record's fields (e.g. 'Text: {text}\nTopic:')."""
+    completion_template: str | None = Field(None, min_length=1, max_length=8192)
+    """Template: the answer (e.g. ' {label}'); unset is ' {<completionField>}'."""
+    packing: Packing = Packing.PACKED
+    """Packed: records are concatenated into full sequences, each attending only to itself (positions restart per record); Padded: one record per sequence, padded (longer ones are cut)."""
+
+    @property
+    def supervised(self) -> bool:
+        return self.type != RecordFormat.TEXT
+
+    def template_fields(self) -> list[str]:
+        """The record fields the templates name, in order of first use."""
+        text = (self.prompt_template or "") + (self.completion_template or "")
+        return list(dict.fromkeys(re.findall(_TEMPLATE_FIELD, text)))
+
+
 class Tokenizer(ApiModel):
     """Tokenizer: trained locally on the cleaned corpus, or loaded from a file."""
 
@@ -154,6 +225,8 @@ class DataSpec(ApiModel):
     """Run the preparation Job before training; false expects shards already in storage."""
     sources: list[DataSource] = Field(default_factory=list, max_length=64)
     """Inputs; required when prepare is true."""
+    format: DataFormat = Field(default_factory=DataFormat)
+    """Record format: plain text, or supervised examples (prompt/completion, chat, templated labels)."""
     cleaning: Cleaning = Field(default_factory=Cleaning)
     """Quality filters."""
     deduplication: Deduplication = Field(default_factory=Deduplication)

@@ -7,10 +7,10 @@ import re
 from pydantic import Field
 
 from llmop_contract.api.base import ApiModel, Rule
-from llmop_contract.api.v1alpha1.data import DataSpec
+from llmop_contract.api.v1alpha1.data import DataSpec, RecordFormat
 from llmop_contract.api.v1alpha1.lifecycle import CompressionSpec, ServingSpec
-from llmop_contract.api.v1alpha1.model import ModelSpec
-from llmop_contract.api.v1alpha1.training import DeepSpeedSpec, TrainingSpec
+from llmop_contract.api.v1alpha1.model import DEFAULT_CONTEXT_LENGTH, ModelSpec
+from llmop_contract.api.v1alpha1.training import DeepSpeedSpec, Method, TrainingSpec
 from llmop_contract.api.v1alpha1.workload import RunPolicy, SchedulingSpec, StorageSpec, WorkersSpec
 
 GROUP = "llmop.io"
@@ -119,10 +119,64 @@ class LLMTrainingJobSpec(ApiModel):
             ".training.globalBatchSize",
         ),
         Rule(
-            "self.training.sequenceLength <= self.model.contextLength",
-            lambda m: m.training.sequence_length <= m.model.context_length,
+            # A pretrained model's context comes from its config.json: the trainer checks it at start.
+            "has(self.model.pretrained) || self.training.sequenceLength <="
+            f" (has(self.model.contextLength) ? self.model.contextLength : {DEFAULT_CONTEXT_LENGTH})",
+            lambda m: (
+                m.model.pretrained is not None or m.training.sequence_length <= m.model.eff("context_length")
+            ),
             "training.sequenceLength must not exceed model.contextLength",
             ".training.sequenceLength",
+        ),
+        Rule(
+            "self.training.method == 'Full' || has(self.model.pretrained)",
+            lambda m: m.training.method == Method.FULL or m.model.pretrained is not None,
+            "training.method LoRA and QLoRA adapt an existing model: set model.pretrained",
+            ".training.method",
+        ),
+        Rule(
+            "self.training.method != 'QLoRA' || self.workers.gpusPerNode > 0",
+            lambda m: m.training.method != Method.QLORA or m.workers.gpus_per_node > 0,
+            "training.method QLoRA needs GPUs (bitsandbytes 4-bit kernels are CUDA only): set"
+            " workers.gpusPerNode, or use LoRA on CPU",
+            ".training.method",
+        ),
+        Rule(
+            "self.training.method != 'QLoRA' || self.deepspeed.zeroStage <= 2",
+            lambda m: m.training.method != Method.QLORA or m.deepspeed.zero_stage <= 2,
+            "training.method QLoRA supports deepspeed.zeroStage 0-2: the 4-bit base is not partitioned",
+            ".deepspeed.zeroStage",
+        ),
+        Rule(
+            "self.data.format.type == 'Text' || has(self.model.pretrained)",
+            lambda m: m.data.format.type == RecordFormat.TEXT or m.model.pretrained is not None,
+            "data.format supervised types need model.pretrained: the loss-masked records are tokenised"
+            " with (and Chat rendered by the chat template of) the pretrained model's tokenizer",
+            ".data.format.type",
+        ),
+        Rule(
+            "!has(self.model.pretrained) || !has(self.data.tokenizer.path)",
+            lambda m: m.model.pretrained is None or m.data.tokenizer.path is None,
+            "data.tokenizer.path cannot be used with model.pretrained: its tokenizer is the model's"
+            " (or model.pretrained.tokenizer)",
+            ".data.tokenizer.path",
+        ),
+        Rule(
+            "!has(self.model.pretrained) || (!self.training.sparsity.enabled"
+            " && self.training.regularization.l1 == 0.0 && self.training.regularization.l2 == 0.0"
+            " && self.training.regularization.dropout == 0.0)",
+            lambda m: (
+                m.model.pretrained is None
+                or (
+                    not m.training.sparsity.enabled
+                    and m.training.regularization.l1 == 0
+                    and m.training.regularization.l2 == 0
+                    and m.training.regularization.dropout == 0
+                )
+            ),
+            "training.sparsity and training.regularization apply to a model from scratch only; a"
+            " pretrained model keeps its own dropout (use lora.dropout for adapters)",
+            ".training.regularization",
         ),
         Rule(
             "self.training.precision != 'FP16' || self.deepspeed.zeroStage <= 2"
@@ -152,7 +206,7 @@ class LLMTrainingJobSpec(ApiModel):
     )
 
     model: ModelSpec = Field(default_factory=ModelSpec)
-    """Model architecture, size and initialisation."""
+    """The model: an existing checkpoint to fine-tune (pretrained), or a shape built from scratch."""
     data: DataSpec
     """Data preparation."""
     training: TrainingSpec

@@ -28,6 +28,8 @@ class RunIdentity(ApiModel):
 class Paths(ApiModel):
     """Where the stages read and write, usually on the job's shared volume."""
 
+    volume_dir: str = Field("work", min_length=1)
+    """The job's volume: relative model and tokenizer sources resolve against it, and fetched ones are cached there."""
     data_dir: str = Field("work/data", min_length=1)
     """Prepared shards, manifest and tokenizer."""
     checkpoint_dir: str = Field("work/checkpoints", min_length=1)

@@ -106,6 +106,29 @@ class Sparsity(ApiModel):
     """Steps between mask updates."""
 
 
+class Method(StrEnum):
+    FULL = "Full"
+    LORA = "LoRA"
+    QLORA = "QLoRA"
+
+
+class LoRA(ApiModel):
+    """Low-rank adapters (peft): only the adapters train, the base weights stay frozen."""
+
+    rank: int = Field(16, ge=1, le=1024)
+    """Rank r of each adapter's A (r x in) and B (out x r) matrices."""
+    alpha: float = Field(32.0, gt=0, le=4096)
+    """Scaling numerator: the update is (alpha / rank) x B A."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 256}},
+    )
+    """Module names (or name suffixes, e.g. q_proj, v_proj) that get adapters; empty adapts every linear layer but the output head (peft's all-linear)."""
+
+
 class Checkpointing(ApiModel):
     """When checkpoints are written to storage."""
 
@@ -160,6 +183,12 @@ class TrainingSpec(ApiModel):
             ".lrSchedule.warmupSteps",
         ),
         Rule(
+            "self.method != 'Full' || !has(self.lora)",
+            lambda m: m.method != Method.FULL or m.lora is None,
+            "training.lora applies only to method LoRA or QLoRA",
+            ".lora",
+        ),
+        Rule(
             f"!self.sparsity.enabled || {_within_steps('self.sparsity.endStep')}",
             lambda m: not m.sparsity.enabled or _reached(m, m.sparsity.end_step),
             "sparsity.endStep must not exceed maxSteps (or the steps maxTokens gives):"
@@ -168,6 +197,10 @@ class TrainingSpec(ApiModel):
         ),
     )
 
+    method: Method = Method.FULL
+    """Full (every weight trains), LoRA (adapters on a frozen base) or QLoRA (adapters on a 4-bit base; GPUs only)."""
+    lora: LoRA | None = None
+    """Adapter settings for LoRA and QLoRA; unset takes the defaults."""
     max_steps: int | None = Field(None, ge=1, le=1_000_000_000)
     """Optimiser steps to train for (set this or maxTokens)."""
     max_tokens: int | None = Field(None, ge=1)
@@ -200,6 +233,13 @@ class TrainingSpec(ApiModel):
     """Steps between progress log lines and metric updates."""
     seed: int = Field(1234, ge=0)
     """Seed for initialisation, data order and dropout."""
+
+    @property
+    def adapters(self) -> LoRA | None:
+        """The adapter settings in effect: None for Full fine-tuning."""
+        if self.method == Method.FULL:
+            return None
+        return self.lora or LoRA()
 
     @property
     def total_steps(self) -> int:
