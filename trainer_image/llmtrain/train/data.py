@@ -59,6 +59,41 @@ class TokenStream:
         return out
 
 
+IGNORE = -100
+"""Target id that carries no loss (torch's cross_entropy ignore_index, Hugging Face's label convention)."""
+
+
+class Batch(tuple[Tensor, Tensor]):
+    """One micro-batch: ``inputs`` [B, T], ``targets`` [B, T] (IGNORE = no loss), ``positions`` [B, T].
+
+    ``positions`` is None for plain text (the model counts 0..T-1 itself); with packed records it
+    restarts at 0 at every record start, which transformers turns into per-record attention. A tuple
+    of (inputs, targets) underneath, so ``x, y = batch`` keeps working where positions do not matter.
+    """
+
+    positions: Tensor | None
+
+    def __new__(cls, inputs: Tensor, targets: Tensor, positions: Tensor | None = None) -> Batch:
+        batch = super().__new__(cls, (inputs, targets))
+        batch.positions = positions
+        return batch
+
+    @property
+    def inputs(self) -> Tensor:
+        return self[0]
+
+    @property
+    def targets(self) -> Tensor:
+        return self[1]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        pos = None if self.positions is None else move(self.positions)
+        return Batch(move(self.inputs), move(self.targets), pos)
+
+
 @dataclass
 class Position:
     """Where the next training micro-batch starts: epoch and micro-batches (all ranks) consumed in it."""
@@ -85,9 +120,9 @@ class Windows:
     def sample(self, window: int) -> np.ndarray:
         return self.stream.read(window * self.seq_len, self.seq_len + 1)
 
-    def batch(self, windows: list[int]) -> tuple[Tensor, Tensor]:
+    def batch(self, windows: list[int]) -> Batch:
         rows = torch.from_numpy(np.stack([self.sample(w) for w in windows]))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
 
 class TrainLoader:
@@ -114,7 +149,7 @@ class TrainLoader:
                 f"({micro_batch} x {world} processes)"
             )
         self.position = Position(position.epoch, position.batch)
-        self._queue: queue.Queue[tuple[Tensor, Tensor, Position] | BaseException] = queue.Queue(prefetch)
+        self._queue: queue.Queue[tuple[Batch, Position] | BaseException] = queue.Queue(prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="llmtrain-prefetch", daemon=True)
         self._thread.start()
@@ -128,25 +163,25 @@ class TrainLoader:
         pos = Position(self.position.epoch, self.position.batch)
         try:
             while not self._stop.is_set():
-                x, y = self.windows.batch(self._indices(pos))
+                batch = self.windows.batch(self._indices(pos))
                 pos = Position(pos.epoch, pos.batch + 1)
                 if pos.batch == self.per_epoch:  # drop the ragged tail: every rank sees full batches
                     pos = Position(pos.epoch + 1, 0)
                 while not self._stop.is_set():
                     try:
-                        self._queue.put((x, y, pos), timeout=0.1)
+                        self._queue.put((batch, pos), timeout=0.1)
                         break
                     except queue.Full:
                         continue
         except BaseException as exc:  # surfaced in the training thread by next()
             self._queue.put(exc)
 
-    def next(self) -> tuple[Tensor, Tensor]:
+    def next(self) -> Batch:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise RuntimeError("data prefetch thread failed") from item
-        x, y, self.position = item
-        return x, y
+        batch, self.position = item
+        return batch
 
     def state(self) -> dict[str, Any]:
         return asdict(self.position)
@@ -158,7 +193,7 @@ class TrainLoader:
 
 def validation_batches(
     windows: Windows, micro_batch: int, rank: int, world: int, max_batches: int
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[Batch]:
     """The first ``max_batches`` global micro-batches of the val split in file order (fixed every eval).
 
     A val split smaller than that is used whole; one smaller than a single global batch wraps around,
@@ -166,7 +201,7 @@ def validation_batches(
     """
     per_batch = micro_batch * world
     n = max(1, min(max_batches, windows.count // per_batch))
-    out = []
+    out: list[Batch] = []
     for b in range(n):
         ids = [(b * per_batch + k * world + rank) % windows.count for k in range(micro_batch)]
         out.append(windows.batch(ids))

@@ -26,6 +26,7 @@ from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
 from llmtrain.train.checkpoint import Checkpointer, Restored
 from llmtrain.train.data import (
+    Batch,
     Position,
     TokenStream,
     TrainLoader,
@@ -76,7 +77,7 @@ class Run:
     engine: Any
     checkpointer: Checkpointer
     loader: TrainLoader
-    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    val_batches: list[Batch]
     metrics: Metrics
     throughput: Throughput
     total_steps: int
@@ -239,8 +240,8 @@ def run(cfg: TrainerConfig) -> Result:
             started = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
             for _ in range(gas):
-                x, y = r.loader.next()
-                loss, penalty = engine(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                b = r.loader.next().to(dev, non_blocking=True)
+                loss, penalty = engine(b.inputs, b.targets)
                 engine.backward(loss + penalty)
                 engine.step()  # DeepSpeed only updates at the accumulation boundary
                 loss_sum += loss.detach().float()
@@ -318,8 +319,9 @@ def _rounded(rates: dict[str, float]) -> dict[str, float]:
 def evaluate(r: Run, step: int) -> float:
     r.engine.eval()
     total = 0.0
-    for x, y in r.val_batches:
-        loss, _ = r.engine(x.to(r.engine.device), y.to(r.engine.device))
+    for batch in r.val_batches:
+        b = batch.to(r.engine.device)
+        loss, _ = r.engine(b.inputs, b.targets)
         total += float(loss.item())
     r.engine.train()
     val_loss = dist.mean_over_ranks(total / len(r.val_batches), r.env)
