@@ -86,3 +86,20 @@ def test_prepare_job_has_no_gpus_and_runs_prepare() -> None:
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["args"][0] == "prepare" and "nvidia.com/gpu" not in str(c["resources"])
     assert "schedulingGates" not in job["spec"]["template"]["spec"]
+
+
+def test_the_hub_token_reaches_only_the_stages_that_fetch_the_model() -> None:
+    finetune = ref(
+        model={"pretrained": {"uri": "hf://acme/base", "hub": {"tokenSecret": {"name": "hf", "key": "tok"}}}},
+        training={"maxSteps": 10, "globalBatchSize": 16, "microBatchSize": 1, "method": "LoRA"},
+    )
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}}
+    worker_env = workers.build_worker(finetune, 0, 1)["spec"]["containers"][0]["env"]
+    prepare_env = prepare.build_prepare_job(finetune)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert token in worker_env and token in prepare_env
+    assert "HF_TOKEN" not in str(workers.build_worker(ref(), 0, 1)), "no source, no token"
+    parsed = TrainerConfig.model_validate(
+        yaml.safe_load(config.build_config_map(finetune)["data"]["config.yaml"])
+    )
+    assert parsed.spec == finetune.spec
+    assert parsed.paths.volume_dir == naming.STORAGE_MOUNT, "relative sources resolve on the job volume"

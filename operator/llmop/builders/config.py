@@ -15,7 +15,9 @@ def trainer_config(job: JobRef) -> TrainerConfig:
         run=RunIdentity(job_name=job.name, namespace=job.namespace),
         paths=Paths(
             volume_dir=naming.STORAGE_MOUNT,
-            data_dir=storage.DATA_DIR, checkpoint_dir=storage.CHECKPOINT_DIR, output_dir=storage.OUTPUT_DIR
+            data_dir=storage.DATA_DIR,
+            checkpoint_dir=storage.CHECKPOINT_DIR,
+            output_dir=storage.OUTPUT_DIR,
         ),
         spec=job.spec,
         deepspeed_config=render_deepspeed_config(job.spec),

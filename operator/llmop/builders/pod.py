@@ -48,6 +48,20 @@ def identity_env(job: JobRef) -> list[Manifest]:
     return [var(Env.JOB_NAME, job.name), var(Env.JOB_NAMESPACE, job.namespace)]
 
 
+def source_env(job: JobRef) -> list[Manifest]:
+    """What the stages that fetch the pretrained model need: the hub token from its Secret.
+
+    Only prepare (the tokenizer) and the workers (the weights) fetch it; later stages read the
+    export on the job's volume. An optional key ref would hide a typo until a gated download
+    fails, so the kubelet refuses to start the pod instead (CreateContainerConfigError).
+    """
+    source = job.spec.model.pretrained
+    if source is None or source.hub.token_secret is None:
+        return []
+    ref = source.hub.token_secret
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
 def user_env(job: JobRef) -> list[Manifest]:
     """spec.workers.env, last so that it wins over the operator's variables of the same name."""
     return [var(e.name, e.value) for e in job.spec.workers.env]

@@ -17,7 +17,7 @@ def build_prepare_job(job: JobRef) -> Manifest:
         job,
         "prepare",
         ["prepare", pod.CONFIG_PATH],
-        [*pod.home_env(), pod.var(Env.JOB_NAME, job.name)],
+        [*pod.home_env(), pod.var(Env.JOB_NAME, job.name), *pod.source_env(job)],
         pod.resources(requests),
     )
     labels = naming.common_labels(job.name, naming.ROLE_PREPARE)

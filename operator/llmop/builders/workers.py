@@ -63,6 +63,7 @@ def _env(job: JobRef, index: int, attempt: int) -> list[Manifest]:
         pod.var(Env.ATTEMPT, str(attempt)),
         pod.var(Env.METRICS_PORT, str(w.metrics_port)),
         *pod.cache_env(),
+        *pod.source_env(job),
         # Rank 0 serves metrics on its pod IP, which is where the operator scrapes progress from.
         pod.field_var(Env.METRICS_ADDR, "status.podIP"),
         *pod.user_env(job),
