@@ -67,6 +67,10 @@ test: venv bins prometheus ## Install everything, then run the whole suite (clus
 runtime: venv ## Run the development runtime (pods on nodes local-0/1 as local processes) in the foreground
 	$(PY) -m llmop.cli dev runtime
 
+.PHONY: finetune
+finetune: venv bins ## LoRA fine-tune of a Hugging Face model on chat records (examples/finetune.yaml), served
+	$(PY) -m llmop_dev.finetune
+
 .PHONY: demo
 demo: venv bins ## Cluster + runtime + operator; train examples/quickstart.yaml from kubectl apply to a model
 	$(PY) -m llmop_dev.demo

@@ -56,8 +56,10 @@ def config(family: str, vocab_size: int, eos_id: int, pad_id: int) -> Any:
     """The family's transformers config at a tiny size."""
     import transformers as t
 
-    common = dict(vocab_size=vocab_size, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
-    attn = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None
+    )
+    attn: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if family == "llama":
         return t.LlamaConfig(**_SHAPE, **attn, **common, tie_word_embeddings=False)
     if family == "qwen2":
@@ -85,7 +87,7 @@ def checkpoint(
     tok = AutoTokenizer.from_pretrained(tok_dir)
     cfg = config(family, len(tok), tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -15,9 +15,12 @@ import json
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from llmop_dev import cluster
 from llmop_dev.runtime import volumes
@@ -36,7 +39,16 @@ def say(t0: float, msg: str) -> None:
 
 
 class Demo:
-    def __init__(self, kubeconfig: Path) -> None:
+    """Applies one example job in its namespace and follows it to its end; the fine-tune demo reuses it."""
+
+    def __init__(
+        self, kubeconfig: Path, namespace: str = NAMESPACE, job: str = JOB, example: Path = EXAMPLE
+    ) -> None:
+        self.namespace, self.job, self.example = namespace, job, example
+        storage = yaml.safe_load(example.read_text())["spec"].get("storage") or {}
+        # The job's own claim, or the one the user brought (spec.storage.claimName).
+        self.claim = storage.get("claimName") or f"{job}-storage"
+        self.prompt = PROMPT
         self.kubeconfig, self.bin_dir = kubeconfig, cluster.ensure_binaries()
         self.api = Api(kubeconfig)
         self.t0 = time.monotonic()
@@ -46,21 +58,25 @@ class Demo:
         return cluster.kubectl(self.bin_dir, self.kubeconfig, *args, input=input, check=check)
 
     def get(self, *args: str) -> Any:
-        return json.loads(self.kubectl("get", "-n", NAMESPACE, *args, "-o", "json"))
+        return json.loads(self.kubectl("get", "-n", self.namespace, *args, "-o", "json"))
 
-    def fresh_start(self) -> None:
-        self.kubectl("create", "namespace", NAMESPACE, check=False)
+    def fresh_start(self, before_apply: Callable[[Demo], None] | None = None) -> None:
+        self.kubectl("create", "namespace", self.namespace, check=False)
         # A previous demo's job (and its pods and volume) go first: the operator removes its finalizer.
-        self.kubectl("delete", "llmtrainingjob", JOB, "-n", NAMESPACE, "--ignore-not-found", "--timeout=180s")
-        self.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
-        say(self.t0, f"kubectl apply -n {NAMESPACE} -f examples/quickstart.yaml")
+        self.kubectl(
+            "delete", "llmtrainingjob", self.job, "-n", self.namespace, "--ignore-not-found", "--timeout=180s"
+        )
+        if before_apply is not None:  # e.g. files the job reads put on the user's volume first
+            before_apply(self)
+        self.kubectl("apply", "-n", self.namespace, "-f", str(self.example))
+        say(self.t0, f"kubectl apply -n {self.namespace} -f {self.example.relative_to(cluster.REPO)}")
 
     def follow(self) -> dict[str, Any]:
         seen: dict[str, str] = {}
         last_step = -1
         deadline = time.monotonic() + TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            job = self.get("llmtrainingjob", JOB)
+            job = self.get("llmtrainingjob", self.job)
             status = job.get("status") or {}
             pods = self.get("pods")["items"]
 
@@ -69,7 +85,7 @@ class Demo:
                     seen[key] = value
                     say(self.t0, msg)
 
-            note("state", str(status.get("state")), f"job {JOB}: {status.get('state')}")
+            note("state", str(status.get("state")), f"job {self.job}: {status.get('state')}")
             for stage in status.get("stages") or []:
                 note(f"stage/{stage['name']}", stage["state"], f"stage {stage['name']}: {stage['state']}")
             for pod in pods:
@@ -93,26 +109,28 @@ class Demo:
             if status.get("state") in done:
                 return dict(job)
             time.sleep(2)
-        raise TimeoutError(f"{JOB} did not finish within {TIMEOUT_SECONDS} s")
+        raise TimeoutError(f"{self.job} did not finish within {TIMEOUT_SECONDS} s")
 
     def scrape_trainer(self, pods: list[dict[str, Any]]) -> None:
         """The rank-0 trainer's /metrics, from worker 0's pod IP, while it still runs."""
         for pod in pods:
-            if pod["metadata"]["name"] == f"{JOB}-worker-0" and pod["status"].get("phase") == "Running":
+            if pod["metadata"]["name"] == f"{self.job}-worker-0" and pod["status"].get("phase") == "Running":
                 env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", [])}
                 url = f"http://{pod['status']['podIP']}:{env.get('LLMOP_METRICS_PORT', '9400')}/metrics"
                 self.trainer_metrics = http_get(url) or self.trainer_metrics
 
     def model_dir(self, path_in_pod: str) -> Path:
         """Where a path on the job's volume (/var/lib/llmop/...) lives on this machine."""
-        source = volumes.claim_source(f"{JOB}-storage", NAMESPACE, self.api.get_optional)
+        source = volumes.claim_source(self.claim, self.namespace, self.api.get_optional)
         return source / Path(path_in_pod).relative_to("/var/lib/llmop")
 
     def complete(self, port: int) -> tuple[str, float]:
         """One completion from the serving pod, on its loopback pod IP."""
-        pods = self.get("pods", "-l", f"llmop.io/job-name={JOB},llmop.io/role=serve")["items"]
+        pods = self.get("pods", "-l", f"llmop.io/job-name={self.job},llmop.io/role=serve")["items"]
         ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
-        body = json.dumps({"model": JOB, "prompt": PROMPT, "max_tokens": 30, "temperature": 0}).encode()
+        body = json.dumps(
+            {"model": self.job, "prompt": self.prompt, "max_tokens": 30, "temperature": 0}
+        ).encode()
         request = urllib.request.Request(
             f"http://{ip}:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
         )
@@ -120,7 +138,7 @@ class Demo:
         with urllib.request.urlopen(request, timeout=60) as resp:
             answer = json.loads(resp.read())
         say(self.t0, f"POST http://{ip}:{port}/v1/completions -> {resp.status}")
-        return PROMPT + answer["choices"][0]["text"], time.monotonic() - started
+        return self.prompt + answer["choices"][0]["text"], time.monotonic() - started
 
 
 def seconds_between(start: str | None, end: str | None) -> str:
@@ -174,7 +192,7 @@ def summary(demo: Demo, job: dict[str, Any], operator_metrics: str, wall: float)
     print(f"  restarts          {status.get('restartCount', 0)}")
     trained = next((s.get("outputPath") for s in status.get("stages", []) if s["name"] == "train"), None)
     if trained:
-        print(f"  trained model     {demo.model_dir(trained)} (PVC {JOB}-storage)")
+        print(f"  trained model     {demo.model_dir(trained)} (PVC {demo.claim})")
     if status.get("outputModelPath"):
         chosen = status.get("selectedStage") or "the trained model"
         print(f"  output model      {status['outputModelPath']} ({chosen})")
@@ -190,24 +208,24 @@ def summary(demo: Demo, job: dict[str, Any], operator_metrics: str, wall: float)
     print("\n".join(f"  {line}" for line in metric_lines(operator_metrics, "llmop_")))
     print("\n==> trainer metrics (rank 0, last scrape while running)")
     print("\n".join(f"  {line}" for line in metric_lines(demo.trainer_metrics, "llmtrain_")))
-    print(f"\nlogs: .venv/bin/llmop logs {JOB} -n {NAMESPACE}")
-    print(f"      export KUBECONFIG={demo.kubeconfig}; kubectl get llmjob,pods -n {NAMESPACE}")
+    print(f"\nlogs: .venv/bin/llmop logs {demo.job} -n {demo.namespace}")
+    print(f"      export KUBECONFIG={demo.kubeconfig}; kubectl get llmjob,pods -n {demo.namespace}")
 
 
-def main() -> int:
+def run(demo: Demo, before_apply: Callable[[Demo], None] | None = None) -> int:
+    """Runtime and operator in the background, the example applied and followed, a summary; 0 on success."""
     t0 = time.monotonic()
-    kubeconfig = cluster.up()
-    demo = Demo(kubeconfig)
-    logs = cluster.cache_dir() / "demo"
-    say(demo.t0, f"cluster up ({kubeconfig}); runtime and operator logs in {logs}")
+    logs = cluster.cache_dir() / demo.namespace
+    say(demo.t0, f"cluster up ({demo.kubeconfig}); runtime and operator logs in {logs}")
     started: list[Background] = []
+    ok = False
     try:
-        started.append(start_runtime(kubeconfig, logs / "runtime.log"))
+        started.append(start_runtime(demo.kubeconfig, logs / "runtime.log"))
         say(demo.t0, "development runtime serving nodes local-0, local-1")
-        operator, metrics_port = start_operator(kubeconfig, NAMESPACE, logs / "operator.log")
+        operator, metrics_port = start_operator(demo.kubeconfig, demo.namespace, logs / "operator.log")
         started.append(operator)
-        say(demo.t0, f"operator watching namespace {NAMESPACE}")
-        demo.fresh_start()
+        say(demo.t0, f"operator watching namespace {demo.namespace}")
+        demo.fresh_start(before_apply)
         applied = time.monotonic()
         job = demo.follow()
         wall = time.monotonic() - applied
@@ -219,6 +237,10 @@ def main() -> int:
             proc.stop()
     print(f"\ndemo finished in {time.monotonic() - t0:.0f} s; the runtime and the operator are stopped")
     return 0 if ok else 1
+
+
+def main() -> int:
+    return run(Demo(cluster.up()))
 
 
 if __name__ == "__main__":
