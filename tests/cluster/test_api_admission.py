@@ -504,7 +504,7 @@ def _contains(sub: Any, full: Any, path: str = "spec") -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("example", ["minimal.yaml", "full.yaml"])
+@pytest.mark.parametrize("example", ["minimal.yaml", "full.yaml", "finetune.yaml"])
 def test_examples_accepted_unchanged_with_defaults(cluster: Cluster, namespace: str, example: str) -> None:
     manifest = yaml.safe_load((REPO / "examples" / example).read_text())
     cluster.kubectl("create", "--validate=strict", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
