@@ -223,6 +223,13 @@ MANIFEST_FILE: Final = "manifest.json"
 SHARD_FORMAT: Final = "llmop-shards-v1"
 
 
+FLAGS_SUFFIX: Final = ".flags.bin"
+LOSS_FLAG: Final = 1
+"""Bit 0 of a flags byte: this token counts in the loss as a target (a completion or assistant token)."""
+RECORD_START_FLAG: Final = 2
+"""Bit 1 of a flags byte: this token starts a record (nothing is predicted across the boundary)."""
+
+
 class Shard(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -230,6 +237,15 @@ class Shard(BaseModel):
     """Relative to the data directory: ``<split>-NNNNN.bin``, raw little-endian token ids."""
     tokens: int = Field(ge=0)
     sha256: str
+    flags_sha256: str | None = None
+    """Supervised data only: checksum of the companion ``<split>-NNNNN.flags.bin``, one uint8 per token
+    (LOSS_FLAG, RECORD_START_FLAG). None for plain text, where every token is a target."""
+    records: int = Field(0, ge=0)
+    """Supervised data only: records starting in this shard (tokens flagged RECORD_START_FLAG)."""
+
+    @property
+    def flags_file(self) -> str | None:
+        return None if self.flags_sha256 is None else self.file.removesuffix(".bin") + FLAGS_SUFFIX
 
 
 class DataManifest(BaseModel):
@@ -251,6 +267,17 @@ class DataManifest(BaseModel):
     """Counts and timings of the run that wrote it (documents in/out, duplicates removed, ...)."""
     config_hash: str = ""
     """Fingerprint of the inputs and the data spec: a re-run with the same one has nothing to do."""
+    record_format: Literal["Text", "PromptCompletion", "Chat", "Template"] = "Text"
+    """spec.data.format.type the shards were made with; every format but Text has flags files."""
+    packing: Literal["Packed", "Padded"] = "Packed"
+    """spec.data.format.packing: windows over concatenated records, or one padded record per row."""
+
+    @property
+    def supervised(self) -> bool:
+        return self.record_format != "Text"
+
+    def records(self, split: str) -> int:
+        return sum(s.records for s in self.splits.get(split, []))
 
     def files(self, split: str) -> list[str]:
         return [s.file for s in self.splits.get(split, [])]

@@ -1,11 +1,16 @@
 """The prepare stage end to end: read, clean, deduplicate, split, augment, tokenise, shard, commit.
 
+Supervised formats (PromptCompletion, Chat, Template) take the records path instead: read records,
+validate and render them (``records``), drop exact duplicates, split, tokenise with the pretrained
+model's tokenizer into shards with loss/record-start flags, commit.
+
 ``run`` calls one function per named stage (the document stages are in ``stages``); ``Report.stage``
 times each into the statistics' ``seconds``, which the manifest and the prepare command report.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -21,12 +26,12 @@ import numpy as np
 
 from llmop_contract.api.v1alpha1.data import DataSpec
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
-from llmop_contract.protocol import MANIFEST_FILE, DataManifest, Shard
+from llmop_contract.protocol import LOSS_FLAG, MANIFEST_FILE, DataManifest, Shard
 from llmtrain import datacheck
 from llmtrain.config import ConfigError, DataError
-from llmtrain.prepare import readers, shards
+from llmtrain.prepare import readers, records, shards
 from llmtrain.prepare import tokenizer as tok
-from llmtrain.prepare.fingerprint import config_hash
+from llmtrain.prepare.fingerprint import config_hash, tokenizer_identity
 from llmtrain.prepare.parallel import PROGRESS_SECONDS, workers
 from llmtrain.prepare.stages import (
     Docs,
@@ -50,13 +55,23 @@ def preflight(config: TrainerConfig) -> list[readers.ResolvedSource]:
     if not data.sources:
         raise ConfigError("spec.data.sources", "no sources to prepare")
     sources = [readers.resolve(i, s) for i, s in enumerate(data.sources)]
-    if data.tokenizer.path:
+    if data.format.supervised and config.spec.model.pretrained is None:
+        # Admission refuses this too; a config file written by hand reaches here.
+        raise ConfigError(
+            "spec.data.format.type",
+            f"{data.format.type.value} records need model.pretrained: their prompts and answers are "
+            "tokenised with that model's tokenizer",
+        )
+    if config.spec.model.pretrained is not None:
+        pass  # the tokenizer is the model's; sources.resolve_tokenizer checks it is there
+    elif data.tokenizer.path:
         if not os.path.isfile(data.tokenizer.path):
             raise ConfigError("spec.data.tokenizer.path", f"{data.tokenizer.path!r} is not a file")
-    elif config.spec.model.scratch().vocab_size < tok.MIN_VOCAB:
+    elif (vocab_size := config.spec.model.eff("vocab_size")) < tok.MIN_VOCAB:
+        # eff, not scratch(): scratch() re-validates and would raise pydantic's error instead of this one.
         raise ConfigError(
             "spec.model.vocabSize",
-            f"a byte-level BPE needs at least {tok.MIN_VOCAB} tokens, got {config.spec.model.scratch().vocab_size}",
+            f"a byte-level BPE needs at least {tok.MIN_VOCAB} tokens, got {vocab_size}",
         )
     aug = data.augmentation
     if aug.enabled and aug.synonym_replacement and not os.path.isfile(aug.thesaurus_path or ""):
@@ -74,17 +89,12 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return order[n_val:], order[:n_val]
 
 
-def _write_split(
-    texts: Sequence[str], info: tok.TokenizerInfo, writer: shards.ShardWriter, label: str
-) -> None:
+def _write_split(texts: Sequence[str], vocab: tok.Vocabulary, writer: shards.ShardWriter, label: str) -> None:
     start = last = time.monotonic()
-    eos = [info.eos_id]
+    eos = [vocab.eos_id]
     for lo in range(0, len(texts), _ENCODE_BATCH):
-        # encode_batch runs on the tokenizers Rust thread pool, which uses every core.
-        encodings = info.tokenizer.encode_batch(
-            list(texts[lo : lo + _ENCODE_BATCH]), add_special_tokens=False
-        )
-        flat = itertools.chain.from_iterable(itertools.chain(e.ids, eos) for e in encodings)
+        encodings = vocab.encode_batch(list(texts[lo : lo + _ENCODE_BATCH]))
+        flat = itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in encodings)
         writer.add(np.fromiter(flat, dtype=np.int64))
         now = time.monotonic()
         if now - last >= PROGRESS_SECONDS:
@@ -93,27 +103,61 @@ def _write_split(
             log.info("tokenise %s: %d/%d docs, %.0f docs/s", label, done, len(texts), done / (now - start))
 
 
-def write_shards(
-    config: TrainerConfig, texts: dict[str, list[str]], info: tok.TokenizerInfo, report: Report
-) -> tuple[Path, dict[str, list[Shard]]]:
-    """Tokenises each split into shards in a fresh temporary directory next to the output, with the
-    tokenizer files and the duplicate-cluster report; returns (that directory, the shards per split)."""
+def manifest_vocab_size(config: TrainerConfig, vocab: tok.Vocabulary) -> int:
+    """The embedding rows the ids need: model.vocabSize from scratch, the tokenizer's own size else."""
+    return (
+        vocab.vocab_size
+        if config.spec.model.pretrained is not None
+        else config.spec.model.scratch().vocab_size
+    )
+
+
+def _staging(config: TrainerConfig) -> Path:
+    """A fresh temporary directory next to the output (left-overs of a crashed run removed)."""
     data_dir = Path(config.paths.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".prepare-tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = data_dir / f".prepare-tmp-{os.getpid()}"
     tmp.mkdir()
-    dtype = shards.dtype_for(config.spec.model.scratch().vocab_size)
-    splits: dict[str, list[Shard]] = {}
-    for split, split_texts in texts.items():
-        writer = shards.ShardWriter(tmp, split, dtype, config.spec.data.sharding.tokens_per_shard)
-        _write_split(split_texts, info, writer, split)
-        splits[split] = writer.close()
-    tok.save(info, tmp, config.spec.model.scratch().context_length)
+    return tmp
+
+
+def _write_extras(tmp: Path, vocab: tok.Vocabulary, report: Report) -> None:
+    vocab.save(tmp)
     with open(tmp / REPORT, "w") as fh:
         for entry in report.clusters:
             fh.write(json.dumps(entry) + "\n")
+
+
+def write_shards(
+    config: TrainerConfig, texts: dict[str, list[str]], vocab: tok.Vocabulary, report: Report
+) -> tuple[Path, dict[str, list[Shard]]]:
+    """Tokenises each split into shards in a fresh temporary directory next to the output, with the
+    tokenizer files and the duplicate-cluster report; returns (that directory, the shards per split)."""
+    tmp = _staging(config)
+    dtype = shards.dtype_for(manifest_vocab_size(config, vocab))
+    splits: dict[str, list[Shard]] = {}
+    for split, split_texts in texts.items():
+        writer = shards.ShardWriter(tmp, split, dtype, config.spec.data.sharding.tokens_per_shard)
+        _write_split(split_texts, vocab, writer, split)
+        splits[split] = writer.close()
+    _write_extras(tmp, vocab, report)
+    return tmp, splits
+
+
+def write_record_shards(
+    config: TrainerConfig, encoded: dict[str, records.Encoded], vocab: tok.Vocabulary, report: Report
+) -> tuple[Path, dict[str, list[Shard]]]:
+    """write_shards for supervised records: tokens plus their flags files."""
+    tmp = _staging(config)
+    dtype = shards.dtype_for(manifest_vocab_size(config, vocab))
+    splits: dict[str, list[Shard]] = {}
+    for split, enc in encoded.items():
+        writer = shards.ShardWriter(tmp, split, dtype, config.spec.data.sharding.tokens_per_shard, flags=True)
+        writer.add(enc.ids, enc.flags)
+        splits[split] = writer.close()
+    _write_extras(tmp, vocab, report)
     return tmp, splits
 
 
@@ -122,7 +166,7 @@ def _commit(tmp: Path, data_dir: Path, manifest: DataManifest) -> None:
     either the old complete output, or no manifest at all (which the next run rebuilds)."""
     (data_dir / MANIFEST_FILE).unlink(missing_ok=True)
     for split in shards.SPLITS:
-        for old in data_dir.glob(f"{split}-*.bin"):
+        for old in data_dir.glob(f"{split}-*.bin"):  # flags files (.flags.bin) too
             old.unlink()
     for f in sorted(tmp.iterdir()):
         os.replace(f, data_dir / f.name)
@@ -186,9 +230,13 @@ def _filter(docs: Docs, data: DataSpec, report: Report) -> Docs:
 def check_tokens(config: TrainerConfig, splits: dict[str, list[Shard]]) -> None:
     """DataError when the shards are too small for the job to train on (nothing is committed then)."""
     seq = config.spec.training.sequence_length
+    padded = config.spec.data.format.supervised and config.spec.data.format.packing.value == "Padded"
     for split, (needed, why) in datacheck.training_needs(config).items():
-        tokens = sum(s.tokens for s in splits.get(split, []))
-        datacheck.require_windows(split, tokens, seq, needed, why)
+        listed = splits.get(split, [])
+        if padded:
+            datacheck.require_records(split, sum(s.records for s in listed), needed, why)
+        else:
+            datacheck.require_windows(split, sum(s.tokens for s in listed), seq, needed, why)
 
 
 def run(config: TrainerConfig) -> dict[str, Any]:
@@ -200,7 +248,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     t_start = time.monotonic()
     sources = preflight(config)
     data_dir = Path(config.paths.data_dir)
-    chash = config_hash(config, sources)
+    chash = config_hash(config, sources, tokenizer_identity(config))
     if (existing := _up_to_date(data_dir, chash)) is not None:
         log.info("%s is up to date (config_hash %s); nothing to do", data_dir / MANIFEST_FILE, chash[:12])
         return {**existing.stats, "skipped": True}
@@ -209,6 +257,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     # The tokenizers Rust pool reads this once, when it first starts; keep it to numWorkers too.
     os.environ.setdefault("RAYON_NUM_THREADS", str(n_workers))
     report = Report({"skipped": False, "workers": n_workers})
+    if data.format.supervised:
+        return run_records(config, sources, report, t_start, chash)
     with report.stage("read"):
         docs = read_sources(sources, report)
     texts = _filter(docs, data, report).texts
@@ -217,19 +267,94 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     with report.stage("augment"):
         augmented = augment_documents(train_texts, data, report)
     with report.stage("tokenizer"):
-        info = build_tokenizer(config, train_texts)
+        vocab = build_tokenizer(config, train_texts)
     if augmented:
         train_texts = train_texts + augmented
         random.Random(data.sharding.seed + 1).shuffle(train_texts)
     report.stats["documents_out"] = {"train": len(train_texts), "val": len(val_texts)}
     with report.stage("tokenise_and_write"):
-        tmp, splits = write_shards(config, {"train": train_texts, "val": val_texts}, info, report)
+        tmp, splits = write_shards(config, {"train": train_texts, "val": val_texts}, vocab, report)
     try:
         check_tokens(config, splits)
     except DataError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _finish(config, report, t_start, tmp, splits, info, chash)
+    return _finish(config, report, t_start, tmp, splits, vocab, chash)
+
+
+def _labelled(sources: list[readers.ResolvedSource], report: Report) -> list[tuple[str, Any]]:
+    counts: collections.Counter[str] = collections.Counter()
+    out: list[tuple[str, Any]] = []
+    per_source: dict[str, int] = {}
+    for src in sources:
+        before = len(out)
+        out += [(f"{src.source.uri}#{j}", r) for j, r in enumerate(readers.read_records(src, counts))]
+        per_source[src.source.uri] = len(out) - before
+    report.stats.update(sources=per_source, reader=dict(counts))
+    return out
+
+
+def run_records(
+    config: TrainerConfig, sources: list[readers.ResolvedSource], report: Report, t_start: float, chash: str
+) -> dict[str, Any]:
+    """The stage for supervised formats: records are validated and rendered, never cleaned (why: see
+    ``records.render_all``), exactly deduplicated, split and tokenised with the model's tokenizer."""
+    data = config.spec.data
+    with report.stage("tokenizer"):
+        vocab = tok.load_pretrained(config)
+    with report.stage("read"):
+        raw = _labelled(sources, report)
+    malformed_json = report.stats["reader"].get("malformed_record", 0)
+    read = len(raw) + malformed_json
+    report.stats["documents_in"] = read
+    with report.stage("render"):
+        renderer = records.Renderer(data.format, vocab.hf)
+        rendered = records.render_all(renderer, raw, dedup=data.deduplication.exact)
+    if malformed_json:
+        rendered.problems.counts[("<record>", "not_json")] += malformed_json
+    invalid = rendered.problems.by_field()
+    log.info(
+        "records: %d read, %d usable, %d invalid %s, %d exact duplicates",
+        read,
+        len(rendered.segments),
+        rendered.problems.total,
+        json.dumps(invalid, sort_keys=True),
+        rendered.duplicates,
+    )
+    if data.augmentation.enabled:
+        log.warning("augmentation is not applied to supervised records: it would corrupt their answers")
+    report.removed["exact_duplicate"] = rendered.duplicates
+    report.stats["exact_duplicates"] = rendered.duplicates
+    report.stats["invalid_records"] = invalid
+    records.require_usable(renderer, rendered, read)
+    train_idx, val_idx = split_indices(
+        len(rendered.segments), data.sharding.validation_fraction, data.sharding.seed
+    )
+    report.stats["records"] = {
+        "read": read,
+        "usable": len(rendered.segments),
+        "invalid": rendered.problems.total,
+        "duplicates": rendered.duplicates,
+        "train": len(train_idx),
+        "val": len(val_idx),
+    }
+    report.stats["documents_out"] = {"train": len(train_idx), "val": len(val_idx)}
+    encoder = records.Encoder(vocab.hf, vocab.eos_id, chat=data.format.type.value == "Chat")
+    with report.stage("tokenise_and_write"):
+        encoded = {
+            split: encoder.encode([rendered.segments[i] for i in idx])
+            for split, idx in (("train", train_idx), ("val", val_idx))
+        }
+        report.stats["loss_tokens"] = {
+            split: int(np.count_nonzero(enc.flags & LOSS_FLAG)) for split, enc in encoded.items()
+        }
+        tmp, splits = write_record_shards(config, encoded, vocab, report)
+    try:
+        check_tokens(config, splits)
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(config, report, t_start, tmp, splits, vocab, chash)
 
 
 def _finish(
@@ -238,7 +363,7 @@ def _finish(
     t_start: float,
     tmp: Path,
     splits: dict[str, list[Shard]],
-    info: tok.TokenizerInfo,
+    vocab: tok.Vocabulary,
     chash: str,
 ) -> dict[str, Any]:
     """Completes the statistics and commits the output with its manifest."""
@@ -250,14 +375,18 @@ def _finish(
     stats["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     stats["docs_per_second"] = round(stats["documents_in"] / max(seconds["total"], 1e-9), 1)
     data_dir = Path(config.paths.data_dir)
+    vocab_size = manifest_vocab_size(config, vocab)
+    fmt = config.spec.data.format
     manifest = DataManifest(
-        dtype=shards.dtype_for(config.spec.model.scratch().vocab_size).name,
-        vocab_size=config.spec.model.scratch().vocab_size,
-        eos_id=info.eos_id,
-        pad_id=info.pad_id,
+        dtype=shards.dtype_for(vocab_size).name,
+        vocab_size=vocab_size,
+        eos_id=vocab.eos_id,
+        pad_id=vocab.pad_id,
         splits=splits,
         stats=stats,
         config_hash=chash,
+        record_format=fmt.type.value,
+        packing=fmt.packing.value,
     )
     _commit(tmp, data_dir, manifest)
     log.info(

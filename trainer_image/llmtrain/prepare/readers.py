@@ -188,3 +188,43 @@ def read(src: ResolvedSource, counts: Counter[str]) -> Iterator[str]:
             yield from _read_jsonl(f, src.source.text_field, counts)
         else:
             yield from _read_parquet(f, src.source.text_field, src.field, counts)
+
+
+# --- records, for the supervised formats ----------------------------------------------------------
+
+
+def _jsonl_records(f: InputFile, counts: Counter[str]) -> Iterator[Any]:
+    with f.fs.open(f.path, "rt", encoding="utf-8", errors="replace", compression=_compression(f.path)) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                counts["malformed_record"] += 1
+
+
+def _parquet_records(f: InputFile) -> Iterator[Any]:
+    with f.fs.open(f.path, "rb", compression=_compression(f.path)) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+
+
+def read_records(src: ResolvedSource, counts: Counter[str]) -> Iterator[Any]:
+    """Whole records of one source (JSON values, Parquet rows as dicts) in a stable order.
+
+    Whether a record has the fields its format needs is the format's check (llmtrain.prepare.records);
+    here only lines that are not JSON at all are tallied. Plain text has no fields: ConfigError.
+    """
+    uri = src.source.uri
+    if uri.startswith(BUILTIN):
+        for record in corpus.load(uri[len(BUILTIN) :]):
+            yield dict(record)
+        return
+    for f in src.files:
+        if f.format == SourceFormat.TEXT:
+            raise ConfigError(
+                f"{src.field}.format",
+                f"{f.path!r} is plain text, but spec.data.format.type needs records: JSONL or Parquet",
+            )
+        yield from _jsonl_records(f, counts) if f.format == SourceFormat.JSONL else _parquet_records(f)

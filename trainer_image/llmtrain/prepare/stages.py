@@ -169,8 +169,11 @@ def augment_documents(train_texts: list[str], data: DataSpec, report: Report) ->
     return augmented
 
 
-def build_tokenizer(config: TrainerConfig, train_texts: list[str]) -> tok.TokenizerInfo:
-    """The configured tokenizer, or one trained on the clean training split (without augmented copies)."""
+def build_tokenizer(config: TrainerConfig, train_texts: list[str]) -> tok.Vocabulary:
+    """The pretrained model's tokenizer; else the configured tokenizer file, or a BPE trained on the
+    clean training split (without augmented copies)."""
+    if config.spec.model.pretrained is not None:
+        return tok.load_pretrained(config)
     path, vocab_size = config.spec.data.tokenizer.path, config.spec.model.scratch().vocab_size
     info = tok.load(path, vocab_size) if path else tok.train(train_texts, vocab_size)
     log.info(
@@ -181,4 +184,4 @@ def build_tokenizer(config: TrainerConfig, train_texts: list[str]) -> tok.Tokeni
         info.pad,
         info.pad_id,
     )
-    return info
+    return tok.bpe_vocabulary(info, config.spec.model.scratch().context_length)

@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer: trained on the cleaned training split, or loaded from a file.
+"""Byte-level BPE tokenizer: trained on the cleaned training split, or loaded from a file; or, with
+``model.pretrained``, the model's own tokenizer (``Vocabulary`` is what the shards are written with).
 
 Saved as ``tokenizer.json`` (the ``tokenizers`` format) plus ``tokenizer_config.json`` and
 ``special_tokens_map.json`` so ``PreTrainedTokenizerFast.from_pretrained(data_dir)`` works, and
@@ -8,13 +9,18 @@ Saved as ``tokenizer.json`` (the ``tokenizers`` format) plus ``tokenizer_config.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.config import ConfigError
+
+log = logging.getLogger("llmtrain.prepare")
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -115,3 +121,68 @@ def save(info: TokenizerInfo, out_dir: Path, context_length: int) -> None:
         "vocab_size": info.vocab_size,
     }
     (out_dir / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What shards are written with: the trained/loaded BPE above, or a pretrained model's tokenizer."""
+
+    encode_batch: Callable[[list[str]], list[list[int]]]
+    """Documents -> ids, each with the tokenizer's own leading special tokens (a BOS) but no EOS."""
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+    save: Callable[[Path], None]
+    """Writes the tokenizer files into the data directory (export and serving read them there)."""
+    hf: Any = None
+    """The transformers tokenizer, for a pretrained model (supervised records need it)."""
+
+
+def bpe_vocabulary(info: TokenizerInfo, context_length: int) -> Vocabulary:
+    def encode(texts: list[str]) -> list[list[int]]:
+        # encode_batch runs on the tokenizers Rust thread pool, which uses every core.
+        return [e.ids for e in info.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    return Vocabulary(
+        encode, info.eos_id, info.pad_id, info.vocab_size, lambda out: save(info, out, context_length)
+    )
+
+
+def pretrained_vocabulary(hf: Any, field: str) -> Vocabulary:
+    """A transformers tokenizer: its EOS ends every document, PAD falls back to EOS (most causal LMs
+    have none), and ``len(hf)`` (added tokens included) is the vocabulary the shards' ids fit in."""
+    from llmtrain.prepare.records import special_prefix
+
+    if hf.eos_token_id is None:
+        raise ConfigError(field, "the tokenizer has no end-of-text (eos) token to end records with")
+    eos_id = int(hf.eos_token_id)
+    pad_id = eos_id if hf.pad_token_id is None else int(hf.pad_token_id)
+    prefix = special_prefix(hf)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [prefix + list(ids) for ids in hf(texts, add_special_tokens=False)["input_ids"]]
+
+    def save_hf(out: Path) -> None:
+        hf.save_pretrained(out)
+        meta = {
+            "eos_token": hf.eos_token,
+            "eos_id": eos_id,
+            "pad_token": hf.pad_token or hf.eos_token,
+            "pad_id": pad_id,
+            "vocab_size": len(hf),
+        }
+        (out / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    return Vocabulary(encode, eos_id, pad_id, len(hf), save_hf, hf)
+
+
+def load_pretrained(config: TrainerConfig) -> Vocabulary:
+    """The Vocabulary of ``config``'s pretrained model (sources.load_tokenizer: DataError when absent)."""
+    from llmtrain import sources
+
+    source = config.spec.model.pretrained
+    assert source is not None
+    field = sources.TOKENIZER_FIELD if source.tokenizer else sources.MODEL_FIELD
+    vocab = pretrained_vocabulary(sources.load_tokenizer(config), field)
+    log.info("tokenizer: pretrained, %d tokens, eos %d, pad %d", vocab.vocab_size, vocab.eos_id, vocab.pad_id)
+    return vocab

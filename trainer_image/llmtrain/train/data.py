@@ -5,6 +5,18 @@ Each split is the concatenation of its memory-mapped shards. Window ``i`` is tok
 permutation drawn from ``seed + epoch``; global sample ``g`` of that order goes to rank ``g % world``,
 like DistributedSampler. The position is (epoch, micro-batches consumed), which is all a resume needs
 to continue with exactly the same samples, whatever was prefetched when the checkpoint was taken.
+
+Supervised data (a flags file per shard, see llmop_contract.protocol) comes in two packings:
+
+- Packed: the same windows, but a target carries a loss only where its flag says so (completion and
+  assistant tokens, each record's EOS), never at a record's first token (nothing is predicted across
+  records), and positions restart at 0 at every record start, which transformers turns into
+  attention that stays within each record.
+- Padded (``Records``): sample ``i`` is record ``i`` alone, cut to ``sequenceLength + 1`` tokens and
+  right-padded to the longest row of its batch; padding has no loss. Causal attention never looks
+  ahead, so right padding needs no attention mask.
+
+Both order, stride and resume exactly like the windows of plain text.
 """
 
 from __future__ import annotations
@@ -13,17 +25,17 @@ import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from llmop_contract.protocol import DataManifest
+from llmop_contract.protocol import LOSS_FLAG, RECORD_START_FLAG, DataManifest
 from llmtrain import datacheck
 from llmtrain.config import DataError
 
-_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "uint8": np.uint8}
 
 
 def read_manifest(data_dir: str | Path) -> DataManifest:
@@ -34,6 +46,16 @@ def read_manifest(data_dir: str | Path) -> DataManifest:
 def split_files(data_dir: str | Path, manifest: DataManifest, split: str) -> list[Path]:
     """The shard files of ``split``, in order."""
     return [Path(data_dir) / f for f in manifest.files(split)]
+
+
+def flag_files(data_dir: str | Path, manifest: DataManifest, split: str) -> list[Path] | None:
+    """The flags files of ``split`` in shard order; None for plain text (no flags)."""
+    if not manifest.supervised:
+        return None
+    names = [s.flags_file for s in manifest.splits.get(split, [])]
+    if any(n is None for n in names):
+        raise DataError(f"{split} split: supervised data, but the manifest lists shards without flags")
+    return [Path(data_dir) / str(n) for n in names]
 
 
 class TokenStream:
@@ -105,8 +127,12 @@ class Position:
 class Windows:
     """Fixed-length windows of one split and their per-epoch order."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int) -> None:
-        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+    def __init__(
+        self, stream: TokenStream, seq_len: int, seed: int, flags: TokenStream | None = None
+    ) -> None:
+        self.stream, self.seq_len, self.seed, self.flags = stream, seq_len, seed, flags
+        if flags is not None and len(flags) != len(stream):
+            raise DataError(f"{len(flags)} flags for {len(stream)} tokens: the shards are damaged")
         self.count = (len(stream) - 1) // seq_len
         if self.count < 1:
             raise DataError(f"split has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
@@ -121,8 +147,91 @@ class Windows:
         return self.stream.read(window * self.seq_len, self.seq_len + 1)
 
     def batch(self, windows: list[int]) -> Batch:
-        rows = torch.from_numpy(np.stack([self.sample(w) for w in windows]))
-        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        rows = np.stack([self.sample(w) for w in windows])
+        if self.flags is None:
+            t = torch.from_numpy(rows)
+            return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+        flags = np.stack([self.flags.read(w * self.seq_len, self.seq_len + 1) for w in windows])
+        return packed_batch(rows, flags)
+
+
+def packed_batch(rows: np.ndarray, flags: np.ndarray) -> Batch:
+    """Inputs, masked targets and per-record positions of windows of ``T + 1`` tokens and their flags."""
+    target_flags = flags[:, 1:]
+    keep = ((target_flags & LOSS_FLAG) != 0) & ((target_flags & RECORD_START_FLAG) == 0)
+    targets = np.where(keep, rows[:, 1:], IGNORE)
+    starts = (flags[:, :-1] & RECORD_START_FLAG) != 0
+    index = np.broadcast_to(np.arange(starts.shape[1]), starts.shape)
+    # Position = distance from the latest record start at or before the token (from the window's
+    # first token for the tail of a record that began in an earlier window).
+    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return Batch(
+        torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+        torch.from_numpy(targets),
+        torch.from_numpy(np.ascontiguousarray(index - last_start)),
+    )
+
+
+class Samples(Protocol):
+    """What the loaders draw from: ``count`` samples, an order per epoch, a batch of sample ids."""
+
+    count: int
+
+    def order(self, epoch: int) -> np.ndarray: ...
+
+    def batch(self, ids: list[int]) -> Batch: ...
+
+
+class Records:
+    """Padded supervised data: sample ``i`` is record ``i`` (found by its record-start flag)."""
+
+    def __init__(self, stream: TokenStream, flags: TokenStream, seq_len: int, seed: int, pad_id: int) -> None:
+        if len(flags) != len(stream):
+            raise DataError(f"{len(flags)} flags for {len(stream)} tokens: the shards are damaged")
+        self.stream, self.flags, self.seq_len, self.seed, self.pad_id = stream, flags, seq_len, seed, pad_id
+        starts = [
+            np.flatnonzero(m & RECORD_START_FLAG) + int(base)
+            for m, base in zip(flags.maps, flags.starts[:-1], strict=True)
+        ]
+        self.bounds = np.concatenate([*starts, np.asarray([len(stream)], dtype=np.int64)]).astype(np.int64)
+        self.count = len(self.bounds) - 1
+        if self.count < 1:
+            raise DataError("split holds no record")
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.count))
+        return self._order[1]
+
+    def batch(self, ids: list[int]) -> Batch:
+        spans = [
+            (int(self.bounds[i]), min(int(self.bounds[i + 1]), int(self.bounds[i]) + self.seq_len + 1))
+            for i in ids
+        ]
+        width = max(end - start for start, end in spans) - 1
+        inputs = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        targets = np.full((len(ids), width), IGNORE, dtype=np.int64)
+        for row, (start, end) in enumerate(spans):
+            tokens, flags = self.stream.read(start, end - start), self.flags.read(start, end - start)
+            n = end - start - 1
+            inputs[row, :n] = tokens[:-1]
+            targets[row, :n] = np.where((flags[1:] & LOSS_FLAG) != 0, tokens[1:], IGNORE)
+        return Batch(torch.from_numpy(inputs), torch.from_numpy(targets))
+
+
+def open_split(
+    data_dir: str | Path, manifest: DataManifest, split: str, seq_len: int, seed: int
+) -> Windows | Records:
+    """The samples of ``split`` as its manifest says: windows of text or packed records, or padded records."""
+    stream = TokenStream(split_files(data_dir, manifest, split), manifest.dtype)
+    flags = flag_files(data_dir, manifest, split)
+    if flags is None:
+        return Windows(stream, seq_len, seed)
+    flag_stream = TokenStream(flags, "uint8")
+    if manifest.packing == "Padded":
+        return Records(stream, flag_stream, seq_len, seed, manifest.pad_id)
+    return Windows(stream, seq_len, seed, flag_stream)
 
 
 class TrainLoader:
@@ -134,7 +243,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        windows: Windows,
+        windows: Samples,
         micro_batch: int,
         rank: int,
         world: int,
@@ -192,7 +301,7 @@ class TrainLoader:
 
 
 def validation_batches(
-    windows: Windows, micro_batch: int, rank: int, world: int, max_batches: int
+    windows: Samples, micro_batch: int, rank: int, world: int, max_batches: int
 ) -> list[Batch]:
     """The first ``max_batches`` global micro-batches of the val split in file order (fixed every eval).
 
