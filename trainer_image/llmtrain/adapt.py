@@ -12,7 +12,7 @@ from llmtrain.model.args import Init, LlamaArgs
 
 def llama_args(spec: ModelSpec | ScratchModel) -> LlamaArgs:
     """The model arguments of ``spec`` (numKeyValueHeads defaulted to numHeads)."""
-    spec = spec.scratch()
+    spec = spec.scratch() if isinstance(spec, ModelSpec) else spec
     return LlamaArgs(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,

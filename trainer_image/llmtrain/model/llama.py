@@ -115,7 +115,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * self.head_dim, sparse)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, sparse)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -125,7 +125,8 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv != self.n_heads,
         )
@@ -156,8 +157,8 @@ class Block(nn.Module):
         self.mlp = MLP(args, sparse)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask))
         out: Tensor = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
         return out
 
@@ -168,6 +169,9 @@ class Llama(nn.Module):
     ``forward(idx)`` returns ``(logits, 0)``; ``forward(idx, targets)`` returns
     ``(cross_entropy, penalty)`` where penalty is the L1/L2 term (0 when disabled). The training loss is
     their sum; they are kept apart so the logged loss and the validation loss are the pure LM loss.
+    Targets of -100 carry no loss. ``positions`` (optional, [B, T]) restart at 0 at every packed
+    record: each token then gets its record's rotary position and attends within its record only,
+    as transformers does for packed position_ids.
     """
 
     rope_cos: Tensor
@@ -204,16 +208,24 @@ class Llama(nn.Module):
         for m in self.linears():
             m.l1, m.l2 = l1, l2
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         t = idx.shape[1]
         x = self.embed_tokens(idx)
         # Tables stay fp32 (buffers are not cast by DeepSpeed); use them in the activations' dtype, as HF does.
-        cos, sin = self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
+        mask: Tensor | None = None
+        if positions is None:
+            cos, sin = self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
+        else:
+            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]: per-token positions
+            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+            mask = packed_causal_mask(positions)
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, mask)
         logits = self.lm_head(self.norm(x))
         penalty = self._collect_penalty(logits)
         if targets is None:
@@ -230,6 +242,17 @@ class Llama(nn.Module):
                 total = total + m.penalty
                 m.penalty = None  # drop the graph reference as soon as it is summed
         return total
+
+
+def packed_causal_mask(positions: Tensor) -> Tensor:
+    """[B, 1, T, T] boolean: causal, and only within a record (a record starts where positions do not
+    go up by one; transformers' find_packed_sequence_indices rule)."""
+    first = positions[:, :1] - 1
+    record = (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)
+    t = positions.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+    same = record.unsqueeze(-1) == record.unsqueeze(-2)
+    return (same & causal).unsqueeze(1)
 
 
 @torch.no_grad()

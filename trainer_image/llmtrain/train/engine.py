@@ -9,6 +9,7 @@ times faster than torch's CPU Adam, so it is used there when its extension build
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -51,11 +52,17 @@ def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
     return cfg.deepspeed_config if cfg.deepspeed_config is not None else render_deepspeed_config(cfg.spec)
 
 
-def initialize(model: nn.Module, cfg: TrainerConfig, log: Logger) -> Any:
+def initialize(
+    model: nn.Module, cfg: TrainerConfig, log: Logger, config: dict[str, Any] | None = None
+) -> Any:
+    """DeepSpeed's engine around ``model``; ``config`` is the DeepSpeed config a pretrained model was
+    already loaded under (ZeRO-3), so both see the same one. Only parameters that require gradients
+    reach the optimiser: with LoRA, the adapters."""
     import deepspeed
 
     optimizer = build_optimizer(model, cfg, log)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    ds_config = copy.deepcopy(config if config is not None else deepspeed_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
 

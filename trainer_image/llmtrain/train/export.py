@@ -1,19 +1,29 @@
-"""Export the trained model as a transformers LlamaForCausalLM directory.
+"""Export the trained model in Hugging Face layout (safetensors, config.json, tokenizer).
 
-Our parameter names are LlamaForCausalLM's minus the ``model.`` prefix, so export is a key rename,
-pruning masks multiplied in, and the tied head left out (transformers re-ties it from config).
+A model from scratch exports as LlamaForCausalLM: our parameter names are its names minus the
+``model.`` prefix, so export is a key rename, pruning masks multiplied in, and the tied head left out
+(transformers re-ties it from config).
+
+A pretrained model exports as its own architecture: Full fine-tuning writes the gathered weights
+through transformers' save_pretrained; LoRA writes the adapter alone in peft format (``adapter/``) and
+the merged model (base + scale x B A, peft's merge_and_unload) as a plain model (``model/``), which
+compression, serving and vLLM load like any other checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
 from llmop_contract.protocol import DataManifest
 from llmtrain.model.args import LlamaArgs
+from llmtrain.model.hf import Pretrained, zero3_init_off
 from llmtrain.model.llama import RMS_NORM_EPS, ROPE_THETA
 
 
@@ -92,6 +102,133 @@ def _token(tokenizer_file: Path, token_id: int) -> str:
     return str(tok)
 
 
+def _commit(tmp: Path, out_dir: Path) -> Path:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def _fresh(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _save_tokenizer(tokenizer_dir: Path, out: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
+
+
+def _strip(state: dict[str, Tensor], prefix: str = "model.") -> dict[str, Tensor]:
+    """The wrapper's (hf.CausalLM) keys -> the wrapped model's."""
+    return {k.removeprefix(prefix): v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def export_pretrained_full(
+    state: dict[str, Tensor], pre: Pretrained, tokenizer_dir: Path, out_dir: Path
+) -> Path:
+    """The fully fine-tuned model: a meta-device copy of the architecture takes the gathered tensors
+    (``assign``: no second copy of the weights) and transformers writes it, tied weights once."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = copy.deepcopy(pre.module.model.config)
+    config.use_cache = True  # off for training only; serving wants it
+    tensors = _strip(state)
+    with zero3_init_off(), torch.device("meta"):
+        shadow = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, trust_remote_code=pre.trust_remote_code, dtype=next(iter(tensors.values())).dtype
+        )
+    shadow.load_state_dict(tensors, assign=True, strict=True)
+    shadow.tie_weights()
+    if (pre.source_dir / "generation_config.json").is_file():
+        shadow.generation_config = GenerationConfig.from_pretrained(pre.source_dir)
+    tmp = _fresh(out_dir)
+    with zero3_init_off():  # rank 0 alone: nothing in here may start a collective
+        shadow.save_pretrained(tmp)
+        _save_tokenizer(tokenizer_dir, tmp, pre.trust_remote_code)
+    return _commit(tmp, out_dir)
+
+
+def export_pretrained_lora(
+    adapter_state: dict[str, Tensor],
+    pre: Pretrained,
+    dtype: Any,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    adapter_dir: Path,
+) -> tuple[Path, Path]:
+    """The adapter alone (peft format) and the merged model; ``adapter_state`` holds the gathered
+    adapter tensors under the wrapper's names. The base is re-read from the source, so only the
+    (small) adapters had to be gathered across ranks."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = pre.module.model
+    tmp = _fresh(adapter_dir)
+    with zero3_init_off():
+        peft_model.save_pretrained(tmp, state_dict=_strip(adapter_state), save_embedding_layers=False)
+        _save_tokenizer(tokenizer_dir, tmp, pre.trust_remote_code)
+        adapter = _commit(tmp, adapter_dir)
+        base = AutoModelForCausalLM.from_pretrained(
+            pre.source_dir, dtype=dtype, trust_remote_code=pre.trust_remote_code
+        )
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        merged.config.use_cache = True
+        tmp = _fresh(out_dir)
+        merged.save_pretrained(tmp)
+        _save_tokenizer(tokenizer_dir, tmp, pre.trust_remote_code)
+    return _commit(tmp, out_dir), adapter
+
+
+def trainable_state_dict(engine: object, zero_stage: int) -> dict[str, Tensor] | None:
+    """The parameters that train (LoRA: the adapters), whole, on rank 0 (a collective under ZeRO-3)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module  # type: ignore[attr-defined]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    context = (
+        deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with context:
+        return {n: p.detach().clone() for n, p in named} if rank == 0 else None
+
+
+def gathered_state_dict(engine: object, zero_stage: int) -> dict[str, Tensor] | None:
+    """The module's state on rank 0's CPU, gathered one tensor at a time (a collective under ZeRO-3).
+
+    Gathering everything at once would put the whole model on every rank; this way only rank 0,
+    which has to write it, ever holds more than one parameter. Tied names share one tensor.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module  # type: ignore[attr-defined]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    copies: dict[int, Tensor] = {}
+    out: dict[str, Tensor] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in copies:
+            sharded = zero_stage == 3 and hasattr(tensor, "ds_id")
+            context = (
+                deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
+                if sharded
+                else contextlib.nullcontext()
+            )
+            with context:
+                if rank == 0:
+                    copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
+        if rank == 0:
+            out[name] = copies[id(tensor)]
+    return out if rank == 0 else None
+
+
 def full_state_dict(engine: object, zero_stage: int) -> dict[str, Tensor] | None:
     """The whole module state on rank 0 (a collective under ZeRO-3); None on other ranks."""
     import deepspeed
@@ -106,4 +243,12 @@ def full_state_dict(engine: object, zero_stage: int) -> dict[str, Tensor] | None
     return {k: v.detach() for k, v in module.state_dict().items()} if rank == 0 else None
 
 
-__all__ = ["export_model", "full_state_dict", "hf_state_dict"]
+__all__ = [
+    "export_model",
+    "export_pretrained_full",
+    "export_pretrained_lora",
+    "full_state_dict",
+    "gathered_state_dict",
+    "hf_state_dict",
+    "trainable_state_dict",
+]

@@ -9,10 +9,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.deepspeed import gradient_accumulation_steps
@@ -21,6 +22,7 @@ from llmtrain import termination
 from llmtrain.adapt import llama_args
 from llmtrain.datacheck import check_training_data
 from llmtrain.logs import Logger
+from llmtrain.model import hf
 from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
@@ -35,13 +37,29 @@ from llmtrain.train.data import (
     split_files,
     validation_batches,
 )
-from llmtrain.train.engine import initialize, set_learning_rate
-from llmtrain.train.export import export_model, full_state_dict
-from llmtrain.train.metrics import Metrics, Throughput, flops_per_token, memory_bytes
+from llmtrain.train.engine import deepspeed_config, initialize, set_learning_rate
+from llmtrain.train.export import (
+    export_model,
+    export_pretrained_full,
+    export_pretrained_lora,
+    full_state_dict,
+    trainable_state_dict,
+)
+from llmtrain.train.metrics import (
+    Metrics,
+    Throughput,
+    current_rss_bytes,
+    flops_per_token,
+    memory_bytes,
+    transformer_flops_per_token,
+)
 from llmtrain.train.schedule import learning_rate, total_steps
 
 EXIT_OK = ExitCode.OK
 EXIT_PREEMPTED = ExitCode.PREEMPTED
+EXPORT_PROBE = "LLMTRAIN_EXPORT_PROBE"
+"""If set, a file where rank 0 writes the first validation micro-batch and the trained model's logits
+on it right before export: what a check that the export reproduces the trainer's model compares with."""
 
 
 @dataclass
@@ -73,7 +91,11 @@ class Run:
     cfg: TrainerConfig
     env: dist.DistEnv
     log: Logger
-    model: Llama
+    model: nn.Module
+    """The module DeepSpeed trains: the scratch Llama, or a pretrained model behind hf.CausalLM."""
+    model_args: LlamaArgs | None
+    """The from-scratch shape; None for a pretrained model."""
+    pretrained: hf.Pretrained | None
     engine: Any
     checkpointer: Checkpointer
     loader: TrainLoader
@@ -118,6 +140,13 @@ def _model(cfg: TrainerConfig, model_args: LlamaArgs) -> Llama:
     return model
 
 
+def _model_dir(cfg: TrainerConfig) -> Path:
+    """The pretrained model's local directory (fetched first when remote)."""
+    from llmtrain.sources import resolve_model
+
+    return resolve_model(cfg)
+
+
 def setup(cfg: TrainerConfig) -> Run:
     env = dist.setup()
     log = Logger(env.rank)
@@ -127,9 +156,37 @@ def setup(cfg: TrainerConfig) -> Run:
     manifest = check_training_data(cfg)
     # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
     seed_everything(tr.seed + env.rank)
-    model_args = llama_args(spec.model)
-    model = _model(cfg, model_args)
-    engine = initialize(model, cfg, log)
+    ds_config = deepspeed_config(cfg)
+    rss_before = current_rss_bytes()
+    model_args: LlamaArgs | None = None
+    pretrained: hf.Pretrained | None = None
+    model: nn.Module
+    if spec.model.pretrained is not None:
+        pretrained = hf.load(cfg, ds_config, _model_dir(cfg), env.local_rank)
+        hf.check_vocabulary(pretrained.architecture, manifest.vocab_size)
+        arch = pretrained.architecture
+        model, parameters, trainable = pretrained.module, arch.parameters, arch.trainable
+        flops = transformer_flops_per_token(
+            arch.parameters, arch.layers, arch.heads, arch.head_dim, tr.sequence_length, arch.trainable
+        )
+    else:
+        model_args = llama_args(spec.model)
+        model = _model(cfg, model_args)
+        parameters = trainable = model_args.num_parameters()
+        flops = flops_per_token(model_args, tr.sequence_length)
+    engine = initialize(model, cfg, log, ds_config)
+    log.event(
+        "model_loaded",
+        source=str(pretrained.source_dir) if pretrained else "scratch",
+        family=pretrained.architecture.family if pretrained else "llama",
+        method=tr.method.value,
+        parameters=parameters,
+        trainable_parameters=trainable,
+        # What building and sharding the model cost this rank (ZeRO-3: a part of the model only).
+        rss_before_bytes=rss_before,
+        peak_rss_bytes=memory_bytes(),
+        local_parameter_bytes=local_parameter_bytes(model),
+    )
     checkpointer = Checkpointer(cfg.paths.checkpoint_dir, tr.checkpointing.keep_last, env)
     restored = checkpointer.restore(engine)
     report_restore(log, restored, checkpointer)
@@ -148,7 +205,7 @@ def setup(cfg: TrainerConfig) -> Run:
     throughput = Throughput(
         tokens_per_step=tr.global_batch_size * tr.sequence_length,
         samples_per_step=tr.global_batch_size,
-        flops_per_token=flops_per_token(model_args, tr.sequence_length),
+        flops_per_token=flops,
         world=env.world_size,
     )
     metrics = Metrics(with_mfu=throughput.peak_total is not None)
@@ -166,7 +223,9 @@ def setup(cfg: TrainerConfig) -> Run:
         job=cfg.run.job_name,
         attempt=cfg.run.attempt,
         world_size=env.world_size,
-        parameters=model_args.num_parameters(),
+        parameters=parameters,
+        trainable_parameters=trainable,
+        method=tr.method.value,
         total_steps=total,
         gradient_accumulation=gradient_accumulation_steps(spec),
         zero_stage=spec.deepspeed.zero_stage,
@@ -181,6 +240,8 @@ def setup(cfg: TrainerConfig) -> Run:
         env,
         log,
         model,
+        model_args,
+        pretrained,
         engine,
         checkpointer,
         loader,
@@ -241,7 +302,7 @@ def run(cfg: TrainerConfig) -> Result:
             loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
             for _ in range(gas):
                 b = r.loader.next().to(dev, non_blocking=True)
-                loss, penalty = engine(b.inputs, b.targets)
+                loss, penalty = engine(b.inputs, b.targets, b.positions)
                 engine.backward(loss + penalty)
                 engine.step()  # DeepSpeed only updates at the accumulation boundary
                 loss_sum += loss.detach().float()
@@ -249,8 +310,8 @@ def run(cfg: TrainerConfig) -> Result:
             result.step_seconds.append(time.perf_counter() - started)
             if sparsity.due(step, tr.sparsity):
                 target = sparsity.target_sparsity(step, tr.sparsity)
-                sparsity.update_masks(r.model, target, zero3=cfg.spec.deepspeed.zero_stage == 3)
-                r.metrics.sparsity.set(sparsity.measured_sparsity(r.model))
+                sparsity.update_masks(cast(Llama, r.model), target, zero3=cfg.spec.deepspeed.zero_stage == 3)
+                r.metrics.sparsity.set(sparsity.measured_sparsity(cast(Llama, r.model)))
             if step % tr.log_interval_steps == 0 or step == r.total_steps:
                 result.loss = report_progress(r, step, float(loss_sum.item()) / gas, lr)
             if step % tr.evaluation.interval_steps == 0 or step == r.total_steps:
@@ -321,7 +382,7 @@ def evaluate(r: Run, step: int) -> float:
     total = 0.0
     for batch in r.val_batches:
         b = batch.to(r.engine.device)
-        loss, _ = r.engine(b.inputs, b.targets)
+        loss, _ = r.engine(b.inputs, b.targets, b.positions)
         total += float(loss.item())
     r.engine.train()
     val_loss = dist.mean_over_ranks(total / len(r.val_batches), r.env)
@@ -341,16 +402,80 @@ def save_checkpoint(r: Run, step: int) -> None:
 
 
 def export(r: Run) -> str | None:
+    probe = os.environ.get(EXPORT_PROBE)
+    if probe:
+        write_probe(r, Path(probe))
+    out = export_pretrained(r) if r.pretrained is not None else export_scratch(r)
+    dist.barrier(r.env)
+    return out
+
+
+def export_scratch(r: Run) -> str | None:
+    assert r.model_args is not None
     state = full_state_dict(r.engine, r.cfg.spec.deepspeed.zero_stage)
     if state is None:
-        dist.barrier(r.env)
         return None
     data_dir = r.cfg.paths.data_dir
     out = export_model(
-        state, r.model.args, read_manifest(data_dir), data_dir, Path(r.cfg.paths.output_dir) / "model"
+        state, r.model_args, read_manifest(data_dir), data_dir, Path(r.cfg.paths.output_dir) / "model"
     )
-    dist.barrier(r.env)
     return str(out)
+
+
+def tokenizer_dir(r: Run) -> Path:
+    """The tokenizer the data was prepared with (saved in the data dir), else the model's own."""
+    data_dir = Path(r.cfg.paths.data_dir)
+    if (data_dir / "tokenizer_config.json").is_file():
+        return data_dir
+    from llmtrain.sources import resolve_tokenizer
+
+    return resolve_tokenizer(r.cfg)
+
+
+def export_pretrained(r: Run) -> str | None:
+    """model/ (merged, Hugging Face layout) and, with adapters, adapter/ (peft format): rank 0 writes."""
+    pre, zero = r.pretrained, r.cfg.spec.deepspeed.zero_stage
+    assert pre is not None
+    out = Path(r.cfg.paths.output_dir)
+    if pre.peft:
+        adapters = trainable_state_dict(r.engine, zero)  # a collective: every rank gathers
+        if adapters is None:
+            return None
+        dtype = next(iter(adapters.values())).dtype
+        model_dir, adapter_dir = export_pretrained_lora(
+            adapters, pre, dtype, tokenizer_dir(r), out / "model", out / "adapter"
+        )
+        r.log.event("adapter_exported", adapter_dir=str(adapter_dir), tensors=len(adapters))
+        return str(model_dir)
+    # Gathered all at once (full_state_dict): the one-tensor-at-a-time gather (gathered_state_dict)
+    # hung after training at ZeRO-3 in testing, so it is not used yet.
+    state = full_state_dict(r.engine, zero)
+    if state is None:
+        return None
+    return str(export_pretrained_full(state, pre, tokenizer_dir(r), out / "model"))
+
+
+@torch.no_grad()
+def write_probe(r: Run, path: Path) -> None:
+    """The first validation micro-batch and the engine's logits on it (every rank runs the forward)."""
+    r.engine.eval()
+    b = r.val_batches[0].to(r.engine.device)
+    logits, _ = r.engine(b.inputs, None, b.positions)
+    r.engine.train()
+    if r.env.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        positions = None if b.positions is None else b.positions.cpu()
+        torch.save({"inputs": b.inputs.cpu(), "positions": positions, "logits": logits.float().cpu()}, path)
+
+
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameter data this rank holds (under ZeRO-3 its partitions, not the whole model)."""
+    total = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        local = getattr(p, "ds_tensor", None)
+        held = local if local is not None else p.data
+        total += held.numel() * held.element_size()
+    return total
 
 
 def write_status(env: dist.DistEnv, text: str) -> None:

@@ -29,9 +29,27 @@ PEAK_FLOPS = {
 }
 
 
+def transformer_flops_per_token(
+    parameters: int, layers: int, heads: int, head_dim: int, seq_len: int, trainable: int | None = None
+) -> float:
+    """Model FLOPs per trained token: 4N + 2N_t + 12*L*H*Q*T (N_t = N, every weight trains: PaLM's 6N).
+
+    PaLM (Chowdhery et al. 2022, app. B) counts 2N for the forward and 4N for the backward of the
+    weight matmuls, plus 12*L*H*Q*T for attention scores and values (forward and backward). The
+    backward's 4N is 2N for the activation gradients, which every weight needs as long as anything
+    before it trains, and 2N for the weight gradients, which frozen weights skip: with LoRA only the
+    adapters' N_t get them, so 4N + 2N_t (N includes the adapters). Recomputation under activation
+    checkpointing is not counted (MFU counts the model's FLOPs, not the hardware's).
+    """
+    n_t = parameters if trainable is None else trainable
+    return 4 * parameters + 2 * n_t + 12 * layers * heads * head_dim * seq_len
+
+
 def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
-    """PaLM (Chowdhery et al. 2022, app. B): 6N + 12*L*H*Q*T per trained token."""
-    return 6 * args.num_parameters() + 12 * args.num_layers * args.num_heads * args.head_dim * seq_len
+    """The from-scratch model's FLOPs per token (every weight trains: 6N + 12*L*H*Q*T)."""
+    return transformer_flops_per_token(
+        args.num_parameters(), args.num_layers, args.num_heads, args.head_dim, seq_len
+    )
 
 
 def peak_flops_per_device() -> float | None:
@@ -54,6 +72,13 @@ def memory_bytes() -> int:
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now (memory_bytes is the peak since start)."""
+    import psutil  # type: ignore[import-untyped]
+
+    return int(psutil.Process().memory_info().rss)
 
 
 class Metrics:
