@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.compress.layout import weights_bytes
+from llmtrain.compress.quantize import head_name, is_linear, linear_weight
 from llmtrain.compress.quantized import Int4WeightOnlyLinear, Int8Embedding, QuantizedLinear
 from llmtrain.train.data import TokenStream, Windows, read_manifest, split_files, validation_batches
 
@@ -86,7 +87,7 @@ def load_eval_data(data_dir: str | Path, settings: EvalSettings, seed: int) -> E
     windows = Windows(stream, settings.sequence_length, seed)
     batches = validation_batches(windows, settings.micro_batch_size, 0, 1, settings.max_batches)
     prompt = torch.from_numpy(stream.read(0, settings.prompt_tokens)).unsqueeze(0)
-    return EvalData(batches, prompt)
+    return EvalData([(x, y) for x, y in batches], prompt)
 
 
 @torch.no_grad()
@@ -112,14 +113,15 @@ def count_parameters(model: nn.Module) -> int:
 def linear_sparsity(model: nn.Module) -> float:
     """Fraction of zero weights over the decoder's linear layers (not the embedding or the head)."""
     zeros = total = 0
+    head = head_name(model)
     for name, module in model.named_modules():
-        if name == "lm_head":
+        if name == head:
             continue
         weight: Tensor | None = None
         if isinstance(module, QuantizedLinear):
             weight = module.dequantized_weight()
-        elif isinstance(module, nn.Linear):
-            weight = module.weight
+        elif is_linear(module):  # nn.Linear, or GPT-2's Conv1D
+            weight = linear_weight(module)
         if weight is not None:
             zeros += int((weight == 0).sum())
             total += weight.numel()

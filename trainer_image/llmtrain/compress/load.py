@@ -5,10 +5,11 @@
     tok = load_tokenizer("work/output/compressed/quantize-0")
     out = model.generate(**tok("The licence", return_tensors="pt"), max_new_tokens=20, do_sample=False)
 
-A directory without ``compression.json`` (the trained export) and the ``hf`` layout (pruned,
-distilled) are plain LlamaForCausalLM directories; the ``quantized`` layout is rebuilt from its
-config with the marker's per-module formats. Either way the result is a transformers
-LlamaForCausalLM, so ``generate`` and its caches behave as for any Hugging Face model.
+A directory without ``compression.json`` (the trained export, from scratch or fine-tuned from any
+Hugging Face causal LM) and the ``hf`` layout (pruned, distilled) are plain Hugging Face directories
+that ``AutoModelForCausalLM`` loads; the ``quantized`` layout is the same architecture rebuilt from
+its config with the marker's per-module formats. Either way the result is a transformers causal LM
+of the checkpoint's own class, so ``generate`` and its caches behave as for any Hugging Face model.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import torch
 from torch import nn
 
 from llmtrain.compress.layout import LAYOUT_HF, LAYOUT_QUANTIZED, WEIGHTS, read_marker
-from llmtrain.compress.quantize import install_quantized
+from llmtrain.compress.quantize import head_name, install_quantized
 
 
 def load_model(path: str | Path) -> nn.Module:
     """The model in ``path`` on the CPU, in eval mode, ready for ``generate``."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     root = Path(path)
     if not (root / "config.json").is_file():
@@ -34,7 +35,7 @@ def load_model(path: str | Path) -> nn.Module:
     layout = LAYOUT_HF if marker is None else marker.get("layout")
     model: Any
     if layout == LAYOUT_HF:
-        model = LlamaForCausalLM.from_pretrained(root, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True)
     elif layout == LAYOUT_QUANTIZED:
         assert marker is not None
         model = _load_quantized(root, marker)
@@ -47,20 +48,22 @@ def load_model(path: str | Path) -> nn.Module:
 
 def _load_quantized(root: Path, marker: dict[str, Any]) -> Any:
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = LlamaConfig.from_pretrained(root, local_files_only=True)
+    config = AutoConfig.from_pretrained(root, local_files_only=True)
     dtype = (
         config.dtype
         if isinstance(config.dtype, torch.dtype)
         else getattr(torch, str(config.dtype or "float32"))
     )
     with no_init_weights():  # every tensor is loaded below; random init would only cost time
-        model: Any = LlamaForCausalLM(config)
+        model: Any = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     model = model.to(dtype)
     tensors = load_file(str(root / WEIGHTS))
-    install_quantized(model, marker["modules"], tensors, bool(config.tie_word_embeddings), dtype)
+    # Saved tied iff the head's tensors were left out (the fresh model may not be tied yet).
+    head = head_name(model) + "."
+    install_quantized(model, marker["modules"], tensors, not any(k.startswith(head) for k in tensors), dtype)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Post-training pruning of a LlamaForCausalLM.
+"""Post-training pruning of a causal LM: magnitude for any family, structured for the families in
+``stages.STRUCTURED_FAMILIES`` (Llama, Mistral, Qwen2, Gemma: separate q/k/v/o and gate/up/down).
 
 Magnitude: every decoder linear layer loses its ``sparsity`` fraction of smallest-magnitude weights
 (per layer, as the trainer's gradual pruning does: one global threshold would strip the residual
@@ -6,8 +7,8 @@ projections first, because they are initialised sqrt(2L) times smaller). The mas
 recovery fine-tune can keep the zeros.
 
 Structured: whole attention heads (whole key/value groups under grouped-query attention) and MLP
-channels are removed, the same number in every layer so the result is again a plain LlamaConfig with
-fewer heads and a smaller intermediate size. Units are ranked by the size of their contribution to the
+channels are removed, the same number in every layer so the result is again a plain config of the
+same family with fewer heads and a smaller intermediate size. Units are ranked by the size of their contribution to the
 residual stream on a few training batches: for an MLP channel mean|silu(gate)·up| x ||down column||,
 for a head mean ||o_proj(head output)||.
 """
@@ -113,8 +114,8 @@ def pruned_shape(shape: ModelShape, sparsity: float) -> PrunedShape:
 
 @torch.no_grad()
 def structured_prune(model: Any, shape: ModelShape, sparsity: float, batches: list[Tensor]) -> Any:
-    """A new, smaller LlamaForCausalLM with the least important heads and channels removed."""
-    from transformers import LlamaForCausalLM
+    """A new, smaller model of the same class with the least important heads and channels removed."""
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     scores = importance(model, shape, batches)
@@ -134,9 +135,11 @@ def structured_prune(model: Any, shape: ModelShape, sparsity: float, batches: li
         q_rows = (q_heads[:, None] * d + torch.arange(d)).flatten()
         kv_rows = (kv_heads[:, None] * d + torch.arange(d)).flatten()
         p = f"model.layers.{i}."
-        state[p + "self_attn.q_proj.weight"] = state[p + "self_attn.q_proj.weight"][q_rows].contiguous()
-        state[p + "self_attn.k_proj.weight"] = state[p + "self_attn.k_proj.weight"][kv_rows].contiguous()
-        state[p + "self_attn.v_proj.weight"] = state[p + "self_attn.v_proj.weight"][kv_rows].contiguous()
+        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            for kind in ("weight", "bias"):  # Qwen2's q/k/v carry a bias: it loses the same rows
+                key = p + f"self_attn.{proj}.{kind}"
+                if key in state:
+                    state[key] = state[key][rows].contiguous()
         state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, q_rows].contiguous()
         channels = _top(scores.channels[i], new.intermediate_size)
         for proj in ("gate_proj", "up_proj"):
@@ -148,7 +151,7 @@ def structured_prune(model: Any, shape: ModelShape, sparsity: float, batches: li
     config.intermediate_size = new.intermediate_size
     config.head_dim = d  # no longer hidden_size / num_heads
     with no_init_weights():
-        pruned = LlamaForCausalLM(config)
+        pruned = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     if config.tie_word_embeddings:
         pruned.tie_weights()  # not done under no_init_weights; untied, recovery would train two copies
     pruned = pruned.to(next(model.parameters()).dtype)

@@ -76,11 +76,22 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """Common interface: bias-free linear with quantised weight; ``dequantized_weight`` for analysis."""
+    """Common interface: linear with quantised weight and an optional float bias (Qwen2's q/k/v and
+    GPT-2's projections have one); ``dequantized_weight`` for analysis."""
 
     in_features: int
     out_features: int
     qweight: Tensor
+    bias: Tensor | None
+
+    def _set_bias(self, bias: Tensor | None) -> None:
+        if bias is None:
+            self.bias = None
+        else:
+            self.register_buffer("bias", bias.detach().clone())
+
+    def _add_bias(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized_weight(self) -> Tensor:
         raise NotImplementedError
@@ -92,29 +103,30 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     qweight: Tensor
     scale: Tensor
 
-    def __init__(self, qweight: Tensor, scale: Tensor) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", aligned(qweight))
         self.register_buffer("scale", scale)
+        self._set_bias(bias)
         # The AVX-512 kernel steps through K 16 values at a time with no tail: any other K would read
         # past the row (wrong sums, or SIGSEGV past the buffer's end).
         self.use_kernel = self.in_features % 16 == 0
         self._scale_bf16 = scale.to(torch.bfloat16)
 
     @classmethod
-    def from_float(cls, weight: Tensor) -> Int8WeightOnlyLinear:
-        return cls(*quantize_int8_rows(weight))
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8WeightOnlyLinear:
+        return cls(*quantize_int8_rows(weight), bias=bias)
 
     def dequantized_weight(self) -> Tensor:
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.use_kernel or x.device.type != "cpu":
-            return F.linear(x, self.dequantized_weight().to(x.dtype))
+            return self._add_bias(F.linear(x, self.dequantized_weight().to(x.dtype)))
         x2 = _bf16_input(x, self.in_features)
         y: Tensor = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._scale_bf16)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
 
 
 class Int8DynamicLinear(QuantizedLinear):
@@ -123,15 +135,16 @@ class Int8DynamicLinear(QuantizedLinear):
     qweight: Tensor
     scale: Tensor
 
-    def __init__(self, qweight: Tensor, scale: Tensor) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", aligned(qweight))
         self.register_buffer("scale", scale)
+        self._set_bias(bias)
 
     @classmethod
-    def from_float(cls, weight: Tensor) -> Int8DynamicLinear:
-        return cls(*quantize_int8_rows(weight))
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8DynamicLinear:
+        return cls(*quantize_int8_rows(weight), bias=bias)
 
     def dequantized_weight(self) -> Tensor:
         return self.qweight.float() * self.scale[:, None]
@@ -142,7 +155,7 @@ class Int8DynamicLinear(QuantizedLinear):
         xq = torch.round(x2 / x_scale).clamp(-127, 127).to(torch.int8)
         acc = torch._int_mm(xq, self.qweight.t())
         y = acc.float() * x_scale * self.scale
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
@@ -152,7 +165,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     scale: Tensor
     zero: Tensor
 
-    def __init__(self, qweight: Tensor, scale: Tensor, zero: Tensor) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features = qweight.shape[0]
         self.in_features = qweight.shape[1] * 2
@@ -160,6 +173,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         self.register_buffer("qweight", aligned(qweight))
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
+        self._set_bias(bias)
         # The CPU tinygemm kernel needs N % 16 == 0 and one of its group sizes; else dequantise.
         self.use_kernel = self.out_features % 16 == 0 and self.group_size in INT4_KERNEL_GROUPS
         self._packed: Tensor | None = None
@@ -169,8 +183,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             self._scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).contiguous()
 
     @classmethod
-    def from_float(cls, weight: Tensor, group_size: int) -> Int4WeightOnlyLinear:
-        return cls(*quantize_int4_groups(weight, group_size))
+    def from_float(cls, weight: Tensor, group_size: int, bias: Tensor | None = None) -> Int4WeightOnlyLinear:
+        return cls(*quantize_int4_groups(weight, group_size), bias=bias)
 
     def dequantized_weight(self) -> Tensor:
         q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
@@ -179,12 +193,12 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._packed is None or x.device.type != "cpu":
-            return F.linear(x, self.dequantized_weight().to(x.dtype))
+            return self._add_bias(F.linear(x, self.dequantized_weight().to(x.dtype)))
         x2 = _bf16_input(x, self.in_features)
         y: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self._packed, self.group_size, self._scales_and_zeros
         )
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
 
 
 class Int8Embedding(nn.Module):

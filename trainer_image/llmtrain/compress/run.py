@@ -138,20 +138,19 @@ def produce(
 def _quantize(spec: Quantization, shape: ModelShape, source: Path, tmp: Path, log: Logger) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from llmtrain.compress.quantize import quantize_model, tensors_to_save
+    from llmtrain.compress.quantize import quantize_model, tensors_to_save, tied_embeddings
 
     log.event("loading", model=str(source))
     model: Any = load_model(source)
     group = spec.group_size or DEFAULT_INT4_GROUP
     log.event("quantizing", method=spec.method.value, group_size=group)
-    formats = quantize_model(model, spec.method.value, group, shape.tie_embeddings)
+    tied = tied_embeddings(model)  # as loaded: some families tie without saying so in config.json
+    formats = quantize_model(model, spec.method.value, group, tied)
     fallback = [n for n, m in model.named_modules() if getattr(m, "use_kernel", True) is False]
     if fallback:  # correct but slower: say so where a user looking at the speed will see it
         log.event("quantized_without_kernel", modules=len(fallback), first=fallback[0])
     log.event("quantized", modules=len(formats))
-    save_file(
-        tensors_to_save(model, shape.tie_embeddings), str(tmp / layout.WEIGHTS), metadata={"format": "pt"}
-    )
+    save_file(tensors_to_save(model, tied), str(tmp / layout.WEIGHTS), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
     marker = {"layout": layout.LAYOUT_QUANTIZED, "groupSize": group, "modules": formats}
     return {"marker": marker, "figures": {}, "modulesWithoutKernel": fallback}

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from llmop_contract.api.v1alpha1.lifecycle import (
     CompressionSpec,
@@ -26,6 +26,12 @@ from llmop_contract.protocol import StageKind, StageName
 from llmtrain.config import ConfigError, DataError
 
 DEFAULT_INT4_GROUP = 64
+STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+"""Families whose blocks are self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj, separate matrices:
+structured pruning removes heads and channels from those. Fused layouts (GPT-2's c_attn, Phi-3's
+qkv_proj) are not supported."""
+UNGATED_MLP = ("gpt2", "gpt_neox", "gpt_bigcode", "opt", "phi", "bloom", "falcon")
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")
 
 
 class StageError(ConfigError):
@@ -49,6 +55,8 @@ class ModelShape:
     vocab_size: int
     context_length: int
     tie_embeddings: bool
+    model_type: str = "llama"
+    """config.json's model_type (the family): which structured pruning supports, and the block layout."""
 
     @classmethod
     def read(cls, model_dir: Path) -> ModelShape:
@@ -61,26 +69,50 @@ class ModelShape:
                 f"no trained model at {model_dir} ({path.name}: {why}); run the train stage first"
             ) from exc
         try:
-            heads = int(raw["num_attention_heads"])
-            return cls(
-                hidden_size=int(raw["hidden_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
-                num_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
-                intermediate_size=int(raw["intermediate_size"]),
-                vocab_size=int(raw["vocab_size"]),
-                context_length=int(raw["max_position_embeddings"]),
-                tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            )
+            return cls.from_config(raw)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MissingModel(f"{path} is not a Llama model config ({exc!r})") from exc
+            raise MissingModel(f"{path} is not a causal LM config this stage can read ({exc!r})") from exc
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> ModelShape:
+        """From config.json as a dict; the names GPT-2-style configs use are read too (torch-free, so
+        without transformers' attribute maps)."""
+
+        def first(*names: str) -> Any:
+            for name in names:
+                if raw.get(name) is not None:
+                    return raw[name]
+            raise KeyError(names[0])
+
+        hidden = int(first("hidden_size", "n_embd", "d_model"))
+        heads = int(first("num_attention_heads", "n_head"))
+        model_type = str(raw.get("model_type") or "llama")
+        inner = raw.get("intermediate_size", raw.get("n_inner"))
+        return cls(
+            hidden_size=hidden,
+            num_layers=int(first("num_hidden_layers", "n_layer")),
+            num_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            intermediate_size=int(inner) if inner is not None else 4 * hidden,  # GPT-2's n_inner=None
+            vocab_size=int(raw["vocab_size"]),
+            context_length=int(first("max_position_embeddings", "n_positions")),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", True)),  # transformers' default
+            model_type=model_type,
+        )
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Three MLP matrices (gate, up, down) rather than two (GPT-2's fc and proj)."""
+        return self.model_type not in UNGATED_MLP
 
     def num_parameters(self) -> int:
         attn = 2 * self.hidden_size * self.head_dim * (self.num_heads + self.num_key_value_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
         block = attn + mlp + 2 * self.hidden_size
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        if self.model_type in LEARNED_POSITIONS:
+            emb += self.context_length * self.hidden_size
         return self.num_layers * block + emb + self.hidden_size
 
     def in_features(self) -> dict[str, int]:
@@ -186,6 +218,12 @@ def check(stage: Stage, shape: ModelShape) -> None:
                     )
     elif isinstance(spec, Pruning):
         if spec.method == PruningMethod.STRUCTURED:
+            if shape.model_type not in STRUCTURED_FAMILIES:
+                raise StageError(
+                    f"{stage.field}.method: Structured pruning supports the {', '.join(STRUCTURED_FAMILIES)} "
+                    f"architectures (separate q/k/v/o and gate/up/down projections); this model is "
+                    f"{shape.model_type!r}: use Magnitude pruning, quantisation or distillation"
+                )
             units, per_unit = head_units(shape)
             if kept(units, spec.sparsity) < 1:
                 what = "key/value head groups" if per_unit > 1 else "heads"
