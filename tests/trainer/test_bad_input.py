@@ -231,3 +231,33 @@ def test_a_config_with_several_bad_fields_is_still_one_line(tmp_path: Path) -> N
     config.write_text(yaml.safe_dump(raw))
     line, _ = refused(["train", str(config)], tmp_path)
     assert "spec.training.microBatchSize" in line and "spec.training.logIntervalSteps" in line
+
+
+def test_qlora_without_bitsandbytes_is_refused_before_the_launcher(tmp_path: Path) -> None:
+    # The CPU image has no bitsandbytes (admission already asks for GPUs): one line, exit 2, no torch.
+    from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+    from llmtrain import testing_hf
+    from llmtrain.prepare import pipeline
+
+    model = testing_hf.checkpoint("qwen2", tmp_path / "vol" / "base")
+    texts = _english(60)
+    raw = {
+        "paths": {
+            "volumeDir": str(tmp_path / "vol"),
+            "dataDir": str(tmp_path / "data"),
+            "checkpointDir": str(tmp_path / "checkpoints"),
+            "outputDir": str(tmp_path / "output"),
+        },
+        "spec": {
+            "model": {"pretrained": {"uri": str(model)}},
+            "data": {"sources": [{"uri": str(_jsonl(tmp_path / "docs.jsonl", texts))}]},
+            "training": {"maxSteps": 2, "sequenceLength": 32, "microBatchSize": 1, "globalBatchSize": 1},
+            "workers": {"gpusPerNode": 1},
+        },
+    }
+    pipeline.run(TrainerConfig.model_validate(raw))
+    raw["spec"]["training"]["method"] = "QLoRA"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    line, _ = refused(["train", str(config)], tmp_path, NPROC_PER_NODE="1", NNODES="1")
+    assert line.startswith("llmtrain train: spec.training.method: QLoRA needs bitsandbytes"), line

@@ -169,7 +169,7 @@ def test_xavier_and_he_init_bounds() -> None:
     ],
 )
 def test_adapter_keeps_every_model_figure_of_the_spec(shape: dict[str, object]) -> None:
-    spec = ModelSpec.model_validate({"hiddenSize": 64, "numHeads": 4, "vocabSize": 512, **shape})
+    spec = ModelSpec.model_validate({"hiddenSize": 64, "numHeads": 4, "vocabSize": 512, **shape}).scratch()
     args = llama_args(spec)
     assert args.num_parameters() == spec.num_parameters()
     assert args.num_key_value_heads == (spec.num_key_value_heads or spec.num_heads)

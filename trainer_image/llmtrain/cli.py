@@ -16,6 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 
 # Subcommands with their own argument parsers, imported only when used (serve needs no DeepSpeed).
 _DELEGATED = {
@@ -23,6 +27,24 @@ _DELEGATED = {
     "serve": "llmtrain.serve.cli",
     "export-onnx": "llmtrain.serve.onnx_cli",
 }
+
+
+def check_qlora(cfg: TrainerConfig) -> None:
+    """QLoRA refused before the launcher, where an exit 2 is still an exit 2 (torchrun makes it 1).
+
+    Torch-free, like the rest of this command before launching: bitsandbytes must be installed (the
+    CUDA image's ``qlora`` extra); the ranks check for a CUDA device when they load the 4-bit base.
+    """
+    import importlib.util
+
+    from llmop_contract.api.v1alpha1.training import Method
+    from llmtrain.config import ConfigError
+
+    if cfg.spec.training.method == Method.QLORA and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "spec.training.method",
+            "QLoRA needs bitsandbytes (the trainer image's qlora extra) and a CUDA GPU; use LoRA on CPU",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         check_training_data(cfg)
+        check_qlora(cfg)
     except ConfigError as exc:
         return refuse("llmtrain train", exc, "train")
 

@@ -30,11 +30,11 @@ from llmtrain.train.checkpoint import Checkpointer, Restored
 from llmtrain.train.data import (
     Batch,
     Position,
-    TokenStream,
+    Records,
     TrainLoader,
     Windows,
+    open_split,
     read_manifest,
-    split_files,
     validation_batches,
 )
 from llmtrain.train.engine import deepspeed_config, initialize, set_learning_rate
@@ -115,10 +115,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _windows(cfg: TrainerConfig, manifest: DataManifest, split: str) -> Windows:
+def _windows(cfg: TrainerConfig, manifest: DataManifest, split: str) -> Windows | Records:
+    """Text or Packed windows, or Padded records, as the manifest's format says."""
     tr = cfg.spec.training
-    stream = TokenStream(split_files(cfg.paths.data_dir, manifest, split), manifest.dtype)
-    return Windows(stream, tr.sequence_length, tr.seed)
+    return open_split(cfg.paths.data_dir, manifest, split, tr.sequence_length, tr.seed)
 
 
 def _check_world(cfg: TrainerConfig, world_size: int) -> None:
