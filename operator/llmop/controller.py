@@ -127,7 +127,8 @@ async def reconcile_once(
     compress_jobs: list[BatchJobView] = [
         v for v in _store(indexes.batch_jobs, (namespace, name, naming.ROLE_COMPRESS)) if v.owner_uid == uid
     ]
-    ours = {j.uid for j in compress_jobs}  # compression pods belong to our batch Jobs
+    # Compression and preparation pods belong to our batch Jobs.
+    ours = {j.uid for j in (*compress_jobs, *prepare_jobs)}
     now = datetime.now(UTC)
     seen = Observed(
         pods=pods,

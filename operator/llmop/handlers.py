@@ -65,11 +65,16 @@ async def worker_pods(
     return {(namespace, labels[naming.JOB_NAME_LABEL]): pod_view(body)}
 
 
-@kopf.index("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT, naming.ROLE_LABEL: naming.ROLE_COMPRESS})
+def _batch_role(value: str | None, **_: Any) -> bool:
+    return value in (naming.ROLE_COMPRESS, naming.ROLE_PREPARE)
+
+
+@kopf.index("pods", labels={naming.JOB_NAME_LABEL: kopf.PRESENT, naming.ROLE_LABEL: _batch_role})
 async def compress_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, PodView]:
-    # Only for their termination messages: a compression stage reports its figures there.
+    # Only for their termination messages: a compression stage reports its figures there, and a
+    # preparation or compression pod that refuses its input (exit 2) says why (stage "" = prepare).
     return {(namespace, labels[naming.JOB_NAME_LABEL]): pod_view(body)}
 
 

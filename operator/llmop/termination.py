@@ -7,10 +7,12 @@ operator. Status maps are bounded (StageStatus.results has maxProperties 64, ``M
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmop_contract.protocol import TerminationMessage
+from llmop.observe import PodView
+from llmop_contract.protocol import ExitCode, TerminationMessage
 
 # Figures worth a word in the stage's message, in this order.
 _SUMMARY = (
@@ -51,3 +53,17 @@ def final_figures(message: str) -> Figures:
     results = {key: round(value, 6) for key, value in data.results.items()}  # at most MAX_RESULTS
     summary = [fmt.format(results[k]) for k, fmt in _SUMMARY if k in results]
     return Figures(progress, results, data.model_path, summary)
+
+
+def refusal(pods: Iterable[PodView], stage: str) -> str | None:
+    """The one line a stage's pod refused its input with (exit 2, ``llmtrain.exits.refuse``), or None.
+
+    The trainer writes it into the termination message, so the job's condition says what to fix
+    ("spec.model.pretrained.uri: ... does not exist") instead of the Job's "reached the backoff limit".
+    """
+    for pod in pods:
+        if pod.stage == stage and pod.exit_code == ExitCode.BAD_CONFIG and pod.termination_message:
+            text = TerminationMessage.decode(pod.termination_message).extra.get("message")
+            if text:
+                return str(text)
+    return None

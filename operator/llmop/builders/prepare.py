@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llmop import naming
 from llmop.builders import JobRef, Manifest, batch, pod
-from llmop_contract.protocol import Env
+from llmop_contract.protocol import Env, ExitCode
 
 GPU = "nvidia.com/gpu"
 
@@ -28,6 +28,7 @@ def build_prepare_job(job: JobRef) -> Manifest:
         {"labels": labels},
         pod.pod_spec(job, main),
         backoff_limit=job.spec.run_policy.backoff_limit,
-        # Preparation is idempotent (a re-run finds the manifest and exits), so retries are safe.
-        failure_rules=[],
+        # Preparation is idempotent (a re-run finds the manifest and exits), so a crash is retried;
+        # a refusal (exit 2: a source that does not exist, no usable record) fails at once.
+        failure_rules=[batch.fail_on_exit_codes("prepare", [int(ExitCode.BAD_CONFIG)])],
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmop import conditions as cond
 from llmop.planner.context import PREPARE, Pass
+from llmop.termination import refusal
 from llmop_contract.api.v1alpha1.status import JobReason, JobState, StageState
 
 
@@ -16,8 +17,11 @@ def prepared(p: Pass) -> bool:
         p.status.state = JobState.PREPARING
         return False
     if job.failed:
-        p.stage(PREPARE, StageState.FAILED, job.message)
-        p.fail(JobReason.PREPARATION_FAILED, f"data preparation Job {job.name} failed: {job.message}")
+        # A refusal (exit 2: a missing source, malformed records) says what to fix; a crash has
+        # only the Job's own message.
+        why = refusal(p.seen.compress_pods, "") or job.message
+        p.stage(PREPARE, StageState.FAILED, why)
+        p.fail(JobReason.PREPARATION_FAILED, f"data preparation Job {job.name} failed: {why}")
         return False
     if not job.succeeded:
         p.stage(PREPARE, StageState.RUNNING)

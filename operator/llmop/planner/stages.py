@@ -9,7 +9,7 @@ from llmop.observe import BatchJobView
 from llmop.planner import lifecycle, serving
 from llmop.planner.context import Pass
 from llmop.selection import select
-from llmop.termination import final_figures
+from llmop.termination import final_figures, refusal
 from llmop_contract.api.v1alpha1.status import (
     FINISHED_STAGE_STATES,
     JobReason,
@@ -90,7 +90,7 @@ def compress_stage(p: Pass, st: Stage, job: BatchJobView | None) -> StageStatus:
         entry = p.stage(st.name, StageState.RUNNING)
         p.condition(ctype, False, JobReason.RUNNING, f"{st.method} started")
     elif job.failed:
-        message = job.message or "the compression Job failed"
+        message = refusal(p.seen.compress_pods, st.name) or job.message or "the compression Job failed"
         entry = p.stage(st.name, StageState.FAILED, message)
         p.condition(ctype, False, JobReason.FAILED, message)
     elif job.succeeded:
