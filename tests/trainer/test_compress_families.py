@@ -93,7 +93,9 @@ def compress(config: Path, stage: str) -> tuple[int, str, dict[str, Any]]:
     return proc.returncode, proc.stderr, message
 
 
-@pytest.mark.parametrize("family", list(ARCH))
+# Llama's layout is the trained fixture's (tests/trainer/test_compress.py) and Mistral's the same:
+# the families here are the ones with a different one (biases, Conv1D, fused projections, norms).
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gemma", "phi3"])
 def test_every_family_quantises_and_prunes(
     family: str, tmp_path: Path, data_dir: Path, tok_dir: Path
 ) -> None:
