@@ -6,10 +6,6 @@ Everything is built locally (llmtrain.testing_hf): nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +14,9 @@ import yaml
 
 from llmop_contract.protocol import MANIFEST_FILE, DataManifest, Shard
 from llmtrain.testing import DEBUG_CONFIG, license_documents
-from llmtrain.train.dist import free_port
+from tests.trainer.ranks import events, torchrun
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
-TRAIN = ["-m", "llmtrain.cli", "train"]
+__all__ = ["events", "finetune_config", "torchrun", "write_hf_shards"]
 
 
 def write_hf_shards(data_dir: Path, tokenizer_dir: Path, val_every: int = 10) -> Path:
@@ -83,28 +78,3 @@ def finetune_config(
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES")}
-    out.update(DS_ACCELERATOR="cpu", LLMTRAIN_LOG_FORMAT="json", LLMOP_METRICS_PORT="0", OMP_NUM_THREADS="1")
-    out.update(extra)
-    return out
-
-
-def torchrun(config: Path, log: Path, timeout: float = 240, **extra: str) -> int:
-    cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
-    with log.open("a") as out:
-        return subprocess.run(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=run_env(**extra), timeout=timeout
-        ).returncode
-
-
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == name:
-                out.append(record)
-    return out

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_helpers import events, finetune_config, torchrun, write_hf_shards
 
 from llmtrain import testing_hf
+from tests.trainer.finetune_helpers import events, finetune_config, torchrun, write_hf_shards
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4

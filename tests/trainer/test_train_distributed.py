@@ -7,7 +7,6 @@ on the bundled English corpus prepared by `llmtrain prepare`. Logs are JSON line
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,10 +21,9 @@ import pytest
 from llmtrain.testing import debug_config
 from llmtrain.train.checkpoint import latest_tag
 from llmtrain.train.dist import free_port
+from tests.trainer.ranks import TORCHRUN, TRAIN, env, events, torchrun
 
 pytestmark = pytest.mark.slow
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
-TRAIN = ["-m", "llmtrain.cli", "train"]
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +37,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(str(debug_config(work, data, {"data": {"sources": [{"uri": "builtin://english"}]}})))
     prepare.run(cfg)
     return data
-
-
-def env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES")}
-    out.update(DS_ACCELERATOR="cpu", LLMTRAIN_LOG_FORMAT="json", LLMOP_METRICS_PORT="0", OMP_NUM_THREADS="1")
-    out.update(extra)
-    return out
 
 
 def two_rank_spec(steps: int, zero: int, **training: Any) -> dict[str, Any]:
@@ -63,24 +54,6 @@ def two_rank_spec(steps: int, zero: int, **training: Any) -> dict[str, Any]:
         },
         "workers": {"procsPerNode": 2},
     }
-
-
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == name:
-                out.append(record)
-    return out
-
-
-def torchrun(config: Path, log: Path, timeout: float = 180) -> int:
-    cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
-    with log.open("a") as out:
-        return subprocess.run(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env(), timeout=timeout
-        ).returncode
 
 
 @pytest.mark.parametrize("zero", [2, 3])
