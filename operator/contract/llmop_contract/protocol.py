@@ -124,6 +124,17 @@ class Metric(StrEnum):
     when this equals the number it found. 0 on a clean resume or a first start."""
     RESUMED_FROM_STEP = "llmtrain_resumed_from_step"
     """Step of the checkpoint the run resumed from; 0 when it started from scratch."""
+    RESUMED_FROM_REMOTE = "llmtrain_resumed_from_remote"
+    """1 when the volume had no usable checkpoint and the run restored one from storage.remote (or
+    training.checkpointing.resumeFrom), else 0."""
+    REMOTE_CHECKPOINT_STEP = "llmtrain_remote_checkpoint_step"
+    """Step of the newest checkpoint complete under storage.remote (its marker uploaded); 0 for none."""
+    REMOTE_UPLOADS_PENDING = "llmtrain_remote_uploads_pending"
+    """Checkpoints saved on the volume and not yet complete remotely (queued or uploading)."""
+    REMOTE_UPLOAD_FAILURES = "llmtrain_remote_upload_failures_total"
+    """Upload attempts that failed (a counter: each is retried with backoff)."""
+    REMOTE_UPLOAD_FAILING = "llmtrain_remote_upload_failing"
+    """1 while the latest attempt of some upload failed and it has not succeeded since, else 0."""
 
 
 # --- Termination message --------------------------------------------------------------------------
@@ -153,6 +164,8 @@ class TerminationMessage(BaseModel):
     """A compression or export stage's figures: sizeRatio, perplexityIncreasePercent, speedup, ..."""
     model_path: str | None = Field(default=None, alias="modelPath")
     """Where the stage wrote its model, relative to the job volume's root or absolute."""
+    model_uri: str | None = Field(default=None, alias="modelUri")
+    """Where the stage uploaded its model under storage.remote.uri (complete: its marker is there)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Further trainer-side fields (reason, problems, ...) kept in the message for humans."""
     truncated: bool = False
@@ -193,16 +206,26 @@ class TerminationMessage(BaseModel):
             fields["results"] = {
                 str(k): n for k, v in list(results.items())[:MAX_RESULTS] if (n := _finite(v)) is not None
             }
-        path = raw.get("modelPath")
-        if isinstance(path, str) and path:
-            fields["modelPath"] = path
+        for key in ("modelPath", "modelUri"):
+            if isinstance(value := raw.get(key), str) and value:
+                fields[key] = value
         fields["truncated"] = raw.get("truncated") is True
         fields["extra"] = {k: v for k, v in raw.items() if k not in _KNOWN}
         return cls.model_validate(fields)
 
 
 _KNOWN = frozenset(
-    {"step", "totalSteps", "loss", "validationLoss", "validationStep", "results", "modelPath", "truncated"}
+    {
+        "step",
+        "totalSteps",
+        "loss",
+        "validationLoss",
+        "validationStep",
+        "results",
+        "modelPath",
+        "modelUri",
+        "truncated",
+    }
 )
 
 

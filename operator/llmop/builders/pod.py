@@ -64,7 +64,7 @@ def source_env(job: JobRef) -> list[Manifest]:
 
 def user_env(job: JobRef) -> list[Manifest]:
     """spec.workers.env, last so that it wins over the operator's variables of the same name."""
-    return [var(e.name, e.value) for e in job.spec.workers.env]
+    return [e.to_wire() for e in job.spec.workers.env]
 
 
 # --- Resources ------------------------------------------------------------------------------------

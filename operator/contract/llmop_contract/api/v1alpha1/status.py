@@ -99,6 +99,11 @@ class JobReason(StrEnum):
     LEFTOVER_PENDING = "LeftoverPending"  # a child of an earlier job of this name is being removed
     SPEC_UPDATED = "SpecUpdated"  # an edit of a mutable section was taken up (an Event, no condition)
     CHECKPOINT_FALLBACK = "CheckpointFallback"  # resumed past checkpoints that failed verification
+    # RemoteSynced: whether everything saved so far is in storage.remote.
+    UPLOADS_CURRENT = "UploadsCurrent"
+    UPLOAD_PENDING = "UploadPending"
+    UPLOAD_FAILED = "UploadFailed"
+    RESUMED_FROM_REMOTE = "ResumedFromRemote"  # the volume had no checkpoint: restored from storage.remote
     # The per-stage conditions (stage.llmop.io/<name>) follow the stage's state.
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
@@ -125,6 +130,8 @@ class StageStatus(ApiModel):
     """Compression method of a compress stage (Int8WeightOnly, Magnitude, Distillation, ...)."""
     output_path: str | None = Field(None, max_length=1024)
     """Where the stage wrote its model, on the job's volume."""
+    output_uri: str | None = Field(None, max_length=2048)
+    """Where the stage uploaded its model under storage.remote.uri."""
     retries: int | None = Field(None, ge=0)
     """Failed pods of the stage's Job so far (each retried up to the backoff limit)."""
 
@@ -171,6 +178,25 @@ class ServingStatus(ApiModel):
     """ONNX export of the served model (serving.onnxExport), verified with onnxruntime."""
 
 
+class RemoteStatus(ApiModel):
+    """What of the job is in storage.remote (read from the trainer's metrics and termination message)."""
+
+    uri: str = Field(max_length=2048)
+    """storage.remote.uri."""
+    checkpoint_step: int | None = Field(None, ge=0)
+    """Step of the newest checkpoint complete in remote storage."""
+    checkpoint_uri: str | None = Field(None, max_length=2048)
+    """That checkpoint's directory."""
+    pending_uploads: int = Field(0, ge=0)
+    """Checkpoints saved on the volume and not yet uploaded."""
+    failed_uploads: int = Field(0, ge=0)
+    """Upload attempts that failed so far (each retried with backoff)."""
+    model_uri: str | None = Field(None, max_length=2048)
+    """The exported model."""
+    update_time: str | None = None
+    """When these figures were read."""
+
+
 class LLMTrainingJobStatus(ApiModel):
     """Observed state of an LLMTrainingJob."""
 
@@ -200,3 +226,5 @@ class LLMTrainingJobStatus(ApiModel):
     """Compression stage picked by compression.selection (unset: the trained model is the output)."""
     serving: ServingStatus | None = None
     """Serving endpoint."""
+    remote: RemoteStatus | None = None
+    """Uploads to storage.remote."""

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from llmop_contract.api.base import ApiModel, Rule
+from llmop_contract.sources import SourceKind, parse, source_problem
 
 
 class OptimizerType(StrEnum):
@@ -129,13 +130,32 @@ class LoRA(ApiModel):
     """Module names (or name suffixes, e.g. q_proj, v_proj) that get adapters; empty adapts every linear layer but the output head (peft's all-linear)."""
 
 
+def _resume_problem(uri: str) -> str | None:
+    if (problem := source_problem(uri)) is not None:
+        return problem
+    return "a hub repository holds no training checkpoint" if parse(uri).kind is SourceKind.HUB else None
+
+
 class Checkpointing(ApiModel):
     """When checkpoints are written to storage."""
+
+    rules = (
+        Rule(
+            "!has(self.resumeFrom) || (self.resumeFrom.matches('^[a-z][a-z0-9+.-]*://')"
+            " ? self.resumeFrom.matches('^(s3|gs|gcs|az|abfs)://[^/]+.*|^file:///.*')"
+            " : !self.resumeFrom.startsWith('-'))",
+            lambda m: m.resume_from is None or _resume_problem(m.resume_from) is None,
+            "resumeFrom must be an object-store URL (s3://, gs://, az://), file:///ABSOLUTE/PATH or a path",
+            ".resumeFrom",
+        ),
+    )
 
     interval_steps: int = Field(500, ge=1)
     """Steps between checkpoints (one is also written on SIGTERM and at the end)."""
     keep_last: int = Field(3, ge=1, le=1000)
-    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    """Checkpoints kept (on the volume, and under storage.remote); older ones are deleted after a newer one is complete."""
+    resume_from: str | None = Field(None, min_length=1, max_length=2048)
+    """A checkpoint directory (step-N) written by another job, as an object-store URL or a path: this job starts from its weights, optimizer state and step when it has no checkpoint of its own."""
 
 
 class Evaluation(ApiModel):
