@@ -3,7 +3,8 @@
 # here), once, into a cache outside the git tree keyed by version. Prints the bin directory last.
 #
 # Honours KUBEBUILDER_ASSETS: when set, kube-apiserver/etcd/kubectl come from there and only the
-# tools envtest does not ship (kwok, kwokctl, controller-manager, scheduler, helm, kubeconform) are built.
+# tools envtest does not ship (kwok, kwokctl, controller-manager, scheduler, helm, kubeconform, and
+# SeaweedFS's weed, the tests' S3 server) are built.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -83,9 +84,27 @@ build_etcd() {
   link_all "$out"
 }
 
+build_seaweedfs() {
+  local out; out=$(dist seaweedfs "$SEAWEEDFS_VERSION")
+  if [ ! -e "$out/.done" ]; then
+    log "building seaweedfs $SEAWEEDFS_VERSION (about 5 minutes cold)"
+    # Its go.mod carries replace directives, which `go install pkg@version` refuses: build the
+    # downloaded module source as the main module instead, so its own go.mod and go.sum apply.
+    local src=$cache/src/seaweedfs-$SEAWEEDFS_VERSION moddir
+    moddir=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+    rm -rf "$src" "$out.tmp" && mkdir -p "$(dirname "$src")" "$out.tmp"
+    # The module cache is read-only; the build may write go.sum entries.
+    cp -r "$moddir" "$src" && chmod -R u+w "$src"
+    (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp/weed" ./weed)
+    touch "$out.tmp/.done" && rm -rf "$out" && mv "$out.tmp" "$out"
+  fi
+  link_all "$out"
+}
+
 go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl
 go_install kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
 go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+build_seaweedfs
 if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
   log "using kube-apiserver, etcd and kubectl from KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
   for f in kube-apiserver etcd kubectl; do
