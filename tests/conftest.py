@@ -9,11 +9,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from llmop_dev import cluster as devcluster
 from tests.kube import Cluster
+
+if TYPE_CHECKING:
+    from tests.s3server import S3Server
 
 # What runs where (tests/README.md): the directory is the layer, and the layer is a marker, so
 # `pytest -m unit` or `pytest tests/unit` runs the seconds-long tests without a cluster.
@@ -61,3 +65,24 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     name = cluster.new_namespace()
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """One real S3 server (SeaweedFS, loopback only, authentication on) for the session.
+
+    Fails, never skips, when `weed` is missing: `make bins` builds it with the cluster's binaries.
+    """
+    # Imported here so that a venv without s3fs fails only the tests that use this fixture.
+    from tests.s3server import S3Server
+
+    weed = devcluster.cache_dir() / "bin" / "weed"
+    if not weed.exists():
+        pytest.fail(f"{weed} is missing: run `make bins` (hack/build-cluster-bins.sh) to build it")
+    server = S3Server(weed).start()
+    print(
+        f"\nS3 server: {server.endpoint} up in {server.start_seconds:.1f}s ({server.log_path})",
+        file=sys.stderr,
+    )
+    yield server
+    server.stop()
