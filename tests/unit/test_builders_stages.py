@@ -17,6 +17,7 @@ import yaml
 from llmop import naming
 from llmop.builders import JobRef, Manifest, compress, prepare, serving, storage, workers
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.workload import Stage
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RENDEZVOUS = ["MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE"]
@@ -68,6 +69,41 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         compression=None,
     ),
     "own-claim": variant(storage={"claimName": "shared", "size": "1Gi"}),
+    "secrets": variant(
+        workers={
+            "env": [
+                {"name": "NCCL_DEBUG", "value": "WARN"},
+                {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}},
+                {"name": "RUN_TAG", "valueFrom": {"configMapKeyRef": {"name": "tags", "key": "run"}}},
+            ],
+            "envFrom": [{"configMapRef": {"name": "nccl"}}, {"prefix": "HF_", "secretRef": {"name": "hf"}}],
+            "volumes": [
+                {
+                    "name": "datasets",
+                    "mountPath": "/mnt/datasets",
+                    "stages": ["Prepare"],
+                    "persistentVolumeClaim": {"claimName": "datasets"},
+                },
+                {"name": "gcs-key", "mountPath": "/var/run/gcs", "secret": {"secretName": "gcs"}},
+                {
+                    "name": "prompts",
+                    "mountPath": "/etc/prompts",
+                    "subPath": "chat",
+                    "readOnly": False,
+                    "stages": ["Serve", "Compress"],
+                    "configMap": {"name": "prompts"},
+                },
+            ],
+        },
+        storage={
+            "objectStore": {
+                "endpoint": "http://minio.store:9000",
+                "region": "eu-west-1",
+                "addressingStyle": "Path",
+                "credentialsSecret": "s3-keys",
+            },
+        },
+    ),
 }
 
 
@@ -101,12 +137,31 @@ def stage_pods(job: JobRef) -> dict[str, tuple[Manifest, Manifest]]:
     return pods
 
 
+def kind_of(stage: str) -> Stage:
+    """The kind of pod (pod.STAGES' key) a stage_pods entry is."""
+    if stage.startswith("worker-"):
+        return Stage.TRAIN
+    if stage == "prepare":
+        return Stage.PREPARE
+    return Stage.SERVE if stage in ("serve", "kserve") else Stage.COMPRESS
+
+
 def env_of(container: Manifest) -> list[str]:
     return [e["name"] for e in container["env"]]
 
 
 def user_env(job: JobRef) -> list[str]:
     return [e.name for e in job.spec.workers.env]
+
+
+def shared_env(job: JobRef) -> list[str]:
+    """What every stage's container ends with: the object-store settings, then the user's variables."""
+    store = job.spec.storage.object_store
+    return [
+        *(["AWS_ENDPOINT_URL_S3"] if store.endpoint else []),
+        *(["AWS_DEFAULT_REGION"] if store.region else []),
+        *user_env(job),
+    ]
 
 
 def plain_leaves(value: Any, path: str = "$") -> list[str]:
@@ -131,13 +186,18 @@ def test_every_stage_shares_image_identity_hardening_volumes_and_placement(case:
             w.image_pull_policy,
             ["llmtrain"],
         )
-        assert c["volumeMounts"] == storage.volume_mounts(), stage
+        extra = [v for v in w.volumes if v.mounted_in(kind_of(stage))]
+        assert c["volumeMounts"][: len(storage.volume_mounts())] == storage.volume_mounts(), stage
+        assert [m["name"] for m in c["volumeMounts"][len(storage.volume_mounts()) :]] == [
+            v.name for v in extra
+        ], stage
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         }, stage
-        assert spec["volumes"] == storage.volumes(job), stage
+        assert spec["volumes"][: len(storage.volumes(job))] == storage.volumes(job), stage
+        assert [v["name"] for v in spec["volumes"][len(storage.volumes(job)) :]] == [v.name for v in extra]
         assert spec["serviceAccountName"] == naming.service_account_name(job.name), stage
         assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["fsGroup"] == 1000
@@ -145,8 +205,9 @@ def test_every_stage_shares_image_identity_hardening_volumes_and_placement(case:
         assert spec.get("tolerations", []) == [t.to_wire() for t in w.tolerations], stage
         assert spec.get("affinity") == w.affinity, stage
         assert "HOME" in env_of(c), stage
-        if stage != "prepare":  # the user's variables come last, so they win over the operator's
-            assert env_of(c)[len(env_of(c)) - len(user_env(job)) :] == user_env(job), stage
+        # The user's variables come last in every stage, so they win over the operator's.
+        assert env_of(c)[len(env_of(c)) - len(user_env(job)) :] == user_env(job), stage
+        assert c["env"][len(c["env"]) - len(user_env(job)) :] == [e.to_wire() for e in w.env], stage
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -181,7 +242,8 @@ def test_prepare_pod_is_cpu_only_with_its_own_short_environment(case: str) -> No
     meta, spec = stage_pods(job)["prepare"]
     c = spec["containers"][0]
     assert c["name"] == "prepare" and c["args"] == ["prepare", "/etc/llmop/config.yaml"]
-    assert c["env"] == [{"name": "HOME", "value": "/tmp"}, {"name": "LLMOP_JOB_NAME", "value": job.name}]
+    own = [{"name": "HOME", "value": "/tmp"}, {"name": "LLMOP_JOB_NAME", "value": job.name}]
+    assert c["env"][:2] == own and env_of(c)[2:] == shared_env(job)
     requests = {k: str(v) for k, v in job.spec.workers.resources_per_node.requests.items()}
     assert c["resources"] == ({"requests": requests} if requests else {})  # no GPUs, no limits
     assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 120
@@ -204,7 +266,7 @@ def test_compression_and_onnx_pods_keep_identity_caches_and_user_env(case: str) 
     for stage, (meta, spec) in pods.items():
         c = spec["containers"][0]
         assert c["name"] == "compress"
-        assert env_of(c) == ["LLMOP_JOB_NAME", "LLMOP_JOB_NAMESPACE", *CACHES, *user_env(job)], stage
+        assert env_of(c) == ["LLMOP_JOB_NAME", "LLMOP_JOB_NAMESPACE", *CACHES, *shared_env(job)], stage
         assert c["resources"] == resources
         assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 120
         assert spec.get("priorityClassName") == job.spec.workers.priority_class_name
@@ -238,7 +300,7 @@ def test_serving_pods_get_probes_and_a_drain_and_no_trainer_environment(case: st
     _, spec = pods["serve"]
     c = spec["containers"][0]
     assert c["name"] == "serve" and c["args"][:3] == ["serve", "--model-dir", MODEL]
-    assert env_of(c) == ["POD_IP", "HOME", *user_env(job)]
+    assert env_of(c) == ["POD_IP", "HOME", *shared_env(job)]
     assert {"startupProbe", "readinessProbe", "livenessProbe", "lifecycle"} <= set(c)
     assert spec["terminationGracePeriodSeconds"] == 35 and "restartPolicy" not in spec
     assert spec.get("priorityClassName") == job.spec.workers.priority_class_name
@@ -268,8 +330,7 @@ def test_a_user_variable_named_like_a_gang_variable_does_not_bring_the_gangs_val
     for stage, (_, spec) in stage_pods(job).items():
         env = spec["containers"][0]["env"]
         if not stage.startswith("worker-"):
-            user = [] if stage == "prepare" else [{"name": "NNODES", "value": "9"}]  # prepare: none
-            assert [e for e in env if e["name"] == "NNODES"] == user, stage
+            assert [e for e in env if e["name"] == "NNODES"] == [{"name": "NNODES", "value": "9"}], stage
 
 
 def test_gang_scheduling_metadata_never_reaches_the_other_stages() -> None:

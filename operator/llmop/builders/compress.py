@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from llmop import naming
 from llmop.builders import JobRef, Manifest, batch, pod, storage
+from llmop_contract.api.v1alpha1 import workload
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.lifecycle import CompressionSpec
 from llmop_contract.protocol import DISTILL, ExitCode, prune, quantize
 
 
@@ -47,15 +49,17 @@ def _args(stage: Stage) -> list[str]:
 
 def build_compress_job(job: JobRef, stage: Stage) -> Manifest:
     # The trainer's image, identity, volumes and placement (the trained model and the shards are on
-    # the job's volume), the compression section's resources; the job's identity, caches and the
-    # user's environment (DS_ACCELERATOR, ...), not a gang member's rendezvous or metrics.
-    compression = job.spec.compression
-    assert compression is not None
+    # the job's volume), the compression section's resources; the job's identity and caches, then
+    # what pod.STAGES[COMPRESS] gives (the user's environment, credentials, volumes), not a gang
+    # member's rendezvous or metrics.
+    # serving.onnxExport runs without a compression section too: then the section's defaults.
+    compression = job.spec.compression or CompressionSpec()
     main = pod.container(
         job,
+        workload.Stage.COMPRESS,
         CONTAINER,
         _args(stage),
-        [*pod.identity_env(job), *pod.cache_env(), *pod.user_env(job)],
+        [*pod.identity_env(job), *pod.cache_env()],
         pod.resources(compression.resources.requests, compression.resources.limits),
     )
     labels = {**naming.common_labels(job.name, naming.ROLE_COMPRESS), naming.STAGE_LABEL: stage.name}
@@ -72,7 +76,7 @@ def build_compress_job(job: JobRef, stage: Stage) -> Manifest:
         naming.compress_job_name(job.name, stage.name),
         labels,
         template_metadata,
-        {**pod.pod_spec(job, main), **pod.priority(job)},
+        pod.pod_spec(job, workload.Stage.COMPRESS, main),
         backoff_limit=compression.backoff_limit,
         # A bad method/parameter combination: retrying cannot help.
         failure_rules=[batch.fail_on_exit_codes(CONTAINER, [int(ExitCode.BAD_CONFIG)])],

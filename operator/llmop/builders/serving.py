@@ -5,6 +5,7 @@ from __future__ import annotations
 from llmop import naming
 from llmop.builders import JobRef, Manifest, pod
 from llmop_contract.api.v1alpha1.lifecycle import ServingSpec
+from llmop_contract.api.v1alpha1.workload import Stage
 
 KSERVE_API = "serving.kserve.io/v1beta1"
 # preStop, then in-flight requests drain on SIGTERM (llmtrain serve's default --drain-timeout is
@@ -40,9 +41,11 @@ def _server(job: JobRef, name: str, model_path: str, extra_args: list[str]) -> M
         job.name,
         *extra_args,
     ]
-    # The user's environment (DS_ACCELERATOR, ...), not the trainer's identity or a gang member's.
-    env = [pod.field_var("POD_IP", "status.podIP"), *pod.home_env(), *pod.user_env(job)]
-    main = pod.container(job, name, args, env, pod.resources(s.resources.requests, s.resources.limits))
+    # Then pod.STAGES[SERVE] (the user's environment, credentials, volumes), not the trainer's
+    # identity or a gang member's.
+    env = [pod.field_var("POD_IP", "status.podIP"), *pod.home_env()]
+    resources = pod.resources(s.resources.requests, s.resources.limits)
+    main = pod.container(job, Stage.SERVE, name, args, env, resources)
     main["ports"] = [{"name": "http", "containerPort": s.port}]
     # Traffic only once /readyz says the warm-up generation ran.
     main["readinessProbe"] = _http_probe("/readyz", 5)
@@ -67,8 +70,7 @@ def labels(job: JobRef) -> dict[str, str]:
 def build_deployment(job: JobRef, model_path: str) -> Manifest:
     s = _spec(job)
     pod_spec = {
-        **pod.pod_spec(job, _serve_container(job, model_path)),
-        **pod.priority(job),
+        **pod.pod_spec(job, Stage.SERVE, _serve_container(job, model_path)),
         "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
     return {
@@ -107,8 +109,7 @@ def build_inference_service(job: JobRef, model_path: str) -> Manifest:
     s = _spec(job)
     main = _server(job, "kserve-container", model_path, ["--host", "127.0.0.1"])
     predictor: Manifest = {
-        **pod.pod_spec(job, main),
-        **pod.priority(job),
+        **pod.pod_spec(job, Stage.SERVE, main),
         "minReplicas": s.replicas,
         "maxReplicas": max(s.replicas, 1),
     }

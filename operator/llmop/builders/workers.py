@@ -6,7 +6,7 @@ from typing import Any
 
 from llmop import naming
 from llmop.builders import JobRef, Manifest, pod
-from llmop_contract.api.v1alpha1.workload import GangScheduler
+from llmop_contract.api.v1alpha1.workload import GangScheduler, Stage
 from llmop_contract.protocol import Env
 
 TRAINER_UID = pod.TRAINER_UID
@@ -63,10 +63,8 @@ def _env(job: JobRef, index: int, attempt: int) -> list[Manifest]:
         pod.var(Env.ATTEMPT, str(attempt)),
         pod.var(Env.METRICS_PORT, str(w.metrics_port)),
         *pod.cache_env(),
-        *pod.source_env(job),
         # Rank 0 serves metrics on its pod IP, which is where the operator scrapes progress from.
         pod.field_var(Env.METRICS_ADDR, "status.podIP"),
-        *pod.user_env(job),
     ]
 
 
@@ -134,21 +132,20 @@ def worker_pod_spec(job: JobRef, index: int = 0, attempt: int = 0) -> Manifest:
     placement (gang admission)."""
     w = job.spec.workers
     main = pod.container(
-        job, "trainer", ["train", pod.CONFIG_PATH], _env(job, index, attempt), resources(job)
+        job, Stage.TRAIN, "trainer", ["train", pod.CONFIG_PATH], _env(job, index, attempt), resources(job)
     )
     main["ports"] = [
         {"name": "rendezvous", "containerPort": w.master_port},
         {"name": "metrics", "containerPort": w.metrics_port},
     ]
     return {
-        **pod.pod_spec(job, main),
+        **pod.pod_spec(job, Stage.TRAIN, main),
         "restartPolicy": "Never",  # the operator restarts the whole gang, never a single pod
         "terminationGracePeriodSeconds": CHECKPOINT_GRACE_SECONDS,
         # <hostname>.<subdomain> resolves through the headless Service: MASTER_ADDR is worker 0's.
         "hostname": naming.worker_name(job.name, index),
         "subdomain": naming.service_name(job.name),
         **_gang_scheduling(job),
-        **pod.priority(job),
     }
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from llmop.naming import MANAGED_BY
+from llmop_contract import remote as layout
 from llmop_contract.api.v1alpha1.job import GROUP, KIND, VERSION
 from llmop_contract.api.v1alpha1.search import KIND as SEARCH_KIND
 
@@ -65,8 +67,22 @@ def _job(
             "annotations": {PARAMETERS_ANNOTATION: json.dumps(values, sort_keys=True)},
             "ownerReferences": [ref.owner_reference()],
         },
-        "spec": spec,
+        "spec": own_remote(spec, name),
     }
+
+
+def own_remote(spec: Manifest, name: str) -> Manifest:
+    """``spec`` with storage.remote.uri under a prefix of the job's own.
+
+    Every trial (and the best job) comes from one template: with one remote URI they would upload
+    their checkpoints over each other's, and a trial would resume from another's checkpoint.
+    """
+    remote = (spec.get("storage") or {}).get("remote")
+    if not remote or not remote.get("uri"):
+        return spec
+    out = copy.deepcopy(spec)
+    out["storage"]["remote"]["uri"] = layout.join(remote["uri"], name)
+    return out
 
 
 def build_trial(ref: SearchRef, index: int, values: dict[str, Any], spec: Manifest) -> Manifest:
