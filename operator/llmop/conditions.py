@@ -29,6 +29,9 @@ FAILED = "Failed"
 # Whether the last reconcile pass was carried out (Crossplane's convention): False carries the API's
 # message, so an error is visible on the job and not only in the operator's log.
 SYNCED = "Synced"
+# Whether everything saved so far is in storage.remote (jobs with storage.remote only; see
+# ``planner.remote``): UploadsCurrent, UploadPending, UploadFailed.
+REMOTE_SYNCED = "RemoteSynced"
 
 WireCondition = dict[str, Any]  # a condition as a manifest shows it (what tests and kubectl read)
 

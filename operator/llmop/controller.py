@@ -25,7 +25,7 @@ from llmop import conditions as cond
 from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
 from llmop.kube import ChildConflict, ChildError, Kube, Leftover
 from llmop.observe import BatchJobView, PodView, ServingView, controller_uid, inference_service_view
-from llmop.planner import JobSnapshot, Observed, Plan, errors, gang, plan
+from llmop.planner import JobSnapshot, Observed, Plan, errors, gang, plan, remote
 from llmop.planner.context import Event
 from llmop_contract.api.v1alpha1.job import KIND, LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import ConditionStatus, JobReason, JobState, LLMTrainingJobStatus
@@ -54,6 +54,7 @@ class JobMemory:
     done: dict[tuple[Any, ...], float] = field(default_factory=dict)
     error_streak: int = 0  # failed passes in a row (the retry backoff)
     fallback_reported: int = 0  # the attempt whose checkpoint fallback was reported
+    remote_resume_reported: int = 0  # the attempt whose restore from remote storage was reported
 
     def not_recently(self, action: tuple[Any, ...], items: list[Any], window: float = 15.0) -> list[Any]:
         """The items not acted on within `window` seconds, now marked as acted on.
@@ -175,7 +176,7 @@ async def reconcile_once(
         await write_status(kube, ref, done.status, result, memory, body)
     else:
         errors.reconciled(job, result, seen)
-        await report_progress(ref, result, pods, memory, progress_interval)
+        await report_progress(job, result, pods, memory, progress_interval)
         await write_status(kube, ref, status, result, memory, body)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return result.requeue_after
@@ -319,7 +320,7 @@ async def act(
 
 
 async def report_progress(
-    ref: JobRef, result: Plan, pods: list[PodView], memory: JobMemory, interval: float
+    job: JobSnapshot, result: Plan, pods: list[PodView], memory: JobMemory, interval: float
 ) -> None:
     if result.status.state != JobState.RUNNING or time.monotonic() - memory.last_scrape < interval:
         return
@@ -327,19 +328,22 @@ async def report_progress(
     if rank0 is None or rank0.ip is None:
         return
     memory.last_scrape = time.monotonic()
-    values = await progress.scrape(rank0.ip, ref.spec.workers.metrics_port)
+    values = await progress.scrape(rank0.ip, job.spec.workers.metrics_port)
     if values is None:
         return
-    result.status.progress = progress.to_status(values, datetime.now(UTC))
+    now = datetime.now(UTC)
+    result.status.progress = progress.to_status(values, now)
     attempt = result.status.attempt
     if (message := progress.fallback_message(values)) and memory.fallback_reported != attempt:
         memory.fallback_reported = attempt  # once per attempt: every scrape of it says the same
         result.events.append(Event(JobReason.CHECKPOINT_FALLBACK, message, warning=True))
-    metrics.JOB_STEP.labels(ref.namespace, ref.name).set(values.get("step", 0))
+    if remote.scraped(job, result, values, now, memory.remote_resume_reported == attempt):
+        memory.remote_resume_reported = attempt
+    metrics.JOB_STEP.labels(job.namespace, job.name).set(values.get("step", 0))
     if "loss" in values:
-        metrics.JOB_LOSS.labels(ref.namespace, ref.name).set(values["loss"])
+        metrics.JOB_LOSS.labels(job.namespace, job.name).set(values["loss"])
     if "tokensPerSecond" in values:
-        metrics.JOB_TOKENS.labels(ref.namespace, ref.name).set(values["tokensPerSecond"])
+        metrics.JOB_TOKENS.labels(job.namespace, job.name).set(values["tokensPerSecond"])
 
 
 async def write_status(

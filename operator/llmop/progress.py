@@ -25,6 +25,12 @@ _FIELDS: dict[str, str] = {
     # Not progress: read to report a resume that had to skip corrupt checkpoints (an Event).
     Metric.CHECKPOINT_FALLBACKS: "checkpointFallbacks",
     Metric.RESUMED_FROM_STEP: "resumedFromStep",
+    # storage.remote (planner.remote): status.remote, the RemoteSynced condition and its Events.
+    Metric.RESUMED_FROM_REMOTE: "resumedFromRemote",
+    Metric.REMOTE_CHECKPOINT_STEP: "remoteCheckpointStep",
+    Metric.REMOTE_UPLOADS_PENDING: "remoteUploadsPending",
+    Metric.REMOTE_UPLOAD_FAILURES: "remoteUploadFailures",
+    Metric.REMOTE_UPLOAD_FAILING: "remoteUploadFailing",
 }
 
 

@@ -29,6 +29,7 @@ class Figures:
     progress: dict[str, Any] = field(default_factory=dict)
     results: dict[str, float] = field(default_factory=dict)
     model_path: str | None = None
+    model_uri: str | None = None  # where the stage uploaded it under storage.remote.uri
     summary: list[str] = field(default_factory=list)
 
 
@@ -52,7 +53,7 @@ def final_figures(message: str) -> Figures:
         progress["validationStep"] = data.validation_step
     results = {key: round(value, 6) for key, value in data.results.items()}  # at most MAX_RESULTS
     summary = [fmt.format(results[k]) for k, fmt in _SUMMARY if k in results]
-    return Figures(progress, results, data.model_path, summary)
+    return Figures(progress, results, data.model_path, data.model_uri, summary)
 
 
 def refusal(pods: Iterable[PodView], stage: str) -> str | None:

@@ -32,6 +32,11 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def checkpoint_tag(step: int) -> str:
+    """A checkpoint's directory name, the same on the volume and remotely: step-00000100."""
+    return f"step-{step:08d}"
+
+
 def checkpoint_uri(remote: str, tag: str) -> str:
     return join(remote, CHECKPOINTS, tag)
 

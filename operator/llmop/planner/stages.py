@@ -100,6 +100,8 @@ def compress_stage(p: Pass, st: Stage, job: BatchJobView | None) -> StageStatus:
         entry.results = dict(figures.results)
         if figures.model_path:
             entry.output_path = figures.model_path
+        if figures.model_uri:
+            entry.output_uri = figures.model_uri
         p.condition(ctype, True, JobReason.SUCCEEDED, entry.message or f"{st.method} done")
     else:
         entry = p.stage(st.name, StageState.RUNNING)
@@ -121,5 +123,7 @@ def choose_output(p: Pass, wanted: list[Stage]) -> None:
         p.status.selected_stage = pick.name
         if pick.output_path:
             p.status.output_model_path = pick.output_path
+        if pick.output_uri and p.status.remote is not None:
+            p.status.remote.model_uri = pick.output_uri  # the job's output, as outputModelPath
     reason = JobReason.SELECTED if pick else JobReason.NONE_ELIGIBLE
     p.condition(cond.OUTPUT_SELECTED, pick is not None, reason, why)

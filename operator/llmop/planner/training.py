@@ -8,7 +8,7 @@ from enum import StrEnum
 from llmop import conditions as cond
 from llmop.builders import storage
 from llmop.observe import PodView
-from llmop.planner import gang, stages
+from llmop.planner import gang, remote, stages
 from llmop.planner.context import TRAIN, Pass
 from llmop.termination import final_figures
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
@@ -119,6 +119,9 @@ def trained(p: Pass, current: list[PodView], attempt: int) -> None:
     entry = p.stage(TRAIN, StageState.SUCCEEDED)
     entry.output_path = figures.model_path or f"{storage.OUTPUT_DIR}/model"
     p.status.output_model_path = entry.output_path
+    if figures.model_uri:
+        entry.output_uri = figures.model_uri
+    remote.uploaded(p.job, p.plan, p.seen.now, figures.model_uri)
     message = f"training finished in attempt {attempt}"
     p.condition(cond.TRAINED, True, JobReason.TRAINING_SUCCEEDED, message)
     p.condition(cond.RESTARTING, False, JobReason.TRAINING_SUCCEEDED, message)

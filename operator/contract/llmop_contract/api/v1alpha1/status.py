@@ -192,7 +192,7 @@ class RemoteStatus(ApiModel):
     failed_uploads: int = Field(0, ge=0)
     """Upload attempts that failed so far (each retried with backoff)."""
     model_uri: str | None = Field(None, max_length=2048)
-    """The exported model."""
+    """The job's model there: the trained export, or the compression stage compression.selection picked (as outputModelPath)."""
     update_time: str | None = None
     """When these figures were read."""
 
