@@ -259,6 +259,12 @@ def _describe(exc: BaseException, url: str) -> str | None:
     return None
 
 
+def describe(exc: BaseException, url: str) -> str | None:
+    """``problem`` without the field: for ``DataError(field, describe(...))``."""
+    described = _describe(exc, url)
+    return None if described is None else redact(described)
+
+
 def problem(exc: BaseException, url: str, field: str) -> str | None:
     """The user-fixable problem behind ``exc`` as one line naming ``field`` and ``url``, else None.
 

@@ -9,11 +9,15 @@ returns a directory ``from_pretrained`` can read. What a source is comes from
   the job's volume, so the first stage downloads and the others (and every rank) find it cached; a
   mirror is ``hub.endpoint``, a token comes from the environment (``HF_TOKEN``, which the operator
   fills from ``hub.tokenSecret``), and ``hub.offline`` reads the cache only (air-gapped clusters).
-- An object-store URL is copied with fsspec into ``model-cache/`` on the job's volume once; a marker
-  file written last makes a half-finished copy (a crash, a preemption) count as absent.
+- An object-store URL (s3://, gs://, az://) is copied through ``llmtrain.objectstore`` (the endpoint,
+  region and addressing of ``storage.objectStore``; credentials from the environment the operator
+  fills from its ``credentialsSecret``) into ``model-cache/`` on the job's volume once; a marker file
+  written last makes a half-finished copy (a crash, a preemption) count as absent.
 
 A source that is missing, unreadable or not a causal LM is the user's to fix: ``DataError`` (exit 2,
-never retried). A network failure is not: it propagates as a crash, which the operator retries.
+never retried); so are wrong credentials, a missing bucket and an object store that does not answer
+(after the filesystem's bounded retries). Any other failure (a 5xx, a connection dropped mid-copy)
+propagates as a crash, which the operator retries.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from typing import Any
 from llmop_contract.api.v1alpha1.model import HubSettings, PretrainedModel
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.sources import Source, SourceKind, parse
+from llmtrain import objectstore
 from llmtrain.config import DataError
 
 MODEL_FIELD = "spec.model.pretrained.uri"
@@ -102,29 +109,76 @@ def _from_hub(cfg: TrainerConfig, source: Source, hub: HubSettings, revision: st
     return Path(str(path))
 
 
-def _from_object_store(cfg: TrainerConfig, source: Source, field: str) -> Path:
-    import fsspec
-
-    key = hashlib.sha256(source.location.encode()).hexdigest()[:16]
-    local = Path(cfg.paths.volume_dir) / OBJECT_CACHE / key
-    if (local / _COMPLETE).is_file():
-        return local
+def _complete(local: Path) -> bool:
+    """Whether ``local`` is a finished copy: its marker is there and every file it lists has its size."""
     try:
-        fs, root = fsspec.core.url_to_fs(source.location)
-        if not fs.isdir(root):
-            raise DataError(field, f"{source.location!r} is not a directory (prefix) in the object store")
-        files = [f for f in fs.find(root) if not fs.isdir(f)]
-        tmp = local.with_name(local.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for remote in files:
-            target = tmp / os.path.relpath(remote, root)
+        marker = json.loads((local / _COMPLETE).read_text())
+        files = marker["files"]
+        return isinstance(files, dict) and all(
+            (local / name).stat().st_size == size for name, size in files.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _from_object_store(cfg: TrainerConfig, source: Source, field: str) -> Path:
+    """Copy the prefix ``source`` names into ``model-cache/`` once (through llmtrain.objectstore).
+
+    The copy goes to a private temporary directory, each file's size is checked against the listing,
+    the marker is written last and the directory renamed into place: a copy cut short (a crash, a
+    preemption, a dropped connection) is never found complete, and the next stage copies it again.
+    """
+    url = source.location
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    local = Path(cfg.paths.volume_dir) / OBJECT_CACHE / key
+    if _complete(local):
+        return local
+    where = objectstore.safe_url(url)
+    tmp = local.with_name(f"{local.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fs, root = objectstore.filesystem(cfg.spec.storage.object_store, url)
+        root = root.rstrip("/")
+        listing = fs.find(root, detail=True)
+        files: dict[str, int] = {}
+        for remote, info in sorted(listing.items()):
+            if info.get("type") == "directory":
+                continue
+            rel = posixpath.relpath(str(remote), root)
+            if rel == ".":
+                raise DataError(field, f"{where} is an object, not a directory (prefix) holding a model")
+            if rel.startswith("../") or rel.startswith("/"):
+                continue  # not under the prefix (a key with '..' in it): never written outside tmp
+            files[rel] = int(info.get("size") or 0)
+        if not files:
+            raise DataError(
+                field, f"{where} is not a directory (prefix) in the object store: nothing under it"
+            )
+        for rel, size in files.items():
+            target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(target))
-    except (FileNotFoundError, PermissionError) as exc:
-        raise DataError(field, f"{source.location!r} cannot be read: {exc}") from exc
-    (tmp / _COMPLETE).write_text(json.dumps({"uri": source.location, "files": len(files)}) + "\n")
-    shutil.rmtree(local, ignore_errors=True)
-    os.replace(tmp, local)
+            fs.get_file(posixpath.join(root, rel), str(target))
+            if target.stat().st_size != size:
+                # Transient (a truncated transfer): a crash, so the operator retries the pod.
+                raise OSError(f"{where}/{rel}: copied {target.stat().st_size} of {size} bytes")
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (described := objectstore.describe(exc, url)) is not None:
+            raise DataError(field, described) from exc
+        raise
+    # Written last: only a copy whose every file arrived has it.
+    (tmp / _COMPLETE).write_text(json.dumps({"uri": where, "files": files}) + "\n")
+    if local.exists() and not _complete(local):
+        shutil.rmtree(local, ignore_errors=True)  # a copy of an older layout, or a damaged one
+    try:
+        os.replace(tmp, local)
+    except OSError:
+        # Another process (a rank, a stage on the same volume) finished the same copy first.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _complete(local):
+            raise
     return local
 
 

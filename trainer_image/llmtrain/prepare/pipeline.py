@@ -54,7 +54,8 @@ def preflight(config: TrainerConfig) -> list[readers.ResolvedSource]:
     data = config.spec.data
     if not data.sources:
         raise ConfigError("spec.data.sources", "no sources to prepare")
-    sources = [readers.resolve(i, s) for i, s in enumerate(data.sources)]
+    store = config.spec.storage.object_store
+    sources = [readers.resolve(i, s, store) for i, s in enumerate(data.sources)]
     if data.format.supervised and config.spec.model.pretrained is None:
         # Admission refuses this too; a config file written by hand reaches here.
         raise ConfigError(

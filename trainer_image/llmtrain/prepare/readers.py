@@ -1,4 +1,8 @@
-"""Reading documents from local paths, fsspec URLs and the bundled corpora.
+"""Reading documents from local paths, object stores (s3://, gs://, az://) and the bundled corpora.
+
+Object-store sources are opened through ``llmtrain.objectstore`` with ``spec.storage.objectStore``
+(endpoint, region, addressing; credentials from the pod's environment): a single object or every
+file under a prefix, exactly as a local file or directory.
 
 Document boundaries per format:
 
@@ -23,12 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
 
 from llmop_contract.api.v1alpha1.data import DataSource, SourceFormat
-from llmtrain import corpus
-from llmtrain.config import ConfigError
+from llmop_contract.api.v1alpha1.workload import ObjectStore
+from llmtrain import corpus, objectstore
+from llmtrain.config import ConfigError, DataError
 
 BUILTIN = "builtin://"
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
@@ -97,8 +101,12 @@ def infer_format(path: str) -> SourceFormat | None:
     return None
 
 
-def resolve(index: int, source: DataSource) -> ResolvedSource:
-    """Expands a source into files, raising ConfigError naming the source when it cannot be read."""
+def resolve(index: int, source: DataSource, store: ObjectStore | None = None) -> ResolvedSource:
+    """Expands a source into files, raising ConfigError naming the source when it cannot be read.
+
+    Object-store URLs go through llmtrain.objectstore with ``store`` (spec.storage.objectStore):
+    wrong credentials, a missing bucket or an endpoint that does not answer are DataError (exit 2).
+    """
     field = f"spec.data.sources[{index}].uri"
     uri = source.uri
     if uri.startswith(BUILTIN):
@@ -106,17 +114,42 @@ def resolve(index: int, source: DataSource) -> ResolvedSource:
         if name not in corpus.NAMES:
             raise ConfigError(field, f"unknown builtin corpus {name!r}; bundled: {', '.join(corpus.NAMES)}")
         return ResolvedSource(index, source, ())
+    where = objectstore.safe_url(uri)
     try:
-        fs, root = fsspec.core.url_to_fs(uri)
+        fs, root = objectstore.filesystem(store or ObjectStore(), uri)
     except (ValueError, ImportError) as exc:
-        raise ConfigError(field, f"cannot open {uri!r}: {exc}") from exc
-    if not fs.exists(root):
-        raise ConfigError(field, f"{uri!r} does not exist")
+        raise ConfigError(field, f"cannot open {where!r}: {objectstore.redact(str(exc))}") from exc
+    try:
+        return ResolvedSource(index, source, tuple(_files(index, source, fs, root, where)))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _refusal(exc, uri, field) from exc
+
+
+def _refusal(exc: Exception, uri: str, field: str) -> Exception:
+    """DataError for a problem the user can fix (objectstore.describe), else ``exc`` itself."""
+    described = objectstore.describe(exc, uri)
+    return exc if described is None else DataError(field, described)
+
+
+def _files(index: int, source: DataSource, fs: Any, root: str, where: str) -> list[InputFile]:
+    # info, not exists: s3fs answers exists() with False for a missing bucket and for a refused
+    # request alike, and info() raises what tells them apart.
+    try:
+        root_info = fs.info(root)
+    except FileNotFoundError as exc:
+        if objectstore.is_object_url(source.uri):
+            raise  # objectstore.describe tells a missing bucket from a missing key
+        raise DataError(f"spec.data.sources[{index}].uri", f"{where!r} does not exist") from exc
     explicit = source.format != SourceFormat.AUTO
-    if fs.isdir(root):
+    if root_info.get("type") == "directory":
         paths = sorted(p for p in fs.find(root) if explicit or infer_format(p) is not None)
         if not paths:
-            raise ConfigError(field, f"directory {uri!r} holds no .txt, .jsonl or .parquet files")
+            raise ConfigError(
+                f"spec.data.sources[{index}].uri",
+                f"directory {where!r} holds no .txt, .jsonl or .parquet files",
+            )
     else:
         paths = [root]
     files = []
@@ -126,10 +159,10 @@ def resolve(index: int, source: DataSource) -> ResolvedSource:
             raise ConfigError(
                 f"spec.data.sources[{index}].format", f"cannot infer the format of {p!r}; set format"
             )
-        info = fs.info(p)
+        info = root_info if p == root else fs.info(p)
         mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or info.get("ETag") or ""
         files.append(InputFile(fs, p, fmt, int(info.get("size") or 0), str(mtime)))
-    return ResolvedSource(index, source, tuple(files))
+    return files
 
 
 def _compression(path: str) -> str | None:
@@ -183,11 +216,12 @@ def read(src: ResolvedSource, counts: Counter[str]) -> Iterator[str]:
         return
     for f in src.files:
         if f.format == SourceFormat.TEXT:
-            yield from _read_text(f)
+            texts = _read_text(f)
         elif f.format == SourceFormat.JSONL:
-            yield from _read_jsonl(f, src.source.text_field, counts)
+            texts = _read_jsonl(f, src.source.text_field, counts)
         else:
-            yield from _read_parquet(f, src.source.text_field, src.field, counts)
+            texts = _read_parquet(f, src.source.text_field, src.field, counts)
+        yield from _guarded(texts, src)
 
 
 # --- records, for the supervised formats ----------------------------------------------------------
@@ -227,4 +261,18 @@ def read_records(src: ResolvedSource, counts: Counter[str]) -> Iterator[Any]:
                 f"{src.field}.format",
                 f"{f.path!r} is plain text, but spec.data.format.type needs records: JSONL or Parquet",
             )
-        yield from _jsonl_records(f, counts) if f.format == SourceFormat.JSONL else _parquet_records(f)
+        yield from _guarded(
+            _jsonl_records(f, counts) if f.format == SourceFormat.JSONL else _parquet_records(f), src
+        )
+
+
+def _guarded(items: Iterator[Any], src: ResolvedSource) -> Iterator[Any]:
+    """``items``, with a read failure the user can fix (credentials revoked, bucket deleted since
+    resolve) raised as DataError naming the source; anything else propagates (a crash, retried).
+    Nothing read so far is kept on failure: prepare writes its shards only after every source."""
+    try:
+        yield from items
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _refusal(exc, src.source.uri, f"{src.field}.uri") from exc
