@@ -63,6 +63,9 @@ def both(*changes: Callable[[Manifest], None]) -> Callable[[Manifest], None]:
     return apply
 
 
+SECRET_KEY = {"name": "creds", "key": "token"}
+VOLUME = {"name": "data", "mountPath": "/mnt/data", "persistentVolumeClaim": {"claimName": "corpus"}}
+
 # (case id, change to a valid manifest, text the rejection must contain)
 CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
     ("wrong type: string for integer", put("spec.training.maxSteps", "many"), "spec.training.maxSteps"),
@@ -306,6 +309,94 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         put("spec.model.pretrained", {"uri": "models/base", "revision": "v1"}),
         "spec.model.pretrained.revision",
     ),
+    (
+        "contradiction: an env entry with value and valueFrom",
+        put("spec.workers.env", [{"name": "K", "value": "v", "valueFrom": {"secretKeyRef": SECRET_KEY}}]),
+        "spec.workers.env[0]",
+    ),
+    (
+        "contradiction: valueFrom with both a Secret and a ConfigMap key",
+        put(
+            "spec.workers.env",
+            [{"name": "K", "valueFrom": {"secretKeyRef": SECRET_KEY, "configMapKeyRef": SECRET_KEY}}],
+        ),
+        "spec.workers.env[0].valueFrom",
+    ),
+    (
+        "contradiction: valueFrom naming nothing",
+        put("spec.workers.env", [{"name": "K", "valueFrom": {}}]),
+        "spec.workers.env[0].valueFrom",
+    ),
+    (
+        "contradiction: envFrom with both a Secret and a ConfigMap",
+        put("spec.workers.envFrom", [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]),
+        "spec.workers.envFrom[0]",
+    ),
+    (
+        "contradiction: envFrom naming nothing",
+        put("spec.workers.envFrom", [{"prefix": "X_"}]),
+        "spec.workers.envFrom[0]",
+    ),
+    (
+        "contradiction: a volume with two sources",
+        put("spec.workers.volumes", [{**VOLUME, "configMap": {"name": "c"}}]),
+        "spec.workers.volumes[0]",
+    ),
+    (
+        "contradiction: a volume without a source",
+        put("spec.workers.volumes", [{"name": "data", "mountPath": "/mnt/data"}]),
+        "spec.workers.volumes[0]",
+    ),
+    (
+        "contradiction: a volume named like the operator's own",
+        put("spec.workers.volumes", [{**VOLUME, "name": "storage"}]),
+        "spec.workers.volumes[0].name",
+    ),
+    (
+        "contradiction: a volume mounted over the job's volume",
+        put("spec.workers.volumes", [{**VOLUME, "mountPath": "/var/lib/llmop/data"}]),
+        "spec.workers.volumes[0].mountPath",
+    ),
+    (
+        "contradiction: a volume mounted above the config",
+        put("spec.workers.volumes", [{**VOLUME, "mountPath": "/etc"}]),
+        "spec.workers.volumes[0].mountPath",
+    ),
+    (
+        "contradiction: two volumes of one name",
+        put("spec.workers.volumes", [VOLUME, {**VOLUME, "mountPath": "/mnt/other"}]),
+        "spec.workers.volumes",
+    ),
+    (
+        "contradiction: two volumes on one path",
+        put("spec.workers.volumes", [VOLUME, {**VOLUME, "name": "other"}]),
+        "spec.workers.volumes",
+    ),
+    (
+        "unknown enum: volume stage",
+        put("spec.workers.volumes", [{**VOLUME, "stages": ["Export"]}]),
+        "spec.workers.volumes[0].stages[0]",
+    ),
+    (
+        "pattern: object store endpoint with credentials",
+        put("spec.storage.objectStore", {"endpoint": "http://key:secret@minio:9000"}),
+        "spec.storage.objectStore.endpoint",
+    ),
+    (
+        "contradiction: remote storage that is not an object store",
+        put("spec.storage.remote", {"uri": "/mnt/backup/run"}),
+        "spec.storage.remote.uri",
+    ),
+    (
+        "contradiction: remote storage with credentials in the URL",
+        put("spec.storage.remote", {"uri": "s3://key:secret@bucket/run"}),
+        "spec.storage.remote.uri",
+    ),
+    (
+        "contradiction: resumeFrom a hub repository",
+        put("spec.training.checkpointing", {"resumeFrom": "hf://org/model"}),
+        "spec.training.checkpointing.resumeFrom",
+    ),
     ("unknown field (strict)", put("spec.training.learningRate", 0.001), "spec.training.learningRate"),
     ("unknown top-level spec field (strict)", put("spec.epochs", 3), "spec.epochs"),
     ("name too long for derived pod names", put("metadata.name", "x" * 41), "metadata.name"),
@@ -456,6 +547,74 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
     ),
     "pattern: model source scheme": ("spec.model.pretrained", "uri must be hf://ORG/NAME"),
     "contradiction: a revision of a path": ("spec.model.pretrained", "revision applies only to a hub source"),
+    "contradiction: an env entry with value and valueFrom": (
+        "spec.workers.env[0]",
+        "an env entry takes value or valueFrom, not both",
+    ),
+    "contradiction: valueFrom with both a Secret and a ConfigMap key": (
+        "spec.workers.env[0].valueFrom",
+        "valueFrom needs exactly one of secretKeyRef and configMapKeyRef",
+    ),
+    "contradiction: valueFrom naming nothing": (
+        "spec.workers.env[0].valueFrom",
+        "valueFrom needs exactly one of secretKeyRef and configMapKeyRef",
+    ),
+    "contradiction: envFrom with both a Secret and a ConfigMap": (
+        "spec.workers.envFrom[0]",
+        "envFrom needs exactly one of secretRef and configMapRef",
+    ),
+    "contradiction: envFrom naming nothing": (
+        "spec.workers.envFrom[0]",
+        "envFrom needs exactly one of secretRef and configMapRef",
+    ),
+    "contradiction: a volume with two sources": (
+        "spec.workers.volumes[0]",
+        "a volume needs exactly one of persistentVolumeClaim, configMap and secret",
+    ),
+    "contradiction: a volume without a source": (
+        "spec.workers.volumes[0]",
+        "a volume needs exactly one of persistentVolumeClaim, configMap and secret",
+    ),
+    "contradiction: a volume named like the operator's own": (
+        "spec.workers.volumes[0]",
+        "volume names storage, config, tmp, shm are the operator's own",
+    ),
+    "contradiction: a volume mounted over the job's volume": (
+        "spec.workers.volumes[0]",
+        "mountPath must not be, contain or lie inside the operator's mounts",
+    ),
+    "contradiction: a volume mounted above the config": (
+        "spec.workers.volumes[0]",
+        "mountPath must not be, contain or lie inside the operator's mounts",
+    ),
+    "contradiction: two volumes of one name": (
+        "spec.workers",
+        "volumes need distinct names and distinct mountPaths",
+    ),
+    "contradiction: two volumes on one path": (
+        "spec.workers",
+        "volumes need distinct names and distinct mountPaths",
+    ),
+    "unknown enum: volume stage": (
+        "spec.workers.volumes[0].stages[0]",
+        "'Prepare', 'Train', 'Compress' or 'Serve'",
+    ),
+    "pattern: object store endpoint with credentials": (
+        "spec.storage.objectStore.endpoint",
+        "String should match pattern",
+    ),
+    "contradiction: remote storage that is not an object store": (
+        "spec.storage.remote",
+        "storage.remote.uri must be an object-store URL with a bucket",
+    ),
+    "contradiction: remote storage with credentials in the URL": (
+        "spec.storage.remote",
+        "credentials go in storage.objectStore.credentialsSecret",
+    ),
+    "contradiction: resumeFrom a hub repository": (
+        "spec.training.checkpointing",
+        "resumeFrom must be an object-store URL",
+    ),
     "unknown field (strict)": ("spec.training.learningRate", "Extra inputs are not permitted"),
     "unknown top-level spec field (strict)": ("spec.epochs", "Extra inputs are not permitted"),
 }

@@ -242,8 +242,9 @@ class WorkersSpec(ApiModel):
             ".metricsPort",
         ),
         Rule(
-            "self.volumes.all(v, self.volumes.exists_one(w, w.name == v.name))"
-            " && self.volumes.all(v, self.volumes.exists_one(w, w.mountPath == v.mountPath))",
+            # has(): a list left out has no default in the schema, and CEL cannot read a missing key.
+            "!has(self.volumes) || (self.volumes.all(v, self.volumes.exists_one(w, w.name == v.name))"
+            " && self.volumes.all(v, self.volumes.exists_one(w, w.mountPath == v.mountPath)))",
             lambda m: (
                 len({v.name for v in m.volumes}) == len(m.volumes)
                 and len({v.mount_path for v in m.volumes}) == len(m.volumes)
