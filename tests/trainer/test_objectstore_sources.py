@@ -119,6 +119,10 @@ def test_prepare_reads_an_s3_prefix_exactly_as_the_same_files_on_disk(tmp_path: 
     assert results["s3"] == results["local"]
     assert results["s3"]["files"], "shards were compared"
 
+    # The objects' sizes and modification times fingerprint the input: unchanged, a re-run is a no-op.
+    again = prepare(tmp_path / "s3" / "config.yaml", pod_env(tmp_path / "s3", s3))
+    assert again.returncode == 0 and "is up to date" in again.stderr, again.stderr[-2000:]
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
