@@ -367,12 +367,19 @@ async def write_status(
     posted: set[str] = set()
     for t in sorted(result.transitions, key=lambda t: t.status != ConditionStatus.TRUE):
         warning = (
-            t.status == ConditionStatus.TRUE
-            and (t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS)
-        ) or (
-            t.type == cond.SYNCED
-            and t.status == ConditionStatus.FALSE
-            and t.reason != JobReason.LEFTOVER_PENDING
+            (
+                t.status == ConditionStatus.TRUE
+                and (t.type in (cond.FAILED, cond.RESTARTING) or t.reason in _WARNING_REASONS)
+            )
+            or (
+                # A pod that cannot start for a missing Secret/ConfigMap/key: the user must act.
+                t.reason == JobReason.CONTAINER_CONFIG_ERROR
+            )
+            or (
+                t.type == cond.SYNCED
+                and t.status == ConditionStatus.FALSE
+                and t.reason != JobReason.LEFTOVER_PENDING
+            )
         )
         if t.reason not in posted:
             posted.add(t.reason)

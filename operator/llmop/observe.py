@@ -30,6 +30,9 @@ def controller_name(obj: Mapping[str, Any]) -> str:
     return f"{ref.get('kind')}/{ref.get('name')}" if ref else ""
 
 
+# The kubelet's waiting reason for a container whose env or volumes name a missing Secret/ConfigMap/key.
+CONFIG_ERROR = "CreateContainerConfigError"
+
 # Pod failure reasons that are the platform's doing, not the training code's.
 _DISRUPTION_REASONS = {
     "Evicted",
@@ -65,6 +68,15 @@ class PodView:
     owner_uid: str = ""  # the controller owner's UID: the job (workers) or a batch Job (compression)
     owner: str = ""  # the controller owner's "Kind/name"
     uid: str = ""
+    waiting_reason: str = ""  # why a container is not started yet (CreateContainerConfigError, ...)
+    waiting_message: str = ""  # the kubelet's words, e.g. secret "s3-keys" not found
+
+    @property
+    def config_error(self) -> str | None:
+        """The kubelet's message when a Secret, ConfigMap or key the pod refers to is missing."""
+        if self.waiting_reason != CONFIG_ERROR:
+            return None
+        return self.waiting_message or self.waiting_reason
 
     @property
     def failed(self) -> bool:
@@ -103,6 +115,14 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         if (cs.get("state") or {}).get("terminated")
     ]
     message = next((t["message"] for t in terminated if t.get("message")), "")
+    waiting: Mapping[str, Any] = next(
+        (
+            cs["state"]["waiting"]
+            for cs in status.get("containerStatuses") or []
+            if (cs.get("state") or {}).get("waiting")
+        ),
+        {},
+    )
     exit_code = next((t.get("exitCode") for t in terminated if t.get("exitCode")), None)
     if exit_code is None and terminated:
         exit_code = terminated[0].get("exitCode")
@@ -144,6 +164,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         owner_uid=controller_uid(pod),
         owner=controller_name(pod),
         uid=meta.get("uid", ""),
+        waiting_reason=str(waiting.get("reason") or ""),
+        waiting_message=str(waiting.get("message") or "")[:1024],
     )
 
 

@@ -7,7 +7,7 @@ functions of a ``Pass``; ``llmop.planner.plan`` runs them in order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -100,6 +100,25 @@ class Pass:
         )
         if t:
             self.plan.transitions.append(t)
+
+    def config_blocked(self, type_: str, pods: Iterable[PodView]) -> str | None:
+        """Condition ``type_`` False/ContainerConfigError while one of ``pods`` cannot start because a
+        Secret, ConfigMap or key it refers to is missing; the kubelet's message (names, never values),
+        a Warning Event the first time. None when no pod is blocked."""
+        pod = next((x for x in pods if x.config_error and not x.deleting), None)
+        if pod is None:
+            return None
+        why = (
+            f"pod {pod.name} cannot start: {pod.config_error} (a Secret, ConfigMap or key named by"
+            " workers.env, workers.envFrom, workers.volumes or storage.objectStore.credentialsSecret)"
+        )
+        before = cond.find(self.status.conditions, type_)
+        transitions = len(self.plan.transitions)
+        self.condition(type_, False, JobReason.CONTAINER_CONFIG_ERROR, why)
+        new = before is None or before.reason != JobReason.CONTAINER_CONFIG_ERROR
+        if new and len(self.plan.transitions) == transitions:  # a transition posts its own Event
+            self.plan.events.append(Event(JobReason.CONTAINER_CONFIG_ERROR, why, warning=True))
+        return why
 
     def holds(self, type_: str) -> bool:
         return cond.holds(self.status.conditions, type_)

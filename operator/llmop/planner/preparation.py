@@ -24,7 +24,8 @@ def prepared(p: Pass) -> bool:
         p.fail(JobReason.PREPARATION_FAILED, f"data preparation Job {job.name} failed: {why}")
         return False
     if not job.succeeded:
-        p.stage(PREPARE, StageState.RUNNING)
+        blocked = p.config_blocked(cond.PREPARED, [x for x in p.seen.compress_pods if x.stage == ""])
+        p.stage(PREPARE, StageState.RUNNING).message = blocked  # cleared once the pod can start
         p.status.state = JobState.PREPARING
         return False
     p.stage(PREPARE, StageState.SUCCEEDED)

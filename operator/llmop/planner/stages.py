@@ -103,8 +103,11 @@ def compress_stage(p: Pass, st: Stage, job: BatchJobView | None) -> StageStatus:
         if figures.model_uri:
             entry.output_uri = figures.model_uri
         p.condition(ctype, True, JobReason.SUCCEEDED, entry.message or f"{st.method} done")
+    elif blocked := p.config_blocked(ctype, [x for x in p.seen.compress_pods if x.stage == st.name]):
+        entry = p.stage(st.name, StageState.RUNNING, blocked)
     else:
         entry = p.stage(st.name, StageState.RUNNING)
+        entry.message = None  # a missing Secret's message, once it is there
         retry = f" (retry {job.failures} after a failed pod)" if job.failures else ""
         p.condition(ctype, False, JobReason.RUNNING, f"{st.method} running{retry}")
     entry.method = st.method

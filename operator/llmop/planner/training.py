@@ -97,6 +97,7 @@ def placement(p: Pass, current: list[PodView]) -> None:
         p.status.state = JobState.PENDING
         return
     if not all((x.running and x.ready) or x.succeeded for x in current):
+        p.config_blocked(cond.RUNNING, current)
         p.status.state = JobState.STARTING
         return
     if not p.holds(cond.RUNNING):

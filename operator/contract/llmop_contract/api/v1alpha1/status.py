@@ -104,6 +104,8 @@ class JobReason(StrEnum):
     UPLOAD_PENDING = "UploadPending"
     UPLOAD_FAILED = "UploadFailed"
     RESUMED_FROM_REMOTE = "ResumedFromRemote"  # the volume had no checkpoint: restored from storage.remote
+    # A pod's container cannot be created: a Secret, ConfigMap or key its env/envFrom/volumes name is missing.
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
     # The per-stage conditions (stage.llmop.io/<name>) follow the stage's state.
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
