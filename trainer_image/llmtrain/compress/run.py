@@ -7,12 +7,17 @@
 A stage whose directory already holds a report with the same fingerprint (the stage's spec, the
 training and DeepSpeed settings it uses, and the input model's files) is complete: it is not redone,
 so a retried pod converges instead of repeating the work.
+
+With ``spec.storage.remote`` the committed stage directory is then uploaded under
+``compressed/<STAGE>/`` (marker last; skipped when the remote copy already matches) and its URI is the
+summary's ``modelUri``; an upload that cannot complete fails the stage (train/remote.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import torch
 
 from llmop_contract.api.v1alpha1.lifecycle import Distillation, Pruning, PruningMethod, Quantization
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+from llmop_contract.remote import COMPRESSED
 from llmtrain.compress import evaluate, layout
 from llmtrain.compress.load import load_model
 from llmtrain.compress.stages import DEFAULT_INT4_GROUP, ModelShape, Stage
@@ -52,6 +58,16 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in ("stage", "method", "modelPath", "results")}
 
 
+def uploaded(
+    cfg: TrainerConfig, stage: Stage, final: Path, out: dict[str, Any], log: Logger
+) -> dict[str, Any]:
+    """``out`` with modelUri, once the stage's directory is complete under storage.remote (if set)."""
+    from llmtrain.train.remote import upload_model
+
+    uri = upload_model(cfg, final, posixpath.join(COMPRESSED, stage.name), log)
+    return out if uri is None else {**out, "modelUri": uri}
+
+
 def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
@@ -66,7 +82,7 @@ def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) 
     marker = layout.read_marker(final)
     if existing is not None and marker is not None and marker.get("fingerprint") == print_fp:
         log.event("up_to_date", stage=stage.name, model_path=str(final))
-        return summary(existing)
+        return uploaded(cfg, stage, final, summary(existing), log)
 
     log.event("start", stage=stage.name, method=stage.method, field=stage.field, source=str(source))
     with layout.staging(final) as tmp:
@@ -107,7 +123,7 @@ def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) 
         log.event("writing", stage=stage.name, model_path=str(final))
         layout.write_json(tmp / layout.REPORT, report)
     log.event("done", stage=stage.name, method=stage.method, model_path=str(final), **_short(results))
-    return summary(report)
+    return uploaded(cfg, stage, final, summary(report), log)
 
 
 def _short(results: dict[str, float]) -> dict[str, float]:

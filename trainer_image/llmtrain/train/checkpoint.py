@@ -21,6 +21,11 @@ person decides; renamed so that keep-last rotation counts only good checkpoints,
 step does not overwrite it, and the next retry does not hash it again), then broadcasts its choice so
 every rank loads the same tag. This needs the checkpoint directory on storage shared by all ranks,
 which the commit by rename already does.
+
+With ``spec.storage.remote`` (remote.py) every committed checkpoint is also queued for upload, and
+keep-last rotation skips a checkpoint still waiting for it. When no checkpoint on the volume verifies,
+rank 0 restores the newest complete remote one (or ``training.checkpointing.resumeFrom``) onto the
+volume first, through ``.tmp-<tag>`` and a rename like a save, and the resume goes on as above.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +44,12 @@ import torch
 from llmtrain.train import integrity
 from llmtrain.train.dist import DistEnv, barrier, broadcast_from_main
 from llmtrain.train.integrity import Rejection
+from llmtrain.train.remote import Remote, ThreadLogger
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -93,6 +104,8 @@ class Restored:
     """Checkpoints newer than the one used (or all, when starting from scratch) that failed verification."""
     rejected: list[tuple[Rejection, Path]] = field(default_factory=list)
     """(why, where it was moved to) per rejected checkpoint, newest first."""
+    from_remote: str | None = None
+    """Where the checkpoint was fetched from (storage.remote or resumeFrom); None: from the volume."""
 
     @property
     def tag(self) -> str | None:
@@ -139,15 +152,38 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep_last: int, env: DistEnv) -> None:
+    def __init__(self, root: str | Path, keep_last: int, env: DistEnv, remote: Remote | None = None) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.env = env
+        self.remote = remote
+        """Uploads and remote restores, on rank 0 only (None elsewhere, and without storage.remote)."""
+        self.upload_wait_seconds = 0.0
+        """How long the last save waited for room in the upload queue (part of save's duration)."""
         if env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(TMP_PREFIX + "*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         barrier(env)
+
+    @classmethod
+    def for_config(cls, cfg: TrainerConfig, env: DistEnv) -> Checkpointer:
+        """The job's checkpointer: paths.checkpointDir, keepLast, storage.remote and resumeFrom."""
+        remote = Remote.for_config(cfg, ThreadLogger(env.rank), env.is_main)
+        return cls(cfg.paths.checkpoint_dir, cfg.spec.training.checkpointing.keep_last, env, remote)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add the remote series to the registry rank 0 serves (none without storage.remote)."""
+        if self.remote is not None:
+            self.remote.metrics.register(registry, uploads=self.remote.store is not None)
+
+    def finish(self, output_dir: str | Path) -> str | None:
+        """At the end of a run: upload the exported model and wait for every upload (rank 0).
+
+        Returns the model's URI (None without storage.remote, or on other ranks); raises
+        ConfigError (exit 2) or remote.RemoteError when the uploads could not complete.
+        """
+        return None if self.remote is None else self.remote.finish(output_dir)
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> float:
         """Write checkpoint ``step`` (a collective: every rank must call it); returns seconds taken."""
@@ -166,6 +202,8 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.rename(self.root / tmp, final)
             self._point_latest(tag)
+            if self.remote is not None:  # waits only when maxPendingUploads are already queued
+                self.upload_wait_seconds = self.remote.after_save(tag, final, step)
             self._prune()
         barrier(self.env)
         return time.perf_counter() - start
@@ -183,9 +221,12 @@ class Checkpointer:
 
     def _prune(self) -> None:
         # Rejected checkpoints were renamed out of step-*: only good ones count towards keepLast.
+        # A checkpoint waiting for upload stays until it is uploaded (or superseded): remote.py.
         done = sorted(p for p in self.root.glob(TAG_PREFIX + "*") if p.is_dir())
+        protected = set() if self.remote is None else self.remote.protected()
         for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in protected:
+                shutil.rmtree(old, ignore_errors=True)
 
     def restore(self, engine: Any) -> Restored:
         """Load the newest checkpoint that verifies into ``engine`` (a collective: every rank calls it).
@@ -194,14 +235,29 @@ class Checkpointer:
         aside; the tag it chose is broadcast, so all ranks load the same checkpoint.
         """
         rejected: list[tuple[Rejection, Path]] = []
-        choice: tuple[str | None, int] = (None, 0)
+        choice: tuple[str | None, int, str | None, bool] = (None, 0, None, False)
         if self.env.is_main:
             tag, problems = select(self.root)
             rejected = [(problem, set_aside(problem.checkpoint)) for problem in problems]
             if rejected:
                 self._point_latest(tag)
-            choice = (tag, len(problems))
-        tag, fallbacks = broadcast_from_main(choice, self.env)
+            fetched = None
+            if self.remote is not None:
+                try:
+                    self.remote.check()  # a user-fixable problem ends the run before any training
+                    fetched = None if tag is not None else self.remote.restore_into(self.root)
+                except BaseException:
+                    broadcast_from_main((None, 0, None, True), self.env)  # the other ranks stop too
+                    raise
+                if fetched is not None:
+                    tag = fetched.tag
+                    self._point_latest(tag)
+            choice = (tag, len(problems), None if fetched is None else fetched.uri, False)
+        tag, fallbacks, from_remote, failed = broadcast_from_main(choice, self.env)
+        if failed:
+            raise RuntimeError("rank 0 could not restore a checkpoint from remote storage (see its log)")
+        if self.remote is not None and tag is not None:  # uploaded unless the remote copy is complete
+            self.remote.after_restore(tag, self.root / tag)
         if tag is None:
             return Restored(None, fallbacks, rejected)
         path, client = engine.load_checkpoint(str(self.root), tag=tag, load_lr_scheduler_states=False)
@@ -212,4 +268,4 @@ class Checkpointer:
             _set_rng_state(torch.load(rng, weights_only=False))
         client = dict(client or {})
         client["tag"] = tag
-        return Restored(client, fallbacks, rejected)
+        return Restored(client, fallbacks, rejected, from_remote)
