@@ -47,12 +47,15 @@ class StageGets:
 # serving pod reads the same sources and writes to the same remote storage as training does. The
 # hub token goes only where the model is fetched (prepare: its tokenizer, training: its weights);
 # later stages read the export on the volume. Preparation is CPU work that must not preempt training.
+# fmt: off
 STAGES: Final[Mapping[Stage, StageGets]] = {
-    Stage.PREPARE: StageGets(True, True, True, True, True, hub_token=True, priority=False),
-    Stage.TRAIN: StageGets(True, True, True, True, True, hub_token=True, priority=True),
-    Stage.COMPRESS: StageGets(True, True, True, True, True, hub_token=False, priority=True),
-    Stage.SERVE: StageGets(True, True, True, True, True, hub_token=False, priority=True),
+    #                         user_env env_from object_store volumes placement hub_token priority
+    Stage.PREPARE:  StageGets(True,    True,    True,        True,   True,     True,     False),
+    Stage.TRAIN:    StageGets(True,    True,    True,        True,   True,     True,     True),
+    Stage.COMPRESS: StageGets(True,    True,    True,        True,   True,     False,    True),
+    Stage.SERVE:    StageGets(True,    True,    True,        True,   True,     False,    True),
 }
+# fmt: on
 
 
 # --- Environment ----------------------------------------------------------------------------------
