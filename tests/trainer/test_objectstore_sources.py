@@ -347,3 +347,34 @@ def test_messages_carry_no_credentials_from_urls_or_the_environment(monkeypatch:
     assert line is not None and line.startswith("spec.data.sources[0].uri: s3://bucket/key")
     assert "s3cr3t" not in line and "AKIAEXAMPLE" not in line
     assert objectstore.problem(RuntimeError("HTTP 503 Slow Down"), "s3://b/k", "f") is None, "transient"
+
+
+def _sdk_errors() -> list[tuple[str, BaseException, str | None]]:
+    """What gcsfs and adlfs raise (their own exception types; no GCS or Azure server here)."""
+    from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError, ServiceRequestError
+    from gcsfs.retry import HttpError
+
+    no_container = ResourceNotFoundError(message="The specified container does not exist.")
+    no_container.error_code = "ContainerNotFound"
+    missing = FileNotFoundError("c/k")
+    missing.__cause__ = no_container  # adlfs re-raises it as FileNotFoundError from the SDK's error
+    return [
+        ("az://c/k", ClientAuthenticationError(message="Server failed to authenticate"), "access denied"),
+        ("az://c/k", missing, "container 'c' of az://c/k does not exist"),
+        ("az://c/k", ServiceRequestError("Cannot connect to host 127.0.0.1:9 ssl:default"), "cannot reach"),
+        ("gs://b/k", HttpError({"code": 401, "message": "Invalid Credentials"}), "access denied"),
+        ("gs://b/k", OSError("Forbidden: b/k\nno storage.objects.get access"), "(403 Forbidden)"),
+        ("gs://b/k", FileNotFoundError("b/k"), "gs://b/k does not exist"),
+        ("gs://b/k", HttpError({"code": 503, "message": "Backend Error"}), None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_gcs_and_azure_errors_are_classified_too(case: int) -> None:
+    url, exc, says = _sdk_errors()[case]
+    line = objectstore.problem(exc, url, "spec.model.pretrained.uri")
+    if says is None:
+        assert line is None, "a 5xx is transient: a crash the operator retries"
+    else:
+        assert line is not None and line.startswith("spec.model.pretrained.uri: ") and says in line, line
+        assert url in line, "the line names the URL"

@@ -195,6 +195,8 @@ def _denied_detail(chain: list[BaseException]) -> str | None:
             return "no credentials"
         if names & _DENIED_TYPES:
             return _code(e) or type(e).__name__
+        if _first_line(e).lower().startswith("forbidden"):  # gcsfs: OSError("Forbidden: PATH ...")
+            return "403 Forbidden"
         code = _code(e)
         if code in _DENIED_CODES:
             return {"403": "403 Forbidden", "401": "401 Unauthorized"}.get(code, code)
@@ -203,14 +205,17 @@ def _denied_detail(chain: list[BaseException]) -> str | None:
     return None
 
 
-_HOST = re.compile(r"https?://[^/\s\"'?]+")
+_HOST = re.compile(r"https?://[^/\s\"'?]+|(?<=cannot connect to host )[^\s]+")
 
 
-def _unreachable(where: str, why: str, text: str) -> str:
-    # The endpoint the SDK tried (it is in botocore's message), so a wrong one is seen at once.
+def _unreachable(url: str, where: str, why: str, text: str) -> str:
+    # The endpoint the SDK tried (botocore's and aiohttp's messages name it), so a wrong one is seen
+    # at once. storage.objectStore.endpoint is S3's; GCS and Azure endpoints come from their own
+    # variables (STORAGE_EMULATOR_HOST, the connection string) or are the public services.
     tried = _HOST.search(text)
     at = f" at {tried.group(0)}" if tried else ""
-    return f"cannot reach the object store{at} for {where} ({why}, after retries): check {ENDPOINT_FIELD}"
+    hint = f"check {ENDPOINT_FIELD}" if scheme(url) == "s3" else "check the pod's network access to it"
+    return f"cannot reach the object store{at} for {where} ({why}, after retries): {hint}"
 
 
 def _describe(exc: BaseException, url: str) -> str | None:
@@ -231,7 +236,8 @@ def _describe(exc: BaseException, url: str) -> str | None:
     codes = {_code(e) for e in chain}
     text = " ".join(_first_line(e) for e in chain).lower()
     if codes & _NO_BUCKET_CODES or "bucket does not exist" in text or "container does not exist" in text:
-        return f"bucket {_bucket(url)!r} of {where} does not exist"
+        kind = "container" if scheme(url) in ("az", "abfs") else "bucket"
+        return f"{kind} {_bucket(url)!r} of {where} does not exist"
     if (detail := _denied_detail(chain)) is not None:
         if detail == "no credentials":
             return f"no credentials to read {where}: set {CREDENTIALS_FIELD}"
@@ -240,9 +246,9 @@ def _describe(exc: BaseException, url: str) -> str | None:
         if _names(e) & _UNREACHABLE_TYPES or (
             isinstance(e, OSError) and e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
         ):
-            return _unreachable(where, type(e).__name__, text)
+            return _unreachable(url, where, type(e).__name__, text)
         if isinstance(e, socket.timeout | TimeoutError) and "connect" in _first_line(e).lower():
-            return _unreachable(where, "connect timeout", text)
+            return _unreachable(url, where, "connect timeout", text)
     if (
         codes & _BAD_NAME_CODES
         or ("ParamValidationError" in set().union(*map(_names, chain)) and "bucket name" in text)
