@@ -175,6 +175,7 @@ def setup(cfg: TrainerConfig) -> Run:
         parameters = trainable = model_args.num_parameters()
         flops = flops_per_token(model_args, tr.sequence_length)
     engine = initialize(model, cfg, log, ds_config)
+    skip_identity_allreduce(engine, env, spec.deepspeed.zero_stage)
     log.event(
         "model_loaded",
         source=str(pretrained.source_dir) if pretrained else "scratch",
@@ -254,6 +255,19 @@ def setup(cfg: TrainerConfig) -> Run:
         step,
         restored.fallbacks,
     )
+
+
+def skip_identity_allreduce(engine: Any, env: dist.DistEnv, zero_stage: int) -> None:
+    """No gradient all-reduce in a world of one at ZeRO-0, where averaging over one rank is the identity.
+
+    DeepSpeed still pays for it every step otherwise: it flattens every gradient into one buffer,
+    all-reduces that through gloo (a hand-off to gloo's TCP threads, which on a busy CPU node wait for a
+    core) and copies it back. ``enable_backward_allreduce`` is DeepSpeed's own switch for this (it turns
+    it off itself without a process group, and its PipelineEngine does its own reduction); ZeRO 1-3
+    keep it, since there the same call also moves the gradients into their partitions.
+    """
+    if env.world_size == 1 and zero_stage == 0:
+        engine.enable_backward_allreduce = False
 
 
 def report_restore(log: Logger, restored: Restored, checkpointer: Checkpointer) -> None:
