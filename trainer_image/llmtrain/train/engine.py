@@ -44,7 +44,9 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig, log: Logger) -> torch.
             log.event("optimizer_fallback", reason=f"DeepSpeedCPUAdam unavailable: {exc}")
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
     # Adam's weight_decay is the coupled L2-in-gradient form, AdamW's the decoupled one, as the API says.
-    return cls(groups, lr=o.learning_rate, betas=betas, eps=o.epsilon)
+    # fused: one kernel over every tensor instead of torch's default on CPU, a Python loop of small ops
+    # per tensor (hundreds with LoRA); transformers' Trainer uses the same (adamw_torch_fused).
+    return cls(groups, lr=o.learning_rate, betas=betas, eps=o.epsilon, fused=True)
 
 
 def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
