@@ -188,7 +188,7 @@ def setup(cfg: TrainerConfig) -> Run:
         peak_rss_bytes=memory_bytes(),
         local_parameter_bytes=local_parameter_bytes(model),
     )
-    checkpointer = Checkpointer(cfg.paths.checkpoint_dir, tr.checkpointing.keep_last, env)
+    checkpointer = Checkpointer.for_config(cfg, env)  # with storage.remote: uploads, remote restore
     restored = checkpointer.restore(engine)
     report_restore(log, restored, checkpointer)
     state = restored.client or {}
@@ -210,6 +210,7 @@ def setup(cfg: TrainerConfig) -> Run:
         world=env.world_size,
     )
     metrics = Metrics(with_mfu=throughput.peak_total is not None)
+    checkpointer.register_metrics(metrics.registry)
     total = total_steps(tr)
     metrics.total_steps.set(total)
     if env.is_main:
@@ -340,6 +341,7 @@ def run(cfg: TrainerConfig) -> Result:
                 return result
         result.step = step
         result.export_dir = export(r)
+        model_uri = r.checkpointer.finish(cfg.paths.output_dir)  # uploads done, or it raises
         r.log.event("done", step=step, validation_loss=result.validation_loss, export_dir=result.export_dir)
         if env.is_main:
             # The operator copies these final figures into the job's status (HPO reads its objective).
@@ -351,6 +353,7 @@ def run(cfg: TrainerConfig) -> Result:
                     validation_loss=result.validation_loss,
                     validation_step=step,
                     model_path=result.export_dir,
+                    model_uri=model_uri,
                     # For the operator's event about a fallback (Metric.CHECKPOINT_FALLBACKS says it live).
                     extra={
                         "stage": "train",
