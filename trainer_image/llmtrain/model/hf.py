@@ -14,7 +14,10 @@ checkpoint in one module at a time, so no rank ever holds the whole model. LoRA 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.util
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +62,10 @@ class CausalLM(nn.Module):
     """
 
     model: Any  # a transformers PreTrainedModel or a peft PeftModel (both untyped for mypy)
+    memory_before_load: HostMemory | None = None
+    """Host memory once the libraries were imported, before from_pretrained (set by ``load``)."""
+    memory_loaded: HostMemory | None = None
+    """Host memory after from_pretrained: ``peak`` is the high-water mark loading reached."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -135,6 +142,71 @@ def zero3_init_off() -> Iterator[None]:
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial default, held fixed
+
+
+def _libc() -> Any:
+    """glibc, or None (musl, macOS): only glibc has mallopt(M_MMAP_THRESHOLD) and malloc_trim."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def bound_host_heap() -> None:
+    """Keep host memory that ZeRO-3 frees from staying resident.
+
+    zero.Init builds each module in full and then keeps a 1/world partition; every forward and backward
+    gathers a layer and frees it again. glibc raises its mmap threshold to the size of each large
+    block freed (up to 32 MiB), so after the first one, layer-sized tensors come from the heap, whose
+    holes between the partitions that stay are never returned to the system: on two ranks that kept
+    more than a full model resident per rank. A fixed threshold (mallopt disables the adjustment)
+    keeps every block of 128 KiB and more a mapping of its own, unmapped when freed.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def trim_host_heap() -> None:
+    """Return free heap pages to the system (glibc malloc_trim) after a phase that freed a lot."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """This process's resident memory (bytes) from /proc/self/status; peak is its high-water mark."""
+
+    rss: int
+    peak: int
+    anonymous: int
+    """Heap and anonymous mappings: tensors."""
+    file: int
+    """Mapped file pages (a safetensors checkpoint being read): page cache the kernel can reclaim."""
+
+
+def host_memory() -> HostMemory:
+    fields = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    fields[key] = int(value.split()[0]) * 1024  # kB
+    except OSError:  # not Linux: resource's peak is all there is
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return HostMemory(rss=peak, peak=peak, anonymous=peak, file=0)
+    return HostMemory(fields["VmRSS"], fields["VmHWM"], fields["RssAnon"], fields["RssFile"])
+
+
 @dataclass
 class Pretrained:
     """A loaded pretrained model and what its export needs."""
@@ -192,6 +264,7 @@ def _quantization(cfg: TrainerConfig) -> Any:
 
 def load(cfg: TrainerConfig, ds_config: dict[str, Any], source_dir: Path, local_rank: int) -> Pretrained:
     """The pretrained model of ``cfg`` ready for deepspeed.initialize (adapters added for LoRA/QLoRA)."""
+    import transformers.modeling_utils  # noqa: F401  # the bulk of the library, so ``before`` includes it
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -202,6 +275,12 @@ def load(cfg: TrainerConfig, ds_config: dict[str, Any], source_dir: Path, local_
     zero3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
     # Must exist before from_pretrained and stay referenced (transformers holds it weakly).
     keeper = HfDeepSpeedConfig(ds_config) if zero3 else None  # type: ignore[no-untyped-call]
+    if zero3:
+        bound_host_heap()
+    before = host_memory()
+    # transformers 5 always loads as low_cpu_mem_usage did (the kwarg is gone): the model on the meta
+    # device, or inside zero.Init at ZeRO-3, the checkpoint memory-mapped; at ZeRO-3 only rank 0
+    # copies values in (a gathered module at a time), the others read shapes only.
     kwargs: dict[str, Any] = dict(trust_remote_code=source.trust_remote_code, dtype=DTYPES[tr.precision])
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": local_rank}, dtype=None)
@@ -234,6 +313,8 @@ def load(cfg: TrainerConfig, ds_config: dict[str, Any], source_dir: Path, local_
         except ValueError as exc:  # target modules that match nothing
             raise ConfigError(TARGETS_FIELD, str(exc).splitlines()[0]) from exc
     module = CausalLM(model)
+    trim_host_heap()  # the state dict and zero.Init's full-size module copies are gone by now
+    module.memory_before_load, module.memory_loaded = before, host_memory()
     return Pretrained(
         module=module,
         source_dir=Path(source_dir),

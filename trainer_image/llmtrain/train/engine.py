@@ -19,6 +19,7 @@ from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.api.v1alpha1.training import Offload, OptimizerType
 from llmop_contract.deepspeed import render_deepspeed_config
 from llmtrain.logs import Logger
+from llmtrain.model.hf import HostMemory, bound_host_heap, host_memory, trim_host_heap
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -62,10 +63,42 @@ def initialize(
     reach the optimiser: with LoRA, the adapters."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg, log)
     ds_config = copy.deepcopy(config if config is not None else deepspeed_config(cfg))
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        bound_host_heap()  # a scratch model too gathers and frees layers every step (see hf)
+    before = host_memory()
+    optimizer = build_optimizer(model, cfg, log)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    trim_host_heap()
+    log_loading_memory(log, model, stage, before)
     return engine
+
+
+def log_loading_memory(log: Logger, model: nn.Module, stage: int, before_initialize: HostMemory) -> None:
+    """The ``loading_memory`` event: what loading the model and starting DeepSpeed cost this host.
+
+    ``baseline_rss_bytes`` is resident memory with the libraries imported: for a pretrained model
+    before from_pretrained, before the model existed; for a scratch one (already built) before
+    initialize. Host memory only: on a GPU the weights are device memory (the ``memory`` metric);
+    ``load_peak_bytes`` the high-water mark after from_pretrained, ``peak_rss_bytes`` after
+    deepspeed.initialize (at ZeRO-1..3 DeepSpeed creates the optimiser state there, torch's optimisers
+    only at the first step). Anonymous vs file-backed tells tensors from mapped checkpoint pages.
+    """
+    baseline: HostMemory = getattr(model, "memory_before_load", None) or before_initialize
+    loaded: HostMemory | None = getattr(model, "memory_loaded", None)
+    now = host_memory()
+    log.event(
+        "loading_memory",
+        zero_stage=stage,
+        baseline_rss_bytes=baseline.rss,
+        load_peak_bytes=loaded.peak if loaded is not None else None,
+        peak_rss_bytes=now.peak,
+        peak_over_baseline_bytes=now.peak - baseline.rss,
+        rss_bytes=now.rss,
+        anonymous_bytes=now.anonymous,
+        file_bytes=now.file,
+    )
 
 
 def set_learning_rate(engine: Any, lr: float) -> None:
