@@ -483,6 +483,7 @@ class Uploader:
                 self._changed()
 
     def _attempt_until_done(self, job: Job) -> None:
+        background_priority()
         failures = 0
         while not job.cancelled:
             try:
@@ -596,6 +597,30 @@ class Uploader:
                 continue  # the newest is not ours to judge; nothing under it: an empty directory entry
             store.remove_tree(tree)
             self.log.event("remote_checkpoint_removed", uri=store.url(tree))
+
+
+UPLOAD_NICE = 19
+
+
+def background_priority() -> None:
+    """The lowest CPU priority for this thread and fsspec's I/O thread (which does s3fs's requests,
+    signing and checksums): on a CPU-bound node the upload then takes only the cycles training leaves.
+
+    Linux schedules threads as tasks, so setpriority on a thread id nices that thread alone. Where it
+    is not allowed or not Linux, uploads run at normal priority.
+    """
+    import fsspec.asyn
+
+    threads = [threading.current_thread(), fsspec.asyn.iothread[0]]
+    for thread in threads:
+        tid = getattr(thread, "native_id", None)
+        if tid is None:
+            continue
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < UPLOAD_NICE:
+                os.setpriority(os.PRIO_PROCESS, tid, UPLOAD_NICE)
+        except (OSError, AttributeError):
+            pass
 
 
 def _step_of(tag: str) -> int | None:
