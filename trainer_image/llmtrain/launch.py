@@ -59,6 +59,9 @@ def launch(config: str) -> int:
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
         code = child.wait()
-        if status.is_file() and status.read_text().startswith("preempted"):
+        said = status.read_text() if status.is_file() else ""
+        if said.startswith("preempted"):
             return ExitCode.PREEMPTED
+        if said.startswith("refused"):  # a rank's ConfigError after start-up (train/remote.py)
+            return ExitCode.BAD_CONFIG
         return code

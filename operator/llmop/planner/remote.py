@@ -74,13 +74,22 @@ def scraped(
     return reported
 
 
-def uploaded(job: JobSnapshot, plan: Plan, now: datetime, model_uri: str | None) -> None:
+def uploaded(
+    job: JobSnapshot, plan: Plan, now: datetime, model_uri: str | None, final_step: int | None = None
+) -> None:
     """Training ended with exit 0: the trainer exits so only once every upload is complete (what
-    could not be uploaded fails the run), so nothing is pending; ``model_uri`` is the export's."""
+    could not be uploaded fails the run), so nothing is pending; ``model_uri`` is the export's.
+
+    The last scrape predates the final checkpoint's upload; the trainer always checkpoints its last
+    step, so ``final_step`` (from its termination message) is the newest checkpoint in the bucket.
+    """
     status = remote_status(job, plan)
     if status is None:
         return
     status.pending_uploads = 0
+    if final_step:
+        status.checkpoint_step = final_step
+        status.checkpoint_uri = layout.checkpoint_uri(status.uri, layout.checkpoint_tag(final_step))
     status.update_time = cond.now_iso(now)
     if model_uri:
         status.model_uri = model_uri

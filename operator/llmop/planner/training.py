@@ -122,7 +122,8 @@ def trained(p: Pass, current: list[PodView], attempt: int) -> None:
     p.status.output_model_path = entry.output_path
     if figures.model_uri:
         entry.output_uri = figures.model_uri
-    remote.uploaded(p.job, p.plan, p.seen.now, figures.model_uri)
+    final_step = p.status.progress.step if p.status.progress else None
+    remote.uploaded(p.job, p.plan, p.seen.now, figures.model_uri, final_step)
     message = f"training finished in attempt {attempt}"
     p.condition(cond.TRAINED, True, JobReason.TRAINING_SUCCEEDED, message)
     p.condition(cond.RESTARTING, False, JobReason.TRAINING_SUCCEEDED, message)

@@ -51,6 +51,7 @@ def main(argv: list[str]) -> int:
     termination.write(
         TerminationMessage(
             model_path=summary["modelPath"],
+            model_uri=summary.get("modelUri"),
             results=summary["results"],
             extra={"stage": summary["stage"], "method": summary["method"]},
         )
