@@ -131,7 +131,7 @@ def test_load_model_reads_the_plain_export(trained_model: TrainedModel) -> None:
     model: Any = load_model(trained_model.model_dir)
     tok = load_tokenizer(trained_model.model_dir)
     ids = tok("The licence grants you", return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 8) and not model.training
 
 
