@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -16,6 +17,9 @@ def _fmt(v: Any) -> str:
         return f"{v:.6g}"
     s = str(v)
     return json.dumps(s) if (" " in s or "=" in s or not s) else s
+
+
+_WRITE_LOCK = threading.Lock()
 
 
 class Logger:
@@ -46,4 +50,8 @@ class Logger:
             line = f"{stamp} {prefix}{record.pop('event')} " + " ".join(
                 f"{k}={_fmt(v)}" for k, v in record.items()
             )
-        print(line, file=sys.stdout, flush=True)
+        # One write of the whole line under a lock: the checkpoint upload thread logs too, and a
+        # print's separate newline write could land between another thread's line and its newline.
+        with _WRITE_LOCK:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()

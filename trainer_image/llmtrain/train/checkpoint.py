@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from llmtrain.logs import Logger
 from llmtrain.train import integrity
 from llmtrain.train.dist import DistEnv, barrier, broadcast_from_main
 from llmtrain.train.integrity import Rejection
-from llmtrain.train.remote import Remote, ThreadLogger
+from llmtrain.train.remote import Remote
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -169,7 +170,7 @@ class Checkpointer:
     @classmethod
     def for_config(cls, cfg: TrainerConfig, env: DistEnv) -> Checkpointer:
         """The job's checkpointer: paths.checkpointDir, keepLast, storage.remote and resumeFrom."""
-        remote = Remote.for_config(cfg, ThreadLogger(env.rank), env.is_main)
+        remote = Remote.for_config(cfg, Logger(env.rank), env.is_main)
         return cls(cfg.paths.checkpoint_dir, cfg.spec.training.checkpointing.keep_last, env, remote)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:

@@ -32,7 +32,6 @@ import json
 import os
 import posixpath
 import shutil
-import sys
 import threading
 import time
 from collections import deque
@@ -48,7 +47,7 @@ from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.api.v1alpha1.workload import ObjectStore
 from llmop_contract.protocol import Env, Metric
 from llmtrain.config import ConfigError, DataError
-from llmtrain.logs import Logger, _fmt
+from llmtrain.logs import Logger
 from llmtrain.train import integrity
 
 FORMAT = "llmop-upload-v1"
@@ -84,38 +83,6 @@ def describe(exc: BaseException) -> str:
     """One line for a log or a message: the exception's type and first line, credentials removed."""
     text = str(exc).strip().splitlines()
     return redact(f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
-
-
-class ThreadLogger(Logger):
-    """The Logger's lines, each leaving in one ``os.write`` on stdout's descriptor, for the upload thread.
-
-    Logger prints the line and its newline as two writes into sys.stdout's buffer; a second thread
-    printing too can land between them and two JSON lines become one broken line. Writing past the
-    buffer, whole lines at once, this thread's lines fall between the main thread's flushed lines.
-    """
-
-    def _write(self, level: str | None, event: str, fields: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        record: dict[str, Any] = {"ts": round(time.time(), 3), "event": event, "rank": self.rank, **fields}
-        if level:
-            record = {"level": level, **record}
-        if self.json:
-            line = json.dumps(record)
-        else:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.pop("ts")))
-            prefix = f"{record.pop('level')} " if level else ""
-            line = f"{stamp} {prefix}{record.pop('event')} " + " ".join(
-                f"{k}={_fmt(v)}" for k, v in record.items()
-            )
-        try:
-            fd = sys.stdout.fileno()
-        except (AttributeError, OSError, ValueError):  # a replaced stdout (a test's capture)
-            print(line, file=sys.stdout, flush=True)
-            return
-        data = (line + "\n").encode()
-        while data:
-            data = data[os.write(fd, data) :]
 
 
 # --- trees and markers ------------------------------------------------------------------------------
@@ -921,7 +888,7 @@ def upload_model(cfg: TrainerConfig, local: Path, tree: str, log: Logger) -> str
     if settings is None:
         return None
     store = open_store(cfg.spec.storage.object_store, settings.uri)
-    log = ThreadLogger(log.rank, log.json)
+    log = Logger(log.rank, log.json)
     uploader = Uploader(store, cfg.spec.training.checkpointing.keep_last, 1, log, RemoteMetrics())
     job = uploader.submit_tree(tree, local, only_if_missing=True)
     finished = uploader.drain(
