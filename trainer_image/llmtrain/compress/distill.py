@@ -126,6 +126,9 @@ def distill(
     )
     loader = train_loader(cfg, seq_len)
     device = engine.device
+    # Batches go to the engine's device (a GPU when the pod has one); the teacher was loaded on the CPU,
+    # and a CPU teacher fed CUDA batches fails at its first forward pass.
+    teacher = teacher.to(device).eval()
     started = time.perf_counter()
     every = max(1, spec.steps // 10)
     figures: dict[str, float] = {}
