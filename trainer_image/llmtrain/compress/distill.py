@@ -128,7 +128,7 @@ def distill(
     device = engine.device
     # Batches go to the engine's device (a GPU when the pod has one); the teacher was loaded on the CPU,
     # and a CPU teacher fed CUDA batches fails at its first forward pass.
-    teacher = teacher.to(device).eval()
+    teacher = teacher.to(device)
     started = time.perf_counter()
     every = max(1, spec.steps // 10)
     figures: dict[str, float] = {}
