@@ -288,7 +288,7 @@ async def act(
             lambda i: memory.forget(("create", attempt), i),
         )
     if result.serve_model is not None:
-        manifests = serving.build(ref, result.serve_model)
+        manifests = serving.build(ref, result.serve_model, result.serve_engine)
         # Server-side apply is idempotent, but a finished job is reconciled on every resync: apply
         # when the desired objects change, and re-assert them every few minutes (someone edited them).
         digest = hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest()[:16]

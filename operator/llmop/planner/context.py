@@ -16,6 +16,7 @@ from llmop.builders.compress import Stage
 from llmop.capacity import Fit
 from llmop.observe import BatchJobView, PodView, ServingView
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.lifecycle import ServingEngine
 from llmop_contract.api.v1alpha1.status import (
     FINISHED_STAGE_STATES,
     JobReason,
@@ -68,6 +69,7 @@ class Plan:
     delete_batch_jobs: list[str] = field(default_factory=list)
     finished_stages: list[StageStatus] = field(default_factory=list)  # stage entries that just ended
     serve_model: str | None = None  # ensure serving of this model directory
+    serve_engine: ServingEngine = ServingEngine.BUILTIN  # with this engine
     remove_serving: bool = False
     delete_job: bool = False
     transitions: list[cond.Transition] = field(default_factory=list)

@@ -6,6 +6,7 @@ from llmop import conditions as cond
 from llmop import naming
 from llmop.builders import storage
 from llmop.builders.compress import ONNX
+from llmop.planner import engine
 from llmop.planner.context import TRAIN, Pass
 from llmop_contract.api.v1alpha1.lifecycle import ServingSource
 from llmop_contract.api.v1alpha1.status import JobReason, JobState, ServingStatus
@@ -35,7 +36,20 @@ def serve(p: Pass) -> None:
         p.condition(cond.SERVING, False, JobReason.SERVING_UNAVAILABLE, p.seen.serving_unavailable)
         return
     model = served_model(p)
+    choice = engine.resolve(s, engine.served_stage(s, p.status.selected_stage))
+    if choice.engine is None:
+        assert choice.problem is not None
+        # Nothing serves a model the asked-for engine cannot load: an older engine's pods would
+        # answer for a spec that no longer asks for them.
+        if p.seen.serving is not None or p.status.serving is not None:
+            p.plan.remove_serving = True
+        p.status.serving = None
+        p.condition(cond.SERVING, False, JobReason.ENGINE_CANNOT_LOAD, choice.problem)
+        if p.status.state == JobState.SERVING:
+            p.status.state = JobState.SUCCEEDED
+        return
     p.plan.serve_model = model
+    p.plan.serve_engine = choice.engine
     view = p.seen.serving
     default_url = f"http://{naming.serving_name(p.job.name)}.{p.job.namespace}.svc:{s.port}/v1"
     status = ServingStatus(
@@ -43,6 +57,7 @@ def serve(p: Pass) -> None:
         ready=bool(view and view.ready),
         ready_replicas=view.ready_replicas if view else 0,
         kind="InferenceService" if s.kserve else "Deployment",
+        engine=choice.engine.value,
         model_path=model,
     )
     onnx = p.find_stage(ONNX)

@@ -139,6 +139,13 @@ PRINTER_COLUMNS = [
         "description": "Gang restarts counted against backoffLimit",
     },
     {
+        "name": "Engine",
+        "type": "string",
+        "jsonPath": ".status.serving.engine",
+        "description": "Serving engine (VLLM or Builtin)",
+        "priority": 1,
+    },
+    {
         "name": "Endpoint",
         "type": "string",
         "jsonPath": ".status.serving.url",

@@ -104,8 +104,61 @@ class ServingSource(StrEnum):
     SELECTED = "Selected"
 
 
+class ServingEngine(StrEnum):
+    VLLM = "VLLM"
+    BUILTIN = "Builtin"
+
+
+class VllmDtype(StrEnum):
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+# A pinned release of vLLM's OpenAI server image: a moving tag would change the engine under a
+# running job at its next rollout.
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+class VllmSettings(ApiModel):
+    """How vLLM serves the model (serving.engine VLLM, or unset on GPUs)."""
+
+    image: str = Field(DEFAULT_VLLM_IMAGE, min_length=1, max_length=512)
+    """vLLM's OpenAI server image."""
+    max_model_len: int | None = Field(None, gt=0, le=10_000_000)
+    """Longest prompt plus completion in tokens (--max-model-len); unset: the model's context length."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of each GPU's memory vLLM takes for weights and KV cache (--gpu-memory-utilization)."""
+    dtype: VllmDtype = VllmDtype.AUTO
+    """Weights' and activations' dtype (--dtype); auto reads it from config.json."""
+    extra_args: list[str] = Field(default_factory=list, max_length=64)
+    """More `vllm serve` arguments, appended after the operator's own (a later flag wins in vLLM)."""
+
+
+def _gpu_in(resources: ResourceRequirements) -> bool:
+    return GPU_RESOURCE in resources.requests or GPU_RESOURCE in resources.limits
+
+
 class ServingSpec(ApiModel):
     """Serve the job's model behind an OpenAI-compatible HTTP API once the job succeeds."""
+
+    rules = (
+        Rule(
+            "!has(self.engine) || self.engine != 'VLLM' || (has(self.resources)"
+            " && ((has(self.resources.requests) && 'nvidia.com/gpu' in self.resources.requests)"
+            " || (has(self.resources.limits) && 'nvidia.com/gpu' in self.resources.limits)))",
+            lambda m: m.engine != ServingEngine.VLLM or _gpu_in(m.resources),
+            "serving.engine VLLM needs GPUs: set serving.resources.limits nvidia.com/gpu",
+            ".engine",
+        ),
+        Rule(
+            "!has(self.vllm) || !has(self.engine) || self.engine == 'VLLM'",
+            lambda m: m.vllm is None or m.engine in (None, ServingEngine.VLLM),
+            "serving.vllm applies only with serving.engine VLLM or unset",
+            ".vllm",
+        ),
+    )
 
     enabled: bool = False
     """Create the serving Deployment and Service."""
@@ -123,3 +176,15 @@ class ServingSpec(ApiModel):
     """Create a KServe InferenceService instead of a Deployment (needs the KServe CRDs)."""
     onnx_export: bool = False
     """Also export the served model to ONNX, verified with onnxruntime."""
+    engine: ServingEngine | None = None
+    """VLLM (vLLM's OpenAI server, needs GPUs) or Builtin (`llmtrain serve`); unset: VLLM when serving.resources ask for nvidia.com/gpu and vLLM loads the served model's layout, else Builtin."""
+    vllm: VllmSettings | None = None
+    """vLLM's settings (defaults when unset)."""
+
+    def gpus_per_pod(self) -> int:
+        """nvidia.com/gpu of each serving pod (limits, else requests; the kubelet uses the limit)."""
+        value = self.resources.limits.get(GPU_RESOURCE, self.resources.requests.get(GPU_RESOURCE, 0))
+        try:
+            return max(int(str(value)), 0)
+        except ValueError:
+            return 0  # not a whole number: the apiserver refuses such a GPU quantity anyway

@@ -89,6 +89,7 @@ class JobReason(StrEnum):
     SERVING_UNAVAILABLE = "ServingUnavailable"
     READY = "Ready"
     STARTING = "Starting"
+    ENGINE_CANNOT_LOAD = "EngineCannotLoad"  # serving.engine VLLM and a layout only the built-in engine loads
     # Synced: whether the operator could carry out its last pass (see llmop/planner/errors.py).
     RECONCILED = "Reconciled"
     API_ERROR = "ApiError"  # transient (429, 5xx, timeout): retried with backoff
@@ -174,6 +175,8 @@ class ServingStatus(ApiModel):
     """Serving replicas that pass their readiness probe."""
     kind: str | None = Field(None, max_length=64)
     """What serves the model: Deployment or InferenceService."""
+    engine: str | None = Field(None, max_length=64)
+    """The engine the operator resolved from serving.engine: VLLM or Builtin."""
     model_path: str | None = None
     """Model directory being served."""
     onnx_path: str | None = None
