@@ -6,23 +6,27 @@ request does stops the server: errors are caught in one middleware, which also c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmtrain.logs import Logger
+from llmtrain.serve.chat import parse_chat, render_prompt
 from llmtrain.serve.errors import ApiError, invalid, not_ready
+from llmtrain.serve.logprobs import TokenLogprob
 from llmtrain.serve.metrics import ServingMetrics
-from llmtrain.serve.protocol import CompletionRequest, check_context, parse_completion
+from llmtrain.serve.protocol import SamplingParams, check_context, parse_completion
+from llmtrain.serve.text import Delta
+from llmtrain.serve.views import ChatView, Choice, CompletionView, View, finished_delta
 
 if TYPE_CHECKING:  # the engine imports torch; the server answers probes before that import finishes
-    from llmtrain.serve.engine import Delta, Engine
+    from llmtrain.serve.engine import Engine
 
 MAX_BODY_BYTES = 1 << 20  # a 64-prompt request of long prompts fits; anything bigger is not a prompt
 
@@ -53,6 +57,7 @@ def build_app(state: ServerState) -> web.Application:
     app = web.Application(middlewares=[_observe], client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -129,7 +134,8 @@ def _decode_json(raw: bytes) -> Any:
         ) from None
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
+def _engine(request: web.Request) -> Engine:
+    """The engine, if the server takes work now; the body must be JSON."""
     state = request.app[STATE]
     if state.draining:
         raise not_ready("the server is shutting down; retry on another replica")
@@ -142,93 +148,108 @@ async def completions(request: web.Request) -> web.StreamResponse:
             f"Content-Type must be application/json, got {request.content_type}",
             code="unsupported_media_type",
         )
-    req = parse_completion(_decode_json(await request.read()), state.model_name, state.max_tokens_limit)
-    prompts = [engine.tokenize(p) for p in req.prompts]
+    return engine
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    engine = _engine(request)
+    body = _decode_json(await request.read())
+    req = parse_completion(body, state.model_name, state.max_tokens_limit, engine.vocab_size)
+    prompts = [list(p) if isinstance(p, tuple) else engine.tokenize(p) for p in req.prompts]
     for i, ids in enumerate(prompts):
         check_context(len(ids), req.params.max_tokens, state.context_length, i)
-    sink, seqs = engine.submit(prompts, req.params)
+    texts = [p if isinstance(p, str) else engine.decode(prompts[i]) for i, p in enumerate(req.prompts)]
+    scores: list[list[TokenLogprob | None]] | None = None
+    if req.echo and req.params.logprobs is not None:
+        scores = await engine.score(prompts, req.params.logprobs)
+    view = CompletionView(state.model_name, engine.token_text, req, prompts, texts, scores)
+    return await _serve(request, state, engine, view, [p for p in prompts for _ in range(req.n)], req.params)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    engine = _engine(request)
+    req = parse_chat(
+        _decode_json(await request.read()), state.model_name, state.max_tokens_limit, engine.vocab_size
+    )
+    prompt = engine.tokenize(render_prompt(engine.tokenizer, req.messages), special=False)
+    params = req.params
+    if req.max_tokens is None:  # OpenAI's chat default: as much as the context leaves
+        params = replace(
+            params, max_tokens=max(1, min(state.max_tokens_limit, state.context_length - len(prompt)))
+        )
+    check_context(len(prompt), params.max_tokens, state.context_length, -1)
+    view = ChatView(state.model_name, engine.token_text, req, len(prompt))
+    return await _serve(request, state, engine, view, [prompt] * req.n, params)
+
+
+async def _serve(
+    request: web.Request,
+    state: ServerState,
+    engine: Engine,
+    view: View,
+    prompts: list[list[int]],
+    params: SamplingParams,
+) -> web.StreamResponse:
+    """Generate one sequence per prompt (choice), and answer in the view's format."""
+    sink: asyncio.Queue[Delta]
+    seqs: list[Any] = []
+    if params.max_tokens == 0:  # echo scoring only: every choice is finished before it starts
+        sink = asyncio.Queue()
+        for i in range(len(prompts)):
+            sink.put_nowait(finished_delta(i))
+    else:
+        sink, seqs = engine.submit(prompts, params)
     state.inflight += 1
     try:
-        if req.stream:
-            return await _stream(request, state, req, sink, [len(p) for p in prompts])
-        return await _complete(state, req, sink, [len(p) for p in prompts])
+        if view.stream:
+            return await _stream(request, view, sink, len(prompts))
+        return await _complete(view, sink, len(prompts))
     finally:
         state.inflight -= 1
         for seq in seqs:  # client gone or request failed: free the rows
             seq.cancelled = not seq.finished
 
 
-def _usage(prompt_tokens: list[int], completion_tokens: list[int]) -> dict[str, int]:
-    prompt, completion = sum(prompt_tokens), sum(completion_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def _generation_error(delta: Delta) -> ApiError:
     return ApiError(500, f"generation failed: {delta.error}", type_="server_error")
 
 
-async def _complete(
-    state: ServerState, req: CompletionRequest, sink: Any, prompt_tokens: list[int]
-) -> web.Response:
-    n = len(req.prompts)
-    texts, reasons, tokens = [""] * n, [""] * n, [0] * n
+async def _complete(view: View, sink: asyncio.Queue[Delta], n: int) -> web.Response:
+    choices = [Choice() for _ in range(n)]
     done = 0
     while done < n:
-        delta: Delta = await sink.get()
+        delta = await sink.get()
         if delta.error:
             raise _generation_error(delta)
-        texts[delta.index] += delta.text
-        if delta.finish_reason:
-            reasons[delta.index], tokens[delta.index] = delta.finish_reason, delta.completion_tokens
-            done += 1
-    return web.json_response(
-        {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "choices": [
-                {"text": texts[i], "index": i, "logprobs": None, "finish_reason": reasons[i]}
-                for i in range(n)
-            ],
-            "usage": _usage(prompt_tokens, tokens),
-        }
-    )
+        choices[delta.index].add(delta)
+        done += delta.finish_reason is not None
+    return web.json_response(view.response(choices))
 
 
-async def _stream(
-    request: web.Request, state: ServerState, req: CompletionRequest, sink: Any, prompt_tokens: list[int]
-) -> web.StreamResponse:
+async def _stream(request: web.Request, view: View, sink: asyncio.Queue[Delta], n: int) -> web.StreamResponse:
     """Server-sent events: one ``data: {chunk}`` per text delta, then ``data: [DONE]``."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
-    base["model"] = state.model_name
-    extra = {"usage": None} if req.include_usage else {}
-    n = len(req.prompts)
-    tokens = [0] * n
+    choices = [Choice() for _ in range(n)]
     done = 0
     try:
+        for chunk in view.first_chunks(n):
+            await _event(response, chunk)
         while done < n:
-            delta: Delta = await sink.get()
+            delta = await sink.get()
             if delta.error:
                 await _event(response, _generation_error(delta).body())
                 return response
-            if delta.finish_reason:
-                tokens[delta.index] = delta.completion_tokens
-                done += 1
-            choice = {
-                "text": delta.text,
-                "index": delta.index,
-                "logprobs": None,
-                "finish_reason": delta.finish_reason,
-            }
-            await _event(response, {**base, "choices": [choice], **extra})
-        if req.include_usage:
-            await _event(response, {**base, "choices": [], "usage": _usage(prompt_tokens, tokens)})
+            choices[delta.index].add(delta)
+            done += delta.finish_reason is not None
+            await _event(response, view.chunk(delta))
+        if view.include_usage:
+            await _event(response, view.usage_chunk(choices))
         await response.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
-        pass  # the client went away; completions() frees its rows
+        pass  # the client went away; _serve frees its rows
     return response
 
 

@@ -4,7 +4,7 @@ Each iteration (one asyncio task, so no locks) drops the sequences that finished
 up to ``max_batch_size`` rows, and runs one model step on the model thread: a decode step for the
 rows already running plus one prefill pass for the newcomers, then one sampled token per row. A
 request therefore waits at most one decode step for a free row, not for a whole batch to finish,
-and a long completion never holds short ones back. Tokens go to the request's queue as text deltas.
+and a long completion never holds short ones back. Tokens go to the request's queue as text deltas, with the log-probabilities of their tokens when a request asks.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence as Seq
 from collections.abc import Set
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -22,21 +23,12 @@ import torch
 from llmtrain.logs import Logger
 from llmtrain.serve.batch import RunningBatch
 from llmtrain.serve.errors import ApiError
+from llmtrain.serve.logprobs import TokenLogprob
 from llmtrain.serve.metrics import ServingMetrics
 from llmtrain.serve.protocol import SamplingParams
-from llmtrain.serve.sampling import new_generator, sample_row
-from llmtrain.serve.text import TextAssembler
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of one sequence; ``finish_reason`` ("stop" or "length") on its last delta."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    error: str | None = None
+from llmtrain.serve.sampling import adjust_logits, new_generator, sample_row
+from llmtrain.serve.score import entries, log_softmax, score_prompts
+from llmtrain.serve.text import Delta, TextAssembler
 
 
 @dataclass(eq=False)
@@ -49,6 +41,10 @@ class Sequence:
     generator: torch.Generator
     enqueued: float = field(default_factory=time.monotonic)
     tokens: int = 0
+    counts: dict[int, int] = field(default_factory=dict)
+    """How often each token id was sampled so far (for presence and frequency penalties)."""
+    unsent: list[TokenLogprob] = field(default_factory=list)
+    """Log-probability entries of tokens whose text is still held back."""
     finished: bool = False
     cancelled: bool = False
     """Set by the HTTP side when the client went away; the row is dropped at the next step."""
@@ -84,10 +80,31 @@ class Engine:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.vocab_size = _vocab_size(model, tokenizer)
+        """Token ids a request may name (prompt ids, logit_bias keys) lie in [0, vocab_size)."""
 
-    def tokenize(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text)
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """``special=False`` for a rendered chat template: it already holds the special tokens it wants."""
+        ids: list[int] = (
+            self.tokenizer.encode(text) if special else self.tokenizer.encode(text, add_special_tokens=False)
+        )
         return ids
+
+    def token_text(self, token_id: int) -> str:
+        """A token as logprobs name it: its own text, special tokens included (as vLLM names them)."""
+        text: str = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    async def score(self, prompts: list[list[int]], k: int) -> list[list[TokenLogprob | None]]:
+        """Each prompt token's log-probability given the tokens before it (echo with logprobs)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, score_prompts, self._model, prompts, k)
+        except Exception as exc:  # a failed forward fails this request only
+            self.log.event("scoring_failed", error=f"{type(exc).__name__}: {exc}", prompts=len(prompts))
+            raise ApiError(
+                500, f"scoring the prompt failed: {type(exc).__name__}: {exc}", type_="server_error"
+            ) from exc
 
     def decode(self, ids: list[int]) -> str:
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -177,18 +194,23 @@ class Engine:
             except Exception as exc:  # a failed forward fails its rows, not the server
                 self._fail_running(f"{type(exc).__name__}: {exc}")
                 continue
-            self._pending = tokens
+            self._pending = [t for t, _ in tokens]
             now = time.monotonic()
-            for seq, token in zip(self._running, tokens, strict=True):
-                self._deliver(seq, token, now)
+            for seq, (token, entry) in zip(self._running, tokens, strict=True):
+                self._deliver(seq, token, entry, now)
             self.metrics.tokens_generated(len(tokens))
 
     def _publish_load(self) -> None:
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.running.set(len(self._running))
 
-    def _step(self, keep: list[int], pending: list[int], rows: list[Sequence]) -> list[int]:
-        """On the model thread: drop finished rows, decode the running ones, prefill newcomers, sample."""
+    def _step(
+        self, keep: list[int], pending: list[int], rows: list[Sequence]
+    ) -> list[tuple[int, TokenLogprob | None]]:
+        """On the model thread: drop finished rows, decode the running ones, prefill newcomers, sample.
+
+        Each row's token, with its log-probability entry if its request asked for logprobs.
+        """
         self._batch.keep(keep)
         if pending:
             self._batch.advance(pending)
@@ -196,15 +218,30 @@ class Engine:
         if admitted:
             self._batch.add([s.prompt_ids for s in admitted])
         logits = self._batch.logits
-        return [
-            sample_row(logits[i], s.params.temperature, s.params.top_p, s.generator)
+        tokens = [
+            sample_row(
+                adjust_logits(
+                    logits[i],
+                    s.counts,
+                    s.params.frequency_penalty,
+                    s.params.presence_penalty,
+                    s.params.logit_bias,
+                ),
+                s.params.temperature,
+                s.params.top_p,
+                s.generator,
+            )
             for i, s in enumerate(rows)
         ]
+        return list(zip(tokens, _logprob_entries(logits, tokens, rows), strict=True))
 
-    def _deliver(self, seq: Sequence, token: int, now: float) -> None:
+    def _deliver(self, seq: Sequence, token: int, entry: TokenLogprob | None, now: float) -> None:
         if seq.tokens == 0:
             self.metrics.time_to_first_token.observe(now - seq.enqueued)
         seq.tokens += 1
+        seq.counts[token] = seq.counts.get(token, 0) + 1
+        if entry is not None:
+            seq.unsent.append(entry)
         finish: str | None = None
         if token in self.eos_ids:
             text, finish = seq.text.flush(), "stop"
@@ -216,7 +253,8 @@ class Engine:
                 text, finish = text + seq.text.flush(), "length"
         seq.finished = finish is not None
         if not seq.cancelled and (text or finish):
-            seq.sink.put_nowait(Delta(seq.index, text, finish, seq.tokens))
+            seq.sink.put_nowait(Delta(seq.index, text, finish, seq.tokens, logprobs=tuple(seq.unsent)))
+            seq.unsent.clear()
 
     def _fail_running(self, message: str) -> None:
         self.log.event("generation_failed", error=message, sequences=len(self._running))
@@ -225,3 +263,27 @@ class Engine:
             seq.sink.put_nowait(Delta(seq.index, "", None, seq.tokens, error=message))
         self._running, self._pending = [], []
         self._batch = RunningBatch(self._model, self._pad_id)
+
+
+def _logprob_entries(
+    logits: torch.Tensor, tokens: list[int], rows: Seq[Sequence]
+) -> list[TokenLogprob | None]:
+    """One log_softmax over the rows that asked for logprobs (raw logits: see logprobs.py), None elsewhere."""
+    asked = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if not asked:
+        return out
+    index = torch.tensor(asked, dtype=torch.long)
+    values = log_softmax(logits[index])
+    for i in asked:  # rows may ask for different k
+        pos = asked.index(i)
+        out[i] = entries(values[pos : pos + 1], [tokens[i]], rows[i].params.logprobs or 0)[0]
+    return out
+
+
+def _vocab_size(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The logits' width from the model's config; else the tokenizer's size; else no bound to check."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size is None and hasattr(tokenizer, "__len__"):
+        size = len(tokenizer)
+    return int(size) if size else 2**31

@@ -1,4 +1,5 @@
-"""Next-token choice per row: greedy at temperature 0, else temperature + nucleus (top-p) sampling.
+"""Next-token choice per row: penalties and logit_bias first, then greedy at temperature 0, else
+temperature + nucleus (top-p) sampling.
 
 Every sequence has its own ``torch.Generator``: a request's ``seed`` then fixes its samples whatever
 else shares the batch, and no request consumes random numbers from another's stream.
@@ -18,6 +19,32 @@ def new_generator(seed: int | None, index: int = 0) -> torch.Generator:
     else:
         gen.manual_seed(seed + index)  # int64 seed + a prompt index stays within torch's [-2^63, 2^64)
     return gen
+
+
+def adjust_logits(
+    logits: Tensor,
+    counts: dict[int, int],
+    frequency_penalty: float,
+    presence_penalty: float,
+    bias: tuple[tuple[int, float], ...] = (),
+) -> Tensor:
+    """OpenAI's penalties over the tokens generated so far, then logit_bias; ``logits`` is not changed.
+
+    ``logits[j] -= counts[j] * frequency_penalty + (counts[j] > 0) * presence_penalty``: only tokens
+    of the completion count, not the prompt's (OpenAI's and vLLM's definition).
+    """
+    penalise = bool(counts) and (frequency_penalty != 0.0 or presence_penalty != 0.0)
+    if not penalise and not bias:
+        return logits
+    out = logits.float().clone()
+    if penalise:
+        ids = torch.tensor(list(counts), dtype=torch.long, device=out.device)
+        seen = torch.tensor(list(counts.values()), dtype=out.dtype, device=out.device)
+        out[ids] -= seen * frequency_penalty + presence_penalty
+    if bias:
+        ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=out.device)
+        out[ids] += torch.tensor([b for _, b in bias], dtype=out.dtype, device=out.device)
+    return out
 
 
 def sample_row(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

@@ -9,8 +9,24 @@ grow into a stop sequence. The final text is cut before the first stop sequence,
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmtrain.serve.logprobs import TokenLogprob
 
 REPLACEMENT = "\ufffd"
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one sequence; ``finish_reason`` ("stop" or "length") on its last delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Entries of the tokens sampled since the last delta (only when the request asked for logprobs)."""
 
 
 class TextAssembler:
