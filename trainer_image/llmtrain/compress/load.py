@@ -10,6 +10,11 @@ Hugging Face causal LM) and the ``hf`` layout (pruned, distilled) are plain Hugg
 that ``AutoModelForCausalLM`` loads; the ``quantized`` layout is the same architecture rebuilt from
 its config with the marker's per-module formats. Either way the result is a transformers causal LM
 of the checkpoint's own class, so ``generate`` and its caches behave as for any Hugging Face model.
+
+``device`` (``auto``, ``cpu`` or ``cuda``, see llmtrain.compress.device) moves it after loading,
+keeping the checkpoint's dtype: a bf16 checkpoint runs in bf16 on either device and an fp32 one in
+fp32, so a model's outputs do not change with the device beyond kernel rounding. The quantized layout
+stays on the CPU (``auto``) or is refused (``cuda``): its kernels are PyTorch's CPU ones.
 """
 
 from __future__ import annotations
@@ -20,12 +25,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmtrain.compress.device import resolve_device
 from llmtrain.compress.layout import LAYOUT_HF, LAYOUT_QUANTIZED, WEIGHTS, read_marker
 from llmtrain.compress.quantize import head_name, install_quantized
 
+QUANTIZED_CPU_ONLY = "the quantized layout runs on PyTorch's CPU int8/int4 kernels"
 
-def load_model(path: str | Path) -> nn.Module:
-    """The model in ``path`` on the CPU, in eval mode, ready for ``generate``."""
+
+def layout_of(path: str | Path) -> str:
+    marker = read_marker(Path(path))
+    return LAYOUT_HF if marker is None else str(marker.get("layout"))
+
+
+def model_device_for(path: str | Path, device: str) -> torch.device:
+    """Where ``load_model(path, device)`` puts the model (raises DeviceError if it cannot)."""
+    return resolve_device(device, QUANTIZED_CPU_ONLY if layout_of(path) == LAYOUT_QUANTIZED else None)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """The model in ``path`` on ``device`` (default the CPU), in eval mode, ready for ``generate``."""
     from transformers import AutoModelForCausalLM
 
     root = Path(path)
@@ -33,6 +51,7 @@ def load_model(path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{root}: not a model directory (no config.json)")
     marker = read_marker(root)
     layout = LAYOUT_HF if marker is None else marker.get("layout")
+    target = model_device_for(root, device)  # before the weights are read: a refusal costs nothing
     model: Any
     if layout == LAYOUT_HF:
         model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True)
@@ -42,6 +61,8 @@ def load_model(path: str | Path) -> nn.Module:
     else:
         raise ValueError(f"{root}: unknown compressed layout {layout!r}")
     model.eval()
+    if target.type != "cpu":
+        model = model.to(target)
     loaded: nn.Module = model
     return loaded
 

@@ -2,11 +2,16 @@
 
     llmtrain serve --model-dir DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 8]
                    [--model-name NAME] [--max-tokens-limit 512] [--threads N] [--drain-timeout 25]
+                   [--device auto|cpu|cuda]
 
 The port opens at once: /healthz answers while the model loads, /readyz and /v1/completions answer
 503 until the model is loaded and one warm-up generation has run. SIGTERM (or SIGINT) starts a
 drain: /readyz and new completions answer 503, running and queued sequences finish, then the
-process exits 0. Exit 1 when the model cannot be loaded.
+process exits 0. Exit 1 when the model cannot be loaded; exit 2 (before listening) when the directory
+is not a model or ``--device`` cannot run it (``cuda`` without a GPU, or the CPU-only quantized layout).
+
+``--device auto`` (the default) serves on CUDA when torch sees a GPU and on the CPU otherwise, in the
+checkpoint's own dtype (llmtrain.compress.device); the quantized layout always serves on the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from llmtrain.compress.device import DEVICE_CHOICES, DEVICE_HELP
 from llmtrain.logs import Logger
 from llmtrain.serve.app import ServerState, build_app
 from llmtrain.serve.cpus import available_cpus
@@ -62,6 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_DRAIN_SECONDS,
         help="seconds SIGTERM waits for running requests before exiting",
     )
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help=DEVICE_HELP)
     args = p.parse_args(argv)
     if min(args.max_batch_size, args.max_tokens_limit, args.threads or 1) < 1 or not 0 <= args.port <= 65535:
         p.error("--max-batch-size, --max-tokens-limit and --threads must be >= 1, --port in [0, 65535]")
@@ -87,10 +94,11 @@ async def _start_engine(
         state.log.event("load_held", until=gate)
         while not os.path.exists(gate):
             await asyncio.sleep(0.02)
+    from llmtrain.serve.batch import model_device, spliceable
     from llmtrain.serve.engine import Engine
     from llmtrain.serve.loader import load
 
-    loaded = await asyncio.get_running_loop().run_in_executor(executor, load, args.model_dir)
+    loaded = await asyncio.get_running_loop().run_in_executor(executor, load, args.model_dir, args.device)
     state.log.event(
         "model_loaded",
         model_dir=args.model_dir,
@@ -98,6 +106,10 @@ async def _start_engine(
         context_length=loaded.context_length,
         threads=args.threads,
         seconds=loaded.seconds,
+        device=str(model_device(loaded.model)),
+        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        # False: this architecture decodes one forward pass per row (serve/batch.py says which and why)
+        continuous_batching=spliceable(loaded.model),
     )
     engine = Engine(
         loaded.model,
@@ -189,4 +201,12 @@ def main(argv: list[str]) -> int:
     if not (Path(args.model_dir) / "config.json").is_file():
         missing = DataError(f"--model-dir {args.model_dir} is not a model directory (no config.json)")
         return refuse("llmtrain serve", missing, "serve")
+    if args.device == "cuda":  # only cuda can be refused; auto and cpu open the port before torch loads
+        from llmtrain.compress.device import DeviceError
+        from llmtrain.compress.load import model_device_for
+
+        try:
+            model_device_for(args.model_dir, args.device)
+        except DeviceError as exc:
+            return refuse("llmtrain serve", exc, "serve")
     return asyncio.run(serve(args))
