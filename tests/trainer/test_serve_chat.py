@@ -353,6 +353,17 @@ def test_echo_scores_token_id_prompts_like_a_full_forward(srv: Served) -> None:
     assert one["choices"][0]["text"] == srv.decode(prompts[0]) + srv.decode([nxt])
 
 
+def test_streamed_echo_sends_the_prompt_first_and_the_same_logprobs(srv: Served) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2}
+    whole = srv.ok("/v1/completions", **body)["choices"][0]
+    chunks = [c["choices"][0] for c in srv.stream("/v1/completions", **body)]
+    assert chunks[0]["text"] == PROMPT and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for c in chunks if c["logprobs"] for v in c["logprobs"][key]] == whole["logprobs"][key], key
+    assert whole["logprobs"]["text_offset"][0] == 0, "under echo, offsets count from the prompt's start"
+
+
 def repeats(ids: list[int]) -> int:
     return len(ids) - len(set(ids))
 

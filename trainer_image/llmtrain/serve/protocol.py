@@ -249,14 +249,11 @@ def choices(body: dict[str, Any], prompts: int) -> int:
     return n
 
 
-_NEUTRAL: dict[str, Callable[[Any], bool]] = {}
-
-
 def parse_completion(
     body: Any, served_model: str, max_tokens_limit: int, vocab_size: int = 2**31
 ) -> CompletionRequest:
     """Validate a decoded JSON body; raises ApiError (400, or 404 for another model's name)."""
-    body = check_fields(body, _IMPLEMENTED, _NEUTRAL)
+    body = check_fields(body, _IMPLEMENTED, {})  # best_of and suffix are checked below
     check_model(body, served_model)
     prompts = _prompts(body.get("prompt"), vocab_size)
     n = choices(body, len(prompts))
