@@ -82,7 +82,8 @@ def test_completion_is_the_models_greedy_continuation(server: ServerProcess, mod
 
     # The reference: transformers' own generate() on the same directory, no batching of ours involved.
     tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf: Any = AutoModelForCausalLM.from_pretrained(model_dir)
+    hf.eval()
     ids = tok(PROMPTS[0], return_tensors="pt")
     out = hf.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1] :]
     assert choice["text"] == tok.decode(out, skip_special_tokens=True)

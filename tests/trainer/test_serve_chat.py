@@ -162,7 +162,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     model_dir: Path = checkpoint("llama", tmp_path_factory.mktemp("chat") / "tiny-chat")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert tokenizer.chat_template, "the fixture's tokenizer has a (ChatML) chat template"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
     served = Served(model, tokenizer, {int(tokenizer.eos_token_id)})
     yield served
     served.close()
