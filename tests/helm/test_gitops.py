@@ -126,6 +126,28 @@ def test_both_kinds_share_one_script_and_argocd_can_merge_it() -> None:
                 "message": "Succeeded; serving unavailable: serving.kserve is true but the KServe CRDs are not installed",
             },
         ),
+        (
+            job(
+                {
+                    "state": "Succeeded",
+                    "observedGeneration": 1,
+                    "conditions": [
+                        cond("Succeeded", "True", "TrainingSucceeded", "done"),
+                        cond(
+                            "Serving",
+                            "False",
+                            "EngineCannotLoad",
+                            "serving.engine VLLM cannot load stage quantize-int8's layout quantized",
+                        ),
+                    ],
+                }
+            ),
+            {
+                "status": "Degraded",
+                "message": "Succeeded; serving unavailable: "
+                "serving.engine VLLM cannot load stage quantize-int8's layout quantized",
+            },
+        ),
         # A finished job keeps its verdict even when its spec changed afterwards.
         (
             job(
@@ -148,6 +170,7 @@ def test_both_kinds_share_one_script_and_argocd_can_merge_it() -> None:
         "suspended",
         "serving-starting",
         "serving-unavailable",
+        "serving-engine-cannot-load",
         "failed-then-edited",
     ],
 )
