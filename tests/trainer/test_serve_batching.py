@@ -11,7 +11,7 @@ import torch
 
 from llmtrain.serve.batch import RunningBatch
 from llmtrain.serve.cpus import available_cpus
-from llmtrain.serve.sampling import new_generator, sample_row
+from llmtrain.serve.sampling import adjust_logits, new_generator, sample_row
 from llmtrain.serve.text import TextAssembler
 
 
@@ -81,6 +81,19 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert {sample_row(logits, 1.0, 0.8, gen) for _ in range(400)} == {0, 1}
     assert {sample_row(logits, 1.0, 1.0, gen) for _ in range(400)} == {0, 1, 2}
     assert sample_row(torch.tensor([0.0, 3.0, 1.0]), 0.0, 1.0, gen) == 1  # temperature 0 is argmax
+
+
+def test_penalties_follow_openais_formula_then_logit_bias_and_leave_the_row_alone() -> None:
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5, -1.0])
+    counts = {1: 3, 2: 1}  # token 1 sampled three times, token 2 once
+    out = adjust_logits(logits, counts, frequency_penalty=0.5, presence_penalty=0.25, bias=((4, 2.0),))
+    expected = logits.clone()
+    for token, count in counts.items():
+        expected[token] -= count * 0.5 + 0.25
+    expected[4] += 2.0
+    assert torch.equal(out, expected)
+    assert logits.tolist() == [1.0, 2.0, 3.0, 0.5, -1.0], "the batch's logits (and so logprobs) stay raw"
+    assert adjust_logits(logits, {}, 2.0, 2.0) is logits, "nothing generated yet: nothing to penalise"
 
 
 def test_same_seed_same_samples_and_prompts_of_one_request_differ() -> None:
