@@ -29,7 +29,8 @@ def model() -> torch.nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    m: torch.nn.Module = LlamaForCausalLM(config).eval()
+    m: torch.nn.Module = LlamaForCausalLM(config)
+    m.eval()
     return m
 
 
