@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from llmtrain.compress.load import load_model
@@ -70,11 +71,11 @@ def job(family: str, root: Path, data_dir: Path, tok_dir: Path) -> Path:
     return config
 
 
-def compress(config: Path, stage: str) -> tuple[int, str, dict[str, Any]]:
+def compress(config: Path, stage: str, *flags: str) -> tuple[int, str, dict[str, Any]]:
     termination = config.parent / f"termination-{stage}.json"
     env = {**train_env(), "LLMOP_TERMINATION_LOG": str(termination)}
     proc = subprocess.run(
-        [sys.executable, "-m", "llmtrain.cli", "compress", str(config), "--stage", stage],
+        [sys.executable, "-m", "llmtrain.cli", "compress", str(config), "--stage", stage, *flags],
         capture_output=True,
         text=True,
         env=env,
@@ -144,3 +145,17 @@ def test_distillation_from_a_non_llama_teacher(tmp_path: Path, data_dir: Path, t
     student: Any = load_model(Path(message["modelPath"]))
     assert type(student).__name__ == "LlamaForCausalLM"
     assert student.config.vocab_size == 512 and message["results"]["parameterRatio"] < 0.6
+
+
+def test_device_cuda_is_refused_for_quantisation_and_without_a_gpu(
+    tmp_path: Path, data_dir: Path, tok_dir: Path
+) -> None:
+    config = job("qwen2", tmp_path, data_dir, tok_dir)
+    # The quantized layout runs on PyTorch's CPU kernels: refused on any machine, GPU or not.
+    code, stderr, message = compress(config, "quantize-0", "--device", "cuda")
+    assert code == 2 and message["exitCode"] == 2, stderr[-2000:]
+    assert "--device cuda: quantize-0 writes and measures the quantized layout" in stderr
+    if not torch.cuda.is_available():
+        code, stderr, _ = compress(config, "prune-0", "--device", "cuda")
+        assert code == 2 and "sees no CUDA GPU" in stderr, stderr[-2000:]
+    assert not (tmp_path / "output" / "compressed").exists()

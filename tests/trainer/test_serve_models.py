@@ -101,8 +101,13 @@ def greedy_alone(model: Any, prompt: list[int], n: int) -> list[int]:
     return [int(t) for t in out[0, len(prompt) :]]
 
 
-def decode_with_joins(batch: RunningBatch, prompts: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Greedy decoding where prompts join at different steps (two in one prefill) and leave early."""
+def decode_with_joins(
+    batch: RunningBatch, prompts: dict[str, list[int]], logits: dict[str, list[torch.Tensor]] | None = None
+) -> dict[str, list[int]]:
+    """Greedy decoding where prompts join at different steps (two in one prefill) and leave early.
+
+    ``logits``, when given, receives each row's next-token logits at every step.
+    """
     names = list(prompts)
     joins = dict(zip(names, (0, 3, 7, 7), strict=True))
     lengths = dict(zip(names, (9, 14, 12, 6), strict=True))
@@ -123,8 +128,10 @@ def decode_with_joins(batch: RunningBatch, prompts: dict[str, list[int]]) -> dic
             break
         assert batch.logits.dtype == torch.float32 and batch.logits.device.type == "cpu"
         pending = [int(t) for t in batch.logits.argmax(-1)]
-        for name, token in zip(rows, pending, strict=True):
+        for i, (name, token) in enumerate(zip(rows, pending, strict=True)):
             got[name].append(token)
+            if logits is not None:
+                logits.setdefault(name, []).append(batch.logits[i])
     assert batch.rows == 0
     return got
 
@@ -143,9 +150,15 @@ def test_rows_joining_mid_decode_match_generate_alone(arch: str, tokenizer_dir: 
     assert len({len(p) for p in prompts.values()}) == len(prompts)  # really different lengths
     batch = RunningBatch(loaded.model, loaded.pad_id)
     assert batch.spliced == (arch in SPLICED)
-    got = decode_with_joins(batch, prompts)
+    logits: dict[str, list[torch.Tensor]] = {}
+    got = decode_with_joins(batch, prompts, logits)
     for name, prompt in prompts.items():
         assert got[name] == greedy_alone(loaded.model, prompt, len(got[name])), name
+        # Tokens alone can hide a wrong position in a random model; the logits cannot: each step's
+        # equal the model's on the row's whole text in one pass, up to float32 rounding.
+        with torch.no_grad():
+            alone = loaded.model(torch.tensor([prompt + got[name][:-1]])).logits[0, len(prompt) - 1 :]
+        torch.testing.assert_close(torch.stack(logits[name]), alone.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_context_length_is_read_by_each_architectures_name(tokenizer_dir: Path, tmp_path: Path) -> None:

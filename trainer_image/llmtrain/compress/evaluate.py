@@ -92,8 +92,11 @@ def load_eval_data(data_dir: str | Path, settings: EvalSettings, seed: int) -> E
 
 @torch.no_grad()
 def validation_loss(model: Any, batches: list[tuple[Tensor, Tensor]]) -> float:
+    """Mean next-token loss; the (CPU) batches go to the model's device (``--device``)."""
+    device = next(model.parameters()).device
     total = 0.0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         logits = model(input_ids=x).logits
         total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)))
     return total / len(batches)
@@ -130,6 +133,9 @@ def linear_sparsity(model: nn.Module) -> float:
 
 @torch.no_grad()
 def _generate_seconds(model: Any, prompt: Tensor, new_tokens: int) -> float:
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    _synchronize(device)
     started = time.perf_counter()
     out = model.generate(
         input_ids=prompt,
@@ -138,9 +144,15 @@ def _generate_seconds(model: Any, prompt: Tensor, new_tokens: int) -> float:
         min_new_tokens=new_tokens,
         do_sample=False,
     )
+    _synchronize(device)  # CUDA kernels run asynchronously: the time is theirs only once they finish
     seconds = time.perf_counter() - started
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def tokens_per_second(models: list[Any], prompt: Tensor, settings: EvalSettings) -> list[float]:

@@ -44,7 +44,8 @@ def recover(
     peak = tr.optimizer.learning_rate * RECOVERY_LR_FRACTION
     warmup = max(1, steps // 10)
     optimizer = torch.optim.AdamW(param_groups(model, tr.optimizer.weight_decay), lr=peak)
-    masked = {name: (model.get_submodule(name).weight, mask) for name, mask in masks.items()}
+    device = next(model.parameters()).device  # batches and masks follow the model (run.py places it)
+    masked = {name: (model.get_submodule(name).weight, mask.to(device)) for name, mask in masks.items()}
     loader = train_loader(cfg, seq_len)
     model.train()
     loss_value = float("nan")
@@ -56,7 +57,7 @@ def recover(
                 group["lr"] = peak * min(1.0, (step + 1) / warmup)
             total = 0.0
             for _ in range(accumulation):
-                x, y = loader.next()
+                x, y = (t.to(device) for t in loader.next())
                 logits = model(input_ids=x).logits
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
                 (loss / accumulation).backward()  # type: ignore[no-untyped-call]

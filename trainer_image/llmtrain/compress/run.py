@@ -28,12 +28,19 @@ from llmop_contract.api.v1alpha1.lifecycle import Distillation, Pruning, Pruning
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.remote import COMPRESSED
 from llmtrain.compress import evaluate, layout
+from llmtrain.compress.device import resolve_device
 from llmtrain.compress.load import load_model
 from llmtrain.compress.stages import DEFAULT_INT4_GROUP, ModelShape, Stage
 from llmtrain.logs import Logger
 
 CALIBRATION_BATCHES = 8
 """Training micro-batches whose activations rank heads and channels for structured pruning."""
+
+
+def stage_device(stage: Stage, choice: str) -> torch.device:
+    """Where the stage's models run for ``--device choice`` (llmtrain.compress.cli says the rule)."""
+    cpu_only = f"{stage.name} writes and measures the quantized layout, which runs on PyTorch's CPU kernels"
+    return resolve_device(choice, cpu_only if isinstance(stage.spec, Quantization) else None)
 
 
 def fingerprint(cfg: TrainerConfig, stage: Stage, source: Path, settings: evaluate.EvalSettings) -> str:
@@ -68,9 +75,13 @@ def uploaded(
     return out if uri is None else {**out, "modelUri": uri}
 
 
-def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) -> dict[str, Any]:
+def run_stage(
+    cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Produce, measure and commit ``stage``; ``device`` (default the CPU) runs recovery and evaluation."""
     from transformers.utils import logging as hf_logging
 
+    device = device or torch.device("cpu")
     started = time.perf_counter()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm bars amid the JSON log lines
     source = layout.model_dir(cfg.paths.output_dir)
@@ -84,9 +95,16 @@ def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) 
         log.event("up_to_date", stage=stage.name, model_path=str(final))
         return uploaded(cfg, stage, final, summary(existing), log)
 
-    log.event("start", stage=stage.name, method=stage.method, field=stage.field, source=str(source))
+    log.event(
+        "start",
+        stage=stage.name,
+        method=stage.method,
+        field=stage.field,
+        source=str(source),
+        device=str(device),
+    )
     with layout.staging(final) as tmp:
-        details = produce(cfg, stage, shape, source, tmp, log)
+        details = produce(cfg, stage, shape, source, tmp, log, device)
         marker_value = {
             "format": layout.FORMAT,
             "stage": stage.name,
@@ -100,7 +118,8 @@ def run_stage(cfg: TrainerConfig, stage: Stage, shape: ModelShape, log: Logger) 
         log.event(
             "evaluating", stage=stage.name, batches=settings.max_batches, new_tokens=settings.new_tokens
         )
-        baseline_model, compressed_model = load_model(source), load_model(tmp)
+        # On the one device, so the two figures compare (a quantisation stage's is always the CPU).
+        baseline_model, compressed_model = load_model(source, str(device)), load_model(tmp, str(device))
         data = evaluate.load_eval_data(cfg.paths.data_dir, settings, cfg.spec.training.seed)
         base, comp = evaluate.measure_pair((baseline_model, source), (compressed_model, tmp), data, settings)
         results = evaluate.results(base, comp, time.perf_counter() - started)
@@ -131,7 +150,13 @@ def _short(results: dict[str, float]) -> dict[str, float]:
 
 
 def produce(
-    cfg: TrainerConfig, stage: Stage, shape: ModelShape, source: Path, tmp: Path, log: Logger
+    cfg: TrainerConfig,
+    stage: Stage,
+    shape: ModelShape,
+    source: Path,
+    tmp: Path,
+    log: Logger,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Write the compressed weights and config.json into ``tmp``.
 
@@ -141,7 +166,7 @@ def produce(
     if isinstance(spec, Quantization):
         return _quantize(spec, shape, source, tmp, log)
     if isinstance(spec, Pruning):
-        return _prune(cfg, spec, shape, source, tmp, log)
+        return _prune(cfg, spec, shape, source, tmp, log, device or torch.device("cpu"))
     assert isinstance(spec, Distillation)
     from llmtrain.compress.distill import distill
 
@@ -173,7 +198,13 @@ def _quantize(spec: Quantization, shape: ModelShape, source: Path, tmp: Path, lo
 
 
 def _prune(
-    cfg: TrainerConfig, spec: Pruning, shape: ModelShape, source: Path, tmp: Path, log: Logger
+    cfg: TrainerConfig,
+    spec: Pruning,
+    shape: ModelShape,
+    source: Path,
+    tmp: Path,
+    log: Logger,
+    device: torch.device,
 ) -> dict[str, Any]:
     from llmtrain.compress.prune import magnitude_prune, structured_prune
     from llmtrain.compress.recovery import recover, train_loader
@@ -203,7 +234,10 @@ def _prune(
         log.event("pruned", **details["prunedShape"])
     figures: dict[str, float] = {"recoverySteps": float(spec.recovery_steps)}
     if spec.recovery_steps:
-        log.event("recovery_start", steps=spec.recovery_steps)
+        # Choosing weights is cheap and stays on the CPU; the recovery training is worth a GPU.
+        log.event("recovery_start", steps=spec.recovery_steps, device=str(device))
+        model = model.to(device)
         figures["recoveryLoss"] = recover(model, cfg, spec.recovery_steps, masks, log, seq_len)
+        model = model.to("cpu")
     model.save_pretrained(tmp)
     return {"marker": {"layout": layout.LAYOUT_HF}, "figures": figures, **details}
