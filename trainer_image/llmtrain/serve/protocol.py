@@ -264,7 +264,8 @@ def parse_completion(
         raise unsupported("best_of", " (only best_of = n: every sampled sequence is returned)")
 
     echo = boolean(body, "echo")
-    hint = " (0 is allowed only with echo, to score the prompt)" if not echo else ""
+    asked_zero = body.get("max_tokens") == 0 and not echo
+    hint = " (0 is allowed only with echo, to score the prompt)" if asked_zero else ""
     max_tokens = integer(
         body,
         "max_tokens",
