@@ -414,12 +414,13 @@ def test_lm_eval_local_completions(
 ) -> None:
     """lm-eval scores each choice through /v1/completions (token ids, echo, logprobs=1, max_tokens=1)
     and sums the continuation's logprobs: each sum must equal this process's within 1e-3."""
+    # Before lm_eval imports datasets and huggingface_hub, which read these once, at import.
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager  # type: ignore[import-untyped]
     from lm_eval.utils import make_table  # type: ignore[import-untyped]
 
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     tasks = tmp_path / "tasks"
