@@ -56,6 +56,7 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TAG_PREFIX = "step-"
 REJECTED_PREFIX = "rejected-"
+UNIVERSAL_PREFIX = "universal-"
 
 
 def tag_for(step: int) -> str:
@@ -93,6 +94,49 @@ def set_aside(directory: Path) -> Path:
         target = directory.with_name(f"{REJECTED_PREFIX}{directory.name}.{n}")
     os.rename(directory, target)
     return target
+
+
+def saved_partitions(directory: Path) -> int | None:
+    """How many data-parallel ranks wrote a checkpoint's ZeRO partitions; None at ZeRO-0 (unpartitioned).
+
+    DeepSpeed names one optimiser partition per data-parallel rank (``[bf16_]zero_pp_rank_<r>_mp_rank_00_
+    optim_states.pt``), at every ZeRO stage, so the count is the world the partitions are cut for.
+    """
+    return len(list(directory.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
+
+
+def _inner_optimizer(engine: Any) -> Any:
+    """The torch optimiser under DeepSpeed's ZeRO wrapper (the wrapper itself below ZeRO)."""
+    wrapper = engine.optimizer
+    return getattr(wrapper, "optimizer", wrapper)
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's own conversion (``ds_to_universal``) of a ZeRO-1/2/3 checkpoint into the universal
+    layout: one fp32 tensor and its optimiser moments per parameter, loadable at any data-parallel
+    size. Written through ``.tmp-`` and a rename like a save, so a crash leaves nothing half-converted.
+
+    ``inject_missing_state``: the converter asks for Megatron's ``universal_checkpoint_info`` client
+    entry, which only describes tensor/pipeline slicing; with data parallelism alone there is none.
+    One worker each: the ranks of this job are busy waiting at a barrier, not idle cores.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = target.with_name(TMP_PREFIX + target.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+    os.rename(tmp, target)
 
 
 @dataclass
@@ -163,7 +207,8 @@ class Checkpointer:
         """How long the last save waited for room in the upload queue (part of save's duration)."""
         if env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for leftover in self.root.glob(TMP_PREFIX + "*"):
+            # Half-written saves, and universal copies a crash kept from being removed after their load.
+            for leftover in [*self.root.glob(TMP_PREFIX + "*"), *self.root.glob(UNIVERSAL_PREFIX + "*")]:
                 shutil.rmtree(leftover, ignore_errors=True)
         barrier(env)
 
@@ -261,7 +306,7 @@ class Checkpointer:
             self.remote.after_restore(tag, self.root / tag)
         if tag is None:
             return Restored(None, fallbacks, rejected)
-        path, client = engine.load_checkpoint(str(self.root), tag=tag, load_lr_scheduler_states=False)
+        path, client = self._load(engine, tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         rng = self.root / tag / f"rng-rank{self.env.rank:05d}.pt"
@@ -270,3 +315,56 @@ class Checkpointer:
         client = dict(client or {})
         client["tag"] = tag
         return Restored(client, fallbacks, rejected, from_remote)
+
+    def _load(self, engine: Any, tag: str) -> tuple[str | None, dict[str, Any] | None]:
+        """``engine.load_checkpoint`` of ``tag``; through a universal conversion when its ZeRO partitions
+        were cut for another number of ranks (an elastic resize, or a job resubmitted at another size).
+
+        Rank 0 converts while the others wait; every rank then loads with DeepSpeed's
+        ``load_universal`` switched on for this one load (it is a config flag, read only while loading),
+        and the converted copy is removed afterwards: it is derived from the verified checkpoint, which
+        stays the one of record.
+        """
+        saved = saved_partitions(self.root / tag)
+        if saved is None or saved == self.env.world_size:
+            loaded: tuple[str | None, dict[str, Any] | None] = engine.load_checkpoint(
+                str(self.root), tag=tag, load_lr_scheduler_states=False
+            )
+            return loaded
+        universal = self.root / (UNIVERSAL_PREFIX + tag)
+        if self.env.is_main:
+            start = time.perf_counter()
+            if not universal.is_dir():
+                to_universal(self.root / tag, universal)
+            Logger(self.env.rank).event(
+                "checkpoint_resharded",
+                checkpoint=tag,
+                saved_ranks=saved,
+                ranks=self.env.world_size,
+                seconds=round(time.perf_counter() - start, 3),
+            )
+        barrier(self.env)
+        # DeepSpeed's ZeRO-3 universal load copies the first param group's hyperparameters onto every
+        # group ("they should be the same", stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3),
+        # which gives the no-decay group (norms, biases) weight decay. The groups' hyperparameters come
+        # from the job's config, not from the checkpoint, so this run's own are put back after the load.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+        engine._config.load_universal_checkpoint = True
+        try:
+            loaded = engine.load_checkpoint(
+                str(self.root), tag=universal.name, load_lr_scheduler_states=False
+            )
+        finally:
+            engine._config.load_universal_checkpoint = False
+        for group, hyperparameters in zip(engine.optimizer.param_groups, groups, strict=True):
+            group.update(hyperparameters)
+        # The same load also gives every ZeRO-3 sub-group one shared ``step`` tensor; torch's Adam
+        # increments each state's step in place, so with a shared one every sub-group advanced it
+        # and bias correction ran ahead (the loss drifted from the unresized run by 5e-4 in 15 steps).
+        for state in _inner_optimizer(engine).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        barrier(self.env)
+        if self.env.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
+        return loaded

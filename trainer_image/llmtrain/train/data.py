@@ -123,6 +123,24 @@ class Position:
     epoch: int = 0
     batch: int = 0
 
+    def at_world(self, micro_batch: int, saved_world: int, world: int) -> Position:
+        """The same place in the data order for ``world`` ranks, from a position saved by ``saved_world``.
+
+        A global micro-batch is ``micro_batch x world`` consecutive windows of the epoch's order, so
+        a position is really a count of windows consumed; it maps exactly when that count divides
+        into the new global micro-batches, which holds at every optimiser-step boundary (where
+        checkpoints are taken) as long as the global batch is kept.
+        """
+        windows = self.batch * micro_batch * saved_world
+        per_batch = micro_batch * world
+        if windows % per_batch:
+            raise DataError(
+                f"the checkpoint's data position ({windows} windows into epoch {self.epoch}, written by "
+                f"{saved_world} ranks) is not a whole number of global micro-batches of {per_batch} "
+                f"({micro_batch} x {world} ranks): keep globalBatchSize a multiple of microBatchSize x ranks"
+            )
+        return Position(self.epoch, windows // per_batch)
+
 
 class Windows:
     """Fixed-length windows of one split and their per-epoch order."""
@@ -257,7 +275,9 @@ class TrainLoader:
                 f"train split has {windows.count} windows, fewer than one global micro-batch "
                 f"({micro_batch} x {world} processes)"
             )
-        self.position = Position(position.epoch, position.batch)
+        # A position from another world size may fall in this world's dropped ragged tail.
+        tail = position.batch >= self.per_epoch
+        self.position = Position(position.epoch + 1, 0) if tail else Position(position.epoch, position.batch)
         self._queue: queue.Queue[tuple[Batch, Position] | BaseException] = queue.Queue(prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="llmtrain-prefetch", daemon=True)

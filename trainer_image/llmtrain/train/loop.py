@@ -37,6 +37,7 @@ from llmtrain.train.data import (
     read_manifest,
     validation_batches,
 )
+from llmtrain.train.energy import RunEnergy
 from llmtrain.train.engine import deepspeed_config, initialize, set_learning_rate
 from llmtrain.train.export import (
     export_model,
@@ -107,6 +108,7 @@ class Run:
     resumed_from: str | None
     logged_step: int = 0
     checkpoint_fallbacks: int = 0
+    energy: RunEnergy | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -193,6 +195,9 @@ def setup(cfg: TrainerConfig) -> Run:
     report_restore(log, restored, checkpointer)
     state = restored.client or {}
     position = Position(**state.get("data", {}))
+    saved_world = int(state.get("world_size", env.world_size))  # absent: written before it was recorded
+    if saved_world != env.world_size:
+        position = position.at_world(tr.micro_batch_size, saved_world, env.world_size)
     loader = TrainLoader(
         _windows(cfg, manifest, "train"), tr.micro_batch_size, env.rank, env.world_size, position
     )
@@ -235,8 +240,11 @@ def setup(cfg: TrainerConfig) -> Run:
         resumed_from=state.get("tag"),
         checkpoint_fallbacks=restored.fallbacks,
         data_position=f"{position.epoch}:{position.batch}",
+        saved_world_size=saved_world if state else None,
     )
     metrics.tokens.inc(step * throughput.tokens_per_step)
+    energy = RunEnergy(env, resumed=bool(state), before=state.get("energy_joules"))
+    log.event("energy_source", source=energy.source or "unavailable", resumed_with_joules=energy.before)
     return Run(
         cfg,
         env,
@@ -255,6 +263,7 @@ def setup(cfg: TrainerConfig) -> Run:
         state.get("tag"),
         step,
         restored.fallbacks,
+        energy,
     )
 
 
@@ -306,6 +315,8 @@ def run(cfg: TrainerConfig) -> Result:
     )
     resumed_from_step = r.step
     r.throughput.mark(r.step, time.perf_counter())
+    if r.energy is not None:
+        r.energy.start()
     step = r.step
     try:
         if step == 0:  # the baseline every later validation loss is compared with
@@ -365,6 +376,8 @@ def run(cfg: TrainerConfig) -> Result:
         return result
     finally:
         r.loader.close()
+        if r.energy is not None:
+            r.energy.close()
 
 
 def report_progress(r: Run, step: int, local_loss: float, lr: float) -> float:
@@ -383,10 +396,29 @@ def report_progress(r: Run, step: int, local_loss: float, lr: float) -> float:
     if m.mfu is not None and m.flops_per_second is not None:
         m.flops_per_second.set(rates["flops_per_second"])
         m.mfu.set(rates["mfu"])
+    figures = energy_figures(r, step)
     r.log.event(
-        "progress", step=step, total_steps=r.total_steps, loss=round(loss, 6), lr=lr, **_rounded(rates)
+        "progress",
+        step=step,
+        total_steps=r.total_steps,
+        loss=round(loss, 6),
+        lr=lr,
+        **_rounded(rates),
+        **figures,
     )
     return loss
+
+
+def energy_figures(r: Run, step: int) -> dict[str, float]:
+    """Energy so far and per trained token, into the metrics; {} (and the gauges unset) when unmeasurable."""
+    joules = r.energy.total() if r.energy is not None else None  # a collective: every rank is here
+    r.metrics.energy_available.set(0 if joules is None else 1)
+    if joules is None:
+        return {}
+    per_token = joules / max(1, step * r.throughput.tokens_per_step)
+    r.metrics.energy_joules.set(joules)
+    r.metrics.joules_per_token.set(per_token)
+    return {"energy_joules": round(joules, 3), "joules_per_token": per_token}
 
 
 def _rounded(rates: dict[str, float]) -> dict[str, float]:
@@ -412,7 +444,14 @@ def evaluate(r: Run, step: int) -> float:
 
 
 def save_checkpoint(r: Run, step: int) -> None:
-    client = {"step": step, "data": r.loader.state(), "config_seed": r.cfg.spec.training.seed}
+    client = {
+        "step": step,
+        "data": r.loader.state(),
+        "world_size": r.env.world_size,  # what the data position counts in (see Position.at_world)
+        "config_seed": r.cfg.spec.training.seed,
+        # The job's energy up to this checkpoint, for the attempt that resumes from it (None: unmeasured).
+        "energy_joules": r.energy.total() if r.energy is not None else None,
+    }
     seconds = r.checkpointer.save(r.engine, step, client)
     r.metrics.checkpoint_seconds.set(seconds)
     r.log.event("checkpoint", step=step, seconds=round(seconds, 3))

@@ -128,6 +128,19 @@ class Metrics:
         self.memory = Gauge("llmtrain_memory_bytes", "Peak RSS (CPU) or CUDA max allocated bytes", registry=r)
         self.eta = Gauge(Metric.ETA_SECONDS.value, "Estimated seconds to the last step", registry=r)
         self.sparsity = Gauge("llmtrain_sparsity", "Fraction of prunable weights masked", registry=r)
+        # Measured energy only (NVML on GPUs, RAPL on CPUs; llmtrain.energy): 0 available means the
+        # two gauges below are not set, never estimated.
+        self.energy_available = Gauge(
+            "llmtrain_energy_available", "1 when every rank's devices report energy, else 0", registry=r
+        )
+        self.energy_joules = Gauge(
+            "llmtrain_energy_joules",
+            "Energy of the job's devices so far (all ranks, all attempts)",
+            registry=r,
+        )
+        self.joules_per_token = Gauge(
+            "llmtrain_energy_joules_per_token", "Energy so far per trained token", registry=r
+        )
         self.port: int | None = None
 
     def serve(self, port: int, addr: str | None = None) -> int:
