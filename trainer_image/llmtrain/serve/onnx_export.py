@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from llmtrain.compress.load import load_model, load_tokenizer
+from llmtrain.serve import loader
 
 ONNX_FILE = "model.onnx"
 REPORT_FILE = "report.json"
@@ -183,7 +184,7 @@ def export_onnx(
     model = model.float()
     tokenizer = load_tokenizer(source)
     config: Any = getattr(model, "config", None)
-    context_length = int(config.max_position_embeddings)
+    context_length = loader.context_length(config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     graph = LogitsGraph(model).eval()
     samples = sample_inputs(tokenizer, int(config.vocab_size), context_length, pad_id)
