@@ -8,15 +8,18 @@ accumulation 4 at 1 rank, 2 at 2, 1 at 4), so each step sees the same 16 windows
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmtrain.testing import debug_config
+from llmtrain.train.checkpoint import tag_for
 from llmtrain.train.dist import free_port
 from tests.trainer.ranks import TRAIN, env, events
 
@@ -43,7 +46,7 @@ def spec(ranks: int, zero: int, max_steps: int) -> dict[str, Any]:
             "maxSteps": max_steps,
             "microBatchSize": 4,
             "globalBatchSize": 16,
-            # Constant after warmup: the first leg stops at SAVED_AT, and a decay would depend on maxSteps.
+            # The resumed run has the same maxSteps as the reference, so the schedule matches step for step.
             "lrSchedule": {"type": "Constant", "warmupSteps": 5},
             "logIntervalSteps": 1,
             "checkpointing": {"intervalSteps": SAVED_AT, "keepLast": 2},
@@ -76,19 +79,26 @@ def train(work: Path, data_dir: Path, ranks: int, zero: int, max_steps: int, log
     assert rc == 0, log.read_text()[-4000:]
 
 
+@dataclass
+class Reference:
+    losses: dict[int, float]
+    """Per step, of the uninterrupted 2-rank run."""
+    checkpoint: Path
+    """Its step-SAVED_AT checkpoint: exactly what a 2-rank run stopped there would leave."""
+
+
 @pytest.fixture(scope="module")
-def reference() -> dict[int, dict[int, float]]:
-    """Uninterrupted 2-rank curves, per ZeRO stage (computed on first use)."""
+def reference() -> dict[int, Reference]:
+    """Uninterrupted 2-rank runs, per ZeRO stage (each run on first use)."""
     return {}
 
 
-def reference_curve(
-    cache: dict[int, dict[int, float]], zero: int, data_dir: Path, root: Path
-) -> dict[int, float]:
+def reference_run(cache: dict[int, Reference], zero: int, data_dir: Path, root: Path) -> Reference:
     if zero not in cache:
-        log = root / f"reference-zero{zero}.log"
-        train(root / f"reference-zero{zero}", data_dir, 2, zero, STEPS, log)
-        cache[zero] = {e["step"]: e["loss"] for e in events(log, "progress")}
+        work, log = root / f"reference-zero{zero}", root / f"reference-zero{zero}.log"
+        train(work, data_dir, 2, zero, STEPS, log)
+        losses = {e["step"]: e["loss"] for e in events(log, "progress")}
+        cache[zero] = Reference(losses, work / "checkpoints" / tag_for(SAVED_AT))
     return cache[zero]
 
 
@@ -98,16 +108,18 @@ def test_resume_at_another_world_size_continues_the_curve(
     zero: int,
     ranks: int,
     data_dir: Path,
-    reference: dict[int, dict[int, float]],
+    reference: dict[int, Reference],
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    ref = reference_curve(reference, zero, data_dir, tmp_path_factory.mktemp("reference"))
+    run = reference_run(reference, zero, data_dir, tmp_path_factory.mktemp("reference"))
+    ref = run.losses
     assert sorted(ref) == list(range(1, STEPS + 1))
+    # The 2-rank run's checkpoint at SAVED_AT (its manifest verifies as copied), resumed by `ranks`.
+    shutil.copytree(run.checkpoint, tmp_path / "checkpoints" / run.checkpoint.name)
     log = tmp_path / "train.log"
-    train(tmp_path, data_dir, 2, zero, SAVED_AT, log)  # leg 1: 2 ranks, checkpoint at SAVED_AT
     started = time.monotonic()
-    train(tmp_path, data_dir, ranks, zero, STEPS, log)  # leg 2: the same checkpoint dir, `ranks` ranks
+    train(tmp_path, data_dir, ranks, zero, STEPS, log)
     start = events(log, "start")[-1]
     assert start["world_size"] == ranks and start["saved_world_size"] == 2
     assert start["resumed_from"] == f"step-{SAVED_AT:08d}"
@@ -115,8 +127,7 @@ def test_resume_at_another_world_size_continues_the_curve(
     (resharded,) = events(log, "checkpoint_resharded")
     assert resharded["saved_ranks"] == 2 and resharded["ranks"] == ranks
     assert not list((tmp_path / "checkpoints").glob("universal-*")), "the converted copy was left behind"
-    records = events(log, "progress")
-    resumed = {r["step"]: r["loss"] for r in records[len(records) - (STEPS - SAVED_AT) :]}
+    resumed = {r["step"]: r["loss"] for r in events(log, "progress")}
     assert sorted(resumed) == list(range(SAVED_AT + 1, STEPS + 1))
     rel = max(abs(resumed[s] - ref[s]) / abs(ref[s]) for s in resumed)
     print(
