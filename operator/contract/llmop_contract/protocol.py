@@ -39,6 +39,20 @@ class StageKind(StrEnum):
     DISTILL = "distill"
 
 
+class ModelLayout(StrEnum):
+    """How a model directory's weights are stored (the ``layout`` of its ``compression.json``)."""
+
+    HF = "hf"
+    """A plain Hugging Face checkpoint (the trained export, pruned, distilled): transformers and vLLM load it."""
+    QUANTIZED = "quantized"
+    """The trainer's quantised buffers per module: only ``llmtrain.compress.load`` loads it."""
+
+    @classmethod
+    def written_by(cls, kind: StageKind | None) -> ModelLayout:
+        """What a stage of ``kind`` writes (None: the trained export)."""
+        return cls.QUANTIZED if kind is StageKind.QUANTIZE else cls.HF
+
+
 _STAGE_NAME = re.compile(r"^(quantize|prune)-(0|[1-9][0-9]?)$|^distill$")
 
 

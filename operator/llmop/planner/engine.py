@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmop_contract.api.v1alpha1.lifecycle import ServingEngine, ServingSource, ServingSpec
-from llmop_contract.protocol import StageKind, StageName
+from llmop_contract.protocol import ModelLayout, StageName
 
-LAYOUT_HF = "hf"
-LAYOUT_QUANTIZED = "quantized"
-VLLM_LAYOUTS = frozenset({LAYOUT_HF})
+VLLM_LAYOUTS = frozenset({ModelLayout.HF})
 
 
 @dataclass(frozen=True)
@@ -23,19 +21,19 @@ class Choice:
     """The resolved engine, or why the asked-for one cannot serve the model (engine is then None)."""
 
     engine: ServingEngine | None
-    layout: str
+    layout: ModelLayout
     problem: str | None = None
 
 
-def layout_of(stage: str | None) -> str:
+def layout_of(stage: str | None) -> ModelLayout:
     """The layout the stage named ``stage`` writes (None or "train": the trained export)."""
     if stage is None or stage == "train":
-        return LAYOUT_HF
+        return ModelLayout.written_by(None)
     try:
         kind = StageName.parse(stage).kind
     except ValueError:
-        return LAYOUT_HF  # not a compression stage: the trained export
-    return LAYOUT_QUANTIZED if kind is StageKind.QUANTIZE else LAYOUT_HF
+        return ModelLayout.written_by(None)  # not a compression stage: the trained export
+    return ModelLayout.written_by(kind)
 
 
 def served_stage(spec: ServingSpec, selected_stage: str | None) -> str | None:
@@ -52,7 +50,7 @@ def resolve(spec: ServingSpec, stage: str | None) -> Choice:
         if vllm_loads:
             return Choice(ServingEngine.VLLM, layout)
         problem = (
-            f"serving.engine is VLLM but the served model ({stage}) has the {layout!r} layout, which "
+            f"serving.engine is VLLM but the served model ({stage}) has the {layout.value!r} layout, which "
             "vLLM cannot load: set serving.engine Builtin, serving.source Trained, or select a "
             "pruned or distilled model"
         )

@@ -22,14 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmop_contract.protocol import ModelLayout
+
 MARKER = "compression.json"
 REPORT = "report.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "llmop-compressed-v1"
 
-LAYOUT_HF = "hf"
+# The operator decides the serving engine by these names too (llmop.planner.engine): one definition.
+LAYOUT_HF = ModelLayout.HF.value
 """Plain LlamaForCausalLM export: transformers' from_pretrained loads it as it is."""
-LAYOUT_QUANTIZED = "quantized"
+LAYOUT_QUANTIZED = ModelLayout.QUANTIZED.value
 """Quantised buffers per module (formats listed in the marker): llmtrain.compress.load loads it."""
 
 
