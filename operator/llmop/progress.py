@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmop.conditions import now_iso
+from llmop.conditions import now_iso, parse_time
 from llmop_contract.api.v1alpha1.status import Progress
 from llmop_contract.protocol import Metric
 
@@ -31,6 +31,11 @@ _FIELDS: dict[str, str] = {
     Metric.REMOTE_UPLOADS_PENDING: "remoteUploadsPending",
     Metric.REMOTE_UPLOAD_FAILURES: "remoteUploadFailures",
     Metric.REMOTE_UPLOAD_FAILING: "remoteUploadFailing",
+    # Goodput and energy (issue 19): status.progress.
+    Metric.PRODUCTIVE_SECONDS: "productiveSeconds",
+    Metric.ENERGY_AVAILABLE: "energyAvailable",
+    Metric.ENERGY_JOULES: "energyJoules",
+    Metric.JOULES_PER_TOKEN: "joulesPerToken",
 }
 
 
@@ -56,12 +61,34 @@ def parse(text: str) -> dict[str, float]:
     return values
 
 
-def to_status(values: dict[str, float], now: datetime) -> Progress:
-    return Progress.model_validate(to_wire(values, now))
+def to_status(values: dict[str, float], now: datetime, started: str | None = None) -> Progress:
+    return Progress.model_validate(to_wire(values, now, started))
 
 
-def to_wire(values: dict[str, float], now: datetime) -> dict[str, Any]:
-    """status.progress as a manifest shows it, from the scraped figures."""
+def goodput(productive_seconds: float, started: str | None, now: datetime) -> float | None:
+    """Productive seconds over the wall time since the job started (None before a second has passed)."""
+    if started is None:
+        return None
+    wall = (now - parse_time(started)).total_seconds()
+    return round(min(1.0, productive_seconds / wall), 4) if wall >= 1 else None
+
+
+def energy_wire(values: dict[str, float]) -> dict[str, Any]:
+    """The energy fields of status.progress: measured figures, or energyMeasured false alone."""
+    if "energyAvailable" not in values:
+        return {}
+    if not values["energyAvailable"] or "energyJoules" not in values:
+        return {"energyMeasured": False}
+    joules = values["energyJoules"]
+    out: dict[str, Any] = {"energyMeasured": True, "energyJoules": round(joules, 1)}
+    out["energyKwh"] = round(joules / 3.6e6, 6)
+    if "joulesPerToken" in values:
+        out["joulesPerToken"] = float(f"{values['joulesPerToken']:.4g}")
+    return out
+
+
+def to_wire(values: dict[str, float], now: datetime, started: str | None = None) -> dict[str, Any]:
+    """status.progress as a manifest shows it, from the scraped figures (``started``: status.startTime)."""
     step = int(values.get("step", 0))
     total = int(values["totalSteps"]) if values.get("totalSteps") else None
     out: dict[str, Any] = {"step": step, "updateTime": now_iso(now)}
@@ -78,6 +105,11 @@ def to_wire(values: dict[str, float], now: datetime) -> dict[str, Any]:
         out["validationStep"] = int(values["validationStep"])
     if "etaSeconds" in values:
         out["etaSeconds"] = max(0, int(values["etaSeconds"]))
+    if "productiveSeconds" in values:
+        out["productiveSeconds"] = round(values["productiveSeconds"], 1)
+        if (share := goodput(values["productiveSeconds"], started, now)) is not None:
+            out["goodput"] = share
+    out.update(energy_wire(values))
     return out
 
 

@@ -51,6 +51,10 @@ def final_figures(message: str) -> Figures:
             progress[key] = round(value, 6)  # as progress.to_status: six decimals for losses
     if data.validation_step is not None and "validationLoss" in progress:
         progress["validationStep"] = data.validation_step
+    # The trainer's goodput and energy inputs at its last step (progress.goodput makes the shares).
+    for key in ("productiveSeconds", "energyJoules", "joulesPerToken"):
+        if key in data.results:
+            progress[key] = data.results[key]
     results = {key: round(value, 6) for key, value in data.results.items()}  # at most MAX_RESULTS
     summary = [fmt.format(results[k]) for k, fmt in _SUMMARY if k in results]
     return Figures(progress, results, data.model_path, data.model_uri, summary)

@@ -85,6 +85,8 @@ class Reference:
     """Per step, of the uninterrupted 2-rank run."""
     checkpoint: Path
     """Its step-SAVED_AT checkpoint: exactly what a 2-rank run stopped there would leave."""
+    productive: dict[int, float]
+    """Its productive seconds per step."""
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,10 @@ def reference_run(cache: dict[int, Reference], zero: int, data_dir: Path, root: 
     if zero not in cache:
         work, log = root / f"reference-zero{zero}", root / f"reference-zero{zero}.log"
         train(work, data_dir, 2, zero, STEPS, log)
-        losses = {e["step"]: e["loss"] for e in events(log, "progress")}
-        cache[zero] = Reference(losses, work / "checkpoints" / tag_for(SAVED_AT))
+        records = events(log, "progress")
+        losses = {e["step"]: e["loss"] for e in records}
+        productive = {e["step"]: e["productive_seconds"] for e in records}
+        cache[zero] = Reference(losses, work / "checkpoints" / tag_for(SAVED_AT), productive)
     return cache[zero]
 
 
@@ -127,7 +131,13 @@ def test_resume_at_another_world_size_continues_the_curve(
     (resharded,) = events(log, "checkpoint_resharded")
     assert resharded["saved_ranks"] == 2 and resharded["ranks"] == ranks
     assert not list((tmp_path / "checkpoints").glob("universal-*")), "the converted copy was left behind"
-    resumed = {r["step"]: r["loss"] for r in events(log, "progress")}
+    progress = events(log, "progress")
+    resumed = {r["step"]: r["loss"] for r in progress}
+    # Goodput's numerator continues from the checkpoint: the 2-rank run's productive seconds at
+    # SAVED_AT, plus the resumed steps' own (recomputed steps would count twice otherwise).
+    saved = run.productive[SAVED_AT]
+    assert saved < progress[0]["productive_seconds"] < saved + 60
+    assert [r["productive_seconds"] for r in progress] == sorted(r["productive_seconds"] for r in progress)
     assert sorted(resumed) == list(range(SAVED_AT + 1, STEPS + 1))
     rel = max(abs(resumed[s] - ref[s]) / abs(ref[s]) for s in resumed)
     print(

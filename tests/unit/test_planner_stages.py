@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 from llmop.builders import JobRef
@@ -171,3 +172,17 @@ def test_termination_messages_are_untrusted() -> None:
     odd = final_figures(json.dumps({"results": {"a": "x", "b": True, "c": float("inf"), "d": 2}}))
     assert odd.results == {"d": 2.0}
     assert final_figures(json.dumps([1, 2])).model_path is None
+
+
+def test_final_goodput_and_energy_come_from_the_trainers_last_words() -> None:
+    message = {**json.loads(TRAIN_MESSAGE), "results": {"productiveSeconds": 1500.0, "energyJoules": 3.6e6}}
+    message["results"]["joulesPerToken"] = 0.5
+    pods = [pod(0, phase="Succeeded", exit_code=0, termination_message=json.dumps(message))]
+    pods.append(pod(1, phase="Succeeded", exit_code=0))
+    started = (NOW - timedelta(seconds=2000)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = {"step": 39, "energyMeasured": True, "energyJoules": 1.0, "productiveSeconds": 10.0}
+    p = step(spec(None), {"attempt": 1, "startTime": started, "progress": before}, pods=pods)
+    progress = p.status["progress"]
+    assert progress["productiveSeconds"] == 1500.0 and progress["goodput"] == 0.75
+    assert (progress["energyJoules"], progress["energyKwh"], progress["joulesPerToken"]) == (3.6e6, 1.0, 0.5)
+    assert progress["step"] == 40

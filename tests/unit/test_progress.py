@@ -32,3 +32,30 @@ def test_a_clean_resume_or_first_start_reports_nothing_and_scratch_is_named() ->
         progress.parse(f"{Metric.CHECKPOINT_FALLBACKS} 2\n{Metric.RESUMED_FROM_STEP} 0\n")
     )
     assert scratch and "started from scratch" in scratch
+
+
+def test_goodput_is_productive_seconds_over_the_wall_time_since_start() -> None:
+    values = progress.parse(f"{Metric.STEP} 50\n{Metric.PRODUCTIVE_SECONDS} 540.26\n")
+    now = datetime(2026, 12, 2, 10, 10, tzinfo=UTC)
+    wire = progress.to_wire(values, now, started="2026-12-02T10:00:00Z")
+    assert wire["productiveSeconds"] == 540.3
+    assert wire["goodput"] == round(540.26 / 600, 4)
+    # No start time yet (or under a second of wall time): no share rather than a made-up one.
+    assert "goodput" not in progress.to_wire(values, now)
+    assert "goodput" not in progress.to_wire(values, now, started="2026-12-02T10:10:00Z")
+
+
+def test_energy_is_reported_only_when_every_rank_measures_it() -> None:
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    # The trainer's gauges read 0 while energy is unavailable: that 0 is not a measurement.
+    unavailable = progress.parse(f"{Metric.ENERGY_AVAILABLE} 0\n{Metric.ENERGY_JOULES} 0\n")
+    wire = progress.to_wire(unavailable, now)
+    assert wire["energyMeasured"] is False and "energyJoules" not in wire and "energyKwh" not in wire
+    measured = progress.parse(
+        f"{Metric.ENERGY_AVAILABLE} 1\n{Metric.ENERGY_JOULES} 7.2e6\n{Metric.JOULES_PER_TOKEN} 0.0123456\n"
+    )
+    wire = progress.to_wire(measured, now)
+    assert (wire["energyMeasured"], wire["energyJoules"], wire["energyKwh"]) == (True, 7.2e6, 2.0)
+    assert wire["joulesPerToken"] == 0.01235
+    # An older trainer exports none of these: the fields stay absent.
+    assert "energyMeasured" not in progress.to_wire(progress.parse(f"{Metric.STEP} 1\n"), now)

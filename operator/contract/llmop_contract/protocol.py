@@ -149,6 +149,16 @@ class Metric(StrEnum):
     """Upload attempts that failed (a counter: each is retried with backoff)."""
     REMOTE_UPLOAD_FAILING = "llmtrain_remote_upload_failing"
     """1 while the latest attempt of some upload failed and it has not succeeded since, else 0."""
+    ENERGY_AVAILABLE = "llmtrain_energy_available"
+    """1 when every rank's devices report energy (NVML, RAPL), else 0: the energy series are then absent."""
+    ENERGY_JOULES = "llmtrain_energy_joules"
+    """Energy of the job's devices so far, all ranks, all attempts up to the checkpoint resumed from."""
+    JOULES_PER_TOKEN = "llmtrain_energy_joules_per_token"
+    """ENERGY_JOULES per trained token."""
+    PRODUCTIVE_SECONDS = "llmtrain_productive_seconds"
+    """Seconds spent on the steps the model kept: every attempt's steps up to the checkpoint the next one
+    resumed from, plus this attempt's; steps recomputed after a restart count once. Over the job's wall
+    time this is its goodput."""
 
 
 # --- Termination message --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from llmop import conditions as cond
+from llmop import progress
 from llmop.builders import storage
 from llmop.observe import PodView
 from llmop.planner import gang, remote, stages
@@ -116,7 +117,18 @@ def trained(p: Pass, current: list[PodView], attempt: int) -> None:
     if figures.progress:
         # The last scrape may predate the final step; the trainer's own summary is authoritative.
         before = p.status.progress.to_wire() if p.status.progress else {}
-        p.status.progress = Progress.model_validate({**before, **figures.progress, "updateTime": p.now})
+        final = dict(figures.progress)
+        if "productiveSeconds" in final:
+            final["productiveSeconds"] = round(final["productiveSeconds"], 1)
+            share = progress.goodput(final["productiveSeconds"], p.status.start_time, p.seen.now)
+            if share is not None:
+                final["goodput"] = share
+        if "energyJoules" in final:
+            values = {"energyAvailable": 1.0, "energyJoules": final.pop("energyJoules")}
+            if "joulesPerToken" in final:
+                values["joulesPerToken"] = final.pop("joulesPerToken")
+            final.update(progress.energy_wire(values))
+        p.status.progress = Progress.model_validate({**before, **final, "updateTime": p.now})
     entry = p.stage(TRAIN, StageState.SUCCEEDED)
     entry.output_path = figures.model_path or f"{storage.OUTPUT_DIR}/model"
     p.status.output_model_path = entry.output_path

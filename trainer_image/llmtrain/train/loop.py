@@ -109,6 +109,8 @@ class Run:
     logged_step: int = 0
     checkpoint_fallbacks: int = 0
     energy: RunEnergy | None = None
+    productive_seconds: float = 0.0
+    """Seconds of the steps kept so far: the checkpoint's figure (steps up to it) plus this attempt's."""
 
 
 def seed_everything(seed: int) -> None:
@@ -264,6 +266,7 @@ def setup(cfg: TrainerConfig) -> Run:
         step,
         restored.fallbacks,
         energy,
+        float(state.get("productive_seconds") or 0.0),
     )
 
 
@@ -334,6 +337,7 @@ def run(cfg: TrainerConfig) -> Result:
                 loss_sum += loss.detach().float()
             step += 1
             result.step_seconds.append(time.perf_counter() - started)
+            r.productive_seconds += result.step_seconds[-1]
             if sparsity.due(step, tr.sparsity):
                 target = sparsity.target_sparsity(step, tr.sparsity)
                 sparsity.update_masks(cast(Llama, r.model), target, zero3=cfg.spec.deepspeed.zero_stage == 3)
@@ -354,6 +358,7 @@ def run(cfg: TrainerConfig) -> Result:
         result.export_dir = export(r)
         model_uri = r.checkpointer.finish(cfg.paths.output_dir)  # uploads done, or it raises
         r.log.event("done", step=step, validation_loss=result.validation_loss, export_dir=result.export_dir)
+        final = final_results(r, step)  # a collective (the energy sum): every rank, before rank 0 writes
         if env.is_main:
             # The operator copies these final figures into the job's status (HPO reads its objective).
             termination.write(
@@ -365,6 +370,7 @@ def run(cfg: TrainerConfig) -> Result:
                     validation_step=step,
                     model_path=result.export_dir,
                     model_uri=model_uri,
+                    results=final,
                     # For the operator's event about a fallback (Metric.CHECKPOINT_FALLBACKS says it live).
                     extra={
                         "stage": "train",
@@ -397,6 +403,7 @@ def report_progress(r: Run, step: int, local_loss: float, lr: float) -> float:
         m.flops_per_second.set(rates["flops_per_second"])
         m.mfu.set(rates["mfu"])
     figures = energy_figures(r, step)
+    m.productive_seconds.set(r.productive_seconds)
     r.log.event(
         "progress",
         step=step,
@@ -404,9 +411,20 @@ def report_progress(r: Run, step: int, local_loss: float, lr: float) -> float:
         loss=round(loss, 6),
         lr=lr,
         **_rounded(rates),
+        productive_seconds=round(r.productive_seconds, 3),
         **figures,
     )
     return loss
+
+
+def final_results(r: Run, step: int) -> dict[str, float]:
+    """Goodput and energy inputs for the job's final status (the last scrape may predate them)."""
+    out = {"productiveSeconds": round(r.productive_seconds, 3)}
+    joules = r.energy.total() if r.energy is not None else None
+    if joules is not None:
+        out["energyJoules"] = round(joules, 3)
+        out["joulesPerToken"] = joules / max(1, step * r.throughput.tokens_per_step)
+    return out
 
 
 def energy_figures(r: Run, step: int) -> dict[str, float]:
@@ -451,6 +469,8 @@ def save_checkpoint(r: Run, step: int) -> None:
         "config_seed": r.cfg.spec.training.seed,
         # The job's energy up to this checkpoint, for the attempt that resumes from it (None: unmeasured).
         "energy_joules": r.energy.total() if r.energy is not None else None,
+        # Steps after this checkpoint are recomputed by a resumed attempt: only time up to it counts.
+        "productive_seconds": r.productive_seconds,
     }
     seconds = r.checkpointer.save(r.engine, step, client)
     r.metrics.checkpoint_seconds.set(seconds)

@@ -128,18 +128,23 @@ class Metrics:
         self.memory = Gauge("llmtrain_memory_bytes", "Peak RSS (CPU) or CUDA max allocated bytes", registry=r)
         self.eta = Gauge(Metric.ETA_SECONDS.value, "Estimated seconds to the last step", registry=r)
         self.sparsity = Gauge("llmtrain_sparsity", "Fraction of prunable weights masked", registry=r)
-        # Measured energy only (NVML on GPUs, RAPL on CPUs; llmtrain.energy): 0 available means the
-        # two gauges below are not set, never estimated.
+        # Measured energy only (NVML on GPUs, RAPL on CPUs; llmtrain.energy): while available is 0 the
+        # two gauges below stay at 0 and mean nothing (the operator reports energyMeasured false).
         self.energy_available = Gauge(
-            "llmtrain_energy_available", "1 when every rank's devices report energy, else 0", registry=r
+            Metric.ENERGY_AVAILABLE.value, "1 when every rank's devices report energy, else 0", registry=r
         )
         self.energy_joules = Gauge(
-            "llmtrain_energy_joules",
+            Metric.ENERGY_JOULES.value,
             "Energy of the job's devices so far (all ranks, all attempts)",
             registry=r,
         )
         self.joules_per_token = Gauge(
-            "llmtrain_energy_joules_per_token", "Energy so far per trained token", registry=r
+            Metric.JOULES_PER_TOKEN.value, "Energy so far per trained token", registry=r
+        )
+        self.productive_seconds = Gauge(
+            Metric.PRODUCTIVE_SECONDS.value,
+            "Seconds of the training steps kept (recomputed steps count once)",
+            registry=r,
         )
         self.port: int | None = None
 

@@ -160,6 +160,19 @@ class Progress(ApiModel):
     """Human summary for printer columns, e.g. "420/1000 (42%)"."""
     eta_seconds: int | None = Field(None, ge=0)
     """Estimated seconds to finish training."""
+    productive_seconds: float | None = Field(None, ge=0)
+    """Seconds spent on training steps the model kept (steps recomputed after a restart count once)."""
+    goodput: float | None = Field(None, ge=0, le=1)
+    """productiveSeconds over the wall time since startTime: the share of the job's time that trained."""
+    energy_measured: bool | None = None
+    """Whether every rank's devices report energy (NVIDIA NVML, Linux RAPL); false: unavailable, never
+    estimated."""
+    energy_joules: float | None = Field(None, ge=0)
+    """Energy of the job's GPUs (NVML) or CPU packages (RAPL) so far, all ranks and attempts."""
+    energy_kwh: float | None = Field(None, ge=0)
+    """energyJoules in kWh."""
+    joules_per_token: float | None = Field(None, ge=0)
+    """energyJoules per trained token."""
     update_time: str | None = None
     """When these figures were read."""
 
