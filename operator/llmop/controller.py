@@ -344,6 +344,8 @@ async def report_progress(
         metrics.JOB_LOSS.labels(job.namespace, job.name).set(values["loss"])
     if "tokensPerSecond" in values:
         metrics.JOB_TOKENS.labels(job.namespace, job.name).set(values["tokensPerSecond"])
+    if result.status.progress is not None and result.status.progress.goodput is not None:
+        metrics.JOB_GOODPUT.labels(job.namespace, job.name).set(result.status.progress.goodput)
 
 
 async def write_status(

@@ -59,6 +59,12 @@ JOB_LOSS = Gauge(
     ["namespace", "job"],
     registry=REGISTRY,
 )
+JOB_GOODPUT = Gauge(
+    "llmop_job_goodput",
+    "Productive training seconds over wall seconds since the job started (status.progress.goodput)",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
 JOB_TOKENS = Gauge(
     "llmop_job_tokens_per_second",
     "Tokens/s read from the rank-0 trainer",
@@ -127,7 +133,7 @@ def forget(namespace: str, job: str) -> None:
     """Drop every per-job series: no stale series after a job is deleted."""
     _states.pop((namespace, job), None)
     _publish_states()
-    for gauge in (JOB_STEP, JOB_LOSS, JOB_TOKENS, JOB_RESTARTS):
+    for gauge in (JOB_STEP, JOB_LOSS, JOB_TOKENS, JOB_RESTARTS, JOB_GOODPUT):
         try:
             gauge.remove(namespace, job)
         except KeyError:
