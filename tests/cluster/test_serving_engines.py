@@ -170,6 +170,10 @@ def test_a_vllm_job_is_served_by_a_vllm_pod_behind_its_service(
     assert rendered[0]["spec"]["template"]["spec"]["containers"][0]["args"] == args
     report = kubeconform(cluster, tmp_path, rendered)
     assert report["summary"] == {"valid": 2, "invalid": 0, "errors": 0, "skipped": 0}, report["resources"]
+    print(
+        f"\n{pod['metadata']['name']} Running on {pod['spec']['nodeName']}: vllm {' '.join(args)}"
+        f"\nstatus.serving: {json.dumps(status['serving'])}\nkubeconform -strict: {report['summary']}"
+    )
 
 
 def test_unset_engine_with_a_quantised_selection_is_served_by_the_builtin_engine(
