@@ -332,7 +332,7 @@ async def report_progress(
     if values is None:
         return
     now = datetime.now(UTC)
-    result.status.progress = progress.to_status(values, now, result.status.start_time)
+    result.status.progress = progress.to_status(values, now, result.status.start_time, job.spec)
     attempt = result.status.attempt
     if (message := progress.fallback_message(values)) and memory.fallback_reported != attempt:
         memory.fallback_reported = attempt  # once per attempt: every scrape of it says the same

@@ -10,6 +10,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmop.conditions import now_iso, parse_time
+from llmop.planner import interval
+from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import Progress
 from llmop_contract.protocol import Metric
 
@@ -31,7 +33,8 @@ _FIELDS: dict[str, str] = {
     Metric.REMOTE_UPLOADS_PENDING: "remoteUploadsPending",
     Metric.REMOTE_UPLOAD_FAILURES: "remoteUploadFailures",
     Metric.REMOTE_UPLOAD_FAILING: "remoteUploadFailing",
-    # Goodput and energy (issue 19): status.progress.
+    # Goodput, energy and the recommended checkpoint interval (issue 19): status.progress.
+    Metric.CHECKPOINT_SECONDS: "checkpointSeconds",
     Metric.PRODUCTIVE_SECONDS: "productiveSeconds",
     Metric.ENERGY_AVAILABLE: "energyAvailable",
     Metric.ENERGY_JOULES: "energyJoules",
@@ -61,8 +64,33 @@ def parse(text: str) -> dict[str, float]:
     return values
 
 
-def to_status(values: dict[str, float], now: datetime, started: str | None = None) -> Progress:
-    return Progress.model_validate(to_wire(values, now, started))
+def to_status(
+    values: dict[str, float],
+    now: datetime,
+    started: str | None = None,
+    spec: LLMTrainingJobSpec | None = None,
+) -> Progress:
+    wire = to_wire(values, now, started)
+    if spec is not None:
+        wire.update(checkpoint_advice(values, spec))
+    return Progress.model_validate(wire)
+
+
+def checkpoint_advice(values: dict[str, float], spec: LLMTrainingJobSpec) -> dict[str, Any]:
+    """The last checkpoint's duration and Daly's interval in steps for this job (needs both a saved
+    checkpoint and a throughput figure)."""
+    seconds, tokens_per_second = values.get("checkpointSeconds", 0.0), values.get("tokensPerSecond", 0.0)
+    if seconds <= 0 or tokens_per_second <= 0:
+        return {}
+    workers, training = spec.workers, spec.training
+    # Llama 3's rate is per GPU; a CPU job counts its processes, the nearest equivalent.
+    devices = workers.num_nodes * (workers.gpus_per_node or workers.procs_per_node)
+    step_seconds = training.global_batch_size * training.sequence_length / tokens_per_second
+    mtbf = interval.mean_time_between_interruptions(devices)
+    return {
+        "checkpointSeconds": round(seconds, 3),
+        "recommendedCheckpointIntervalSteps": interval.interval_steps(seconds, step_seconds, mtbf),
+    }
 
 
 def goodput(productive_seconds: float, started: str | None, now: datetime) -> float | None:

@@ -59,3 +59,30 @@ def test_energy_is_reported_only_when_every_rank_measures_it() -> None:
     assert wire["joulesPerToken"] == 0.01235
     # An older trainer exports none of these: the fields stay absent.
     assert "energyMeasured" not in progress.to_wire(progress.parse(f"{Metric.STEP} 1\n"), now)
+
+
+def test_recommended_checkpoint_interval_follows_daly_for_the_jobs_gpus() -> None:
+    from llmop.planner import interval
+    from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+
+    spec = LLMTrainingJobSpec.model_validate(
+        {
+            "data": {"prepare": False},
+            "training": {
+                "maxSteps": 1000,
+                "globalBatchSize": 64,
+                "microBatchSize": 1,
+                "sequenceLength": 256,
+            },
+            "workers": {"numNodes": 8, "procsPerNode": 8, "gpusPerNode": 8},
+        }
+    )
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    # 64 x 256 tokens per step at 8192 tokens/s: 2 s steps; a 30 s checkpoint on 64 GPUs.
+    text = f"{Metric.TOKENS_PER_SECOND} 8192\n{Metric.CHECKPOINT_SECONDS} 30\n"
+    wire = progress.to_status(progress.parse(text), now, spec=spec).to_wire()
+    expected = interval.daly_interval(30, interval.mean_time_between_interruptions(64)) / 2.0
+    assert wire["checkpointSeconds"] == 30 and wire["recommendedCheckpointIntervalSteps"] == round(expected)
+    # Before the first checkpoint (the gauge reads 0) there is nothing to recommend from.
+    before = progress.to_status(progress.parse(f"{Metric.TOKENS_PER_SECOND} 8192\n"), now, spec=spec)
+    assert before.recommended_checkpoint_interval_steps is None

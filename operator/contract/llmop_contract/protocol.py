@@ -149,6 +149,8 @@ class Metric(StrEnum):
     """Upload attempts that failed (a counter: each is retried with backoff)."""
     REMOTE_UPLOAD_FAILING = "llmtrain_remote_upload_failing"
     """1 while the latest attempt of some upload failed and it has not succeeded since, else 0."""
+    CHECKPOINT_SECONDS = "llmtrain_checkpoint_seconds"
+    """Duration of the last checkpoint save (0 before the first): the input of the recommended interval."""
     ENERGY_AVAILABLE = "llmtrain_energy_available"
     """1 when every rank's devices report energy (NVML, RAPL), else 0: the energy series are then absent."""
     ENERGY_JOULES = "llmtrain_energy_joules"

@@ -113,7 +113,7 @@ class Metrics:
             self.flops_per_second = Gauge("llmtrain_flops_per_second", "Model FLOP/s, all ranks", registry=r)
             self.mfu = Gauge("llmtrain_mfu", "Model FLOPs utilisation (PaLM), 0-1", registry=r)
         self.checkpoint_seconds = Gauge(
-            "llmtrain_checkpoint_seconds", "Duration of the last checkpoint", registry=r
+            Metric.CHECKPOINT_SECONDS.value, "Duration of the last checkpoint", registry=r
         )
         self.checkpoint_fallbacks = Gauge(
             Metric.CHECKPOINT_FALLBACKS.value,
