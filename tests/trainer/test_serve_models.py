@@ -212,7 +212,7 @@ def test_quantized_layout_stays_on_the_cpu(tmp_path: Path) -> None:
         model_device_for(tmp_path, "cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_cuda_rows_match_generate_and_logits_stay_on_the_cpu(tokenizer_dir: Path, tmp_path: Path) -> None:
     loaded = load(checkpoint("qwen2", tokenizer_dir, tmp_path / "qwen2"), device="auto")
     assert next(loaded.model.parameters()).device.type == "cuda"
