@@ -97,15 +97,21 @@ def logged(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
-_registries: dict[int, CollectorRegistry] = {}
+# Keyed by id() with the metrics object kept alive beside its registry: an id is only unique while its
+# object lives, and a registry found under the id of a collected RemoteMetrics held that object's
+# series, so a later uploader's gauges read as that dead one's (a flaky 0 instead of 2).
+_registries: dict[int, tuple[RemoteMetrics, CollectorRegistry]] = {}
 
 
 def value(up: Uploader, name: str) -> float:
     """A sample of ``up``'s series, read through a registry as the /metrics endpoint would."""
     if id(up.metrics) not in _registries:
-        _registries[id(up.metrics)] = CollectorRegistry()
-        up.metrics.register(_registries[id(up.metrics)])
-    found = _registries[id(up.metrics)].get_sample_value(name)
+        registry = CollectorRegistry()
+        up.metrics.register(registry)
+        _registries[id(up.metrics)] = (up.metrics, registry)
+    metrics, registry = _registries[id(up.metrics)]
+    assert metrics is up.metrics
+    found = registry.get_sample_value(name)
     assert found is not None, name
     return found
 
