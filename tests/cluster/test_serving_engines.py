@@ -20,7 +20,8 @@ from llmop_contract.api.v1alpha1.lifecycle import DEFAULT_VLLM_IMAGE, ServingEng
 from llmop_dev import cluster as devcluster
 from tests.cluster.conftest import Jobs, OperatorProcess
 from tests.helm import k8s_schemas
-from tests.helm.chart import Tools, k8s_version
+from tests.helm.chart import Tools
+from tests.helm.chart import kubeconform as kubeconform_report
 from tests.kube import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -41,21 +42,7 @@ def kubeconform(cluster: Cluster, out: Path, manifests: list[dict[str, Any]]) ->
     openapi = json.loads(cluster.kubectl("get", "--raw", "/openapi/v2").stdout)
     kinds = {(m["apiVersion"], m["kind"]) for m in manifests}
     assert k8s_schemas.from_openapi_v2(openapi, kinds, out)
-    proc = Tools(devcluster.ensure_binaries()).run(
-        "kubeconform",
-        "-strict",
-        "-summary",
-        "-output",
-        "json",
-        "-schema-location",
-        str(out / k8s_schemas.LOCATION),
-        "-kubernetes-version",
-        k8s_version().lstrip("v"),
-        "-",
-        input=yaml.safe_dump_all(manifests),
-        check=False,
-    )
-    return dict(json.loads(proc.stdout))
+    return kubeconform_report(Tools(devcluster.ensure_binaries()), out, yaml.safe_dump_all(manifests))
 
 
 def vllm_spec() -> LLMTrainingJobSpec:

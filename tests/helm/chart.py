@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.helm import k8s_schemas
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "llmop"
@@ -69,3 +72,24 @@ class Tools:
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def kubeconform(tools: Tools, schema_dir: Path, manifests: str) -> dict[str, Any]:
+    """kubeconform -strict over the YAML ``manifests`` against the schemas in ``schema_dir``
+    (k8s_schemas.from_openapi_v2); its JSON report."""
+    location = str(schema_dir / k8s_schemas.LOCATION)
+    out = tools.run(
+        "kubeconform",
+        "-strict",
+        "-summary",
+        "-output",
+        "json",
+        "-schema-location",
+        location,
+        "-kubernetes-version",
+        k8s_version().lstrip("v"),
+        "-",
+        input=manifests,
+        check=False,
+    )
+    return dict(json.loads(out.stdout))

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helm import k8s_schemas
-from tests.helm.chart import ALL_ON_VALUES, CHART, REPO, Tools, by_kind, k8s_version
+from tests.helm.chart import ALL_ON_VALUES, CHART, REPO, Tools, by_kind, k8s_version, kubeconform
 
 VALUE_SETS = {"default": [], "all-on": ["-f", str(ALL_ON_VALUES)]}
 
@@ -21,25 +20,6 @@ def test_helm_lint_strict_passes(tools: Tools, values: str) -> None:
     out = tools.helm("lint", "--strict", str(CHART), "--kube-version", k8s_version(), *VALUE_SETS[values])
     assert "0 chart(s) failed" in out.stdout
     assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
-
-
-def kubeconform(tools: Tools, schema_dir: Path, manifests: str) -> dict[str, Any]:
-    location = str(schema_dir / k8s_schemas.LOCATION)
-    out = tools.run(
-        "kubeconform",
-        "-strict",
-        "-summary",
-        "-output",
-        "json",
-        "-schema-location",
-        location,
-        "-kubernetes-version",
-        k8s_version().lstrip("v"),
-        "-",
-        input=manifests,
-        check=False,
-    )
-    return dict(json.loads(out.stdout))
 
 
 @pytest.mark.cluster
