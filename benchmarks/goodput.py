@@ -33,7 +33,6 @@ interval (goal >= 0.95). Nothing here asserts on timings.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import subprocess
@@ -54,23 +53,13 @@ GPUS_PER_NODE = 8
 # --- 1. measured here -------------------------------------------------------------------------------
 
 
-def _events(log: Path, name: str) -> list[dict[str, object]]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == name:
-                out.append(record)
-    return out
-
-
 def measure(work: Path) -> tuple[float, float, float]:
     """(checkpoint seconds p50, restart-to-first-step seconds, step seconds) from real runs."""
     from llmtrain import prepare
     from llmtrain.config import load_config
     from llmtrain.testing import debug_config
     from llmtrain.train.dist import free_port
-    from tests.trainer.ranks import TRAIN, env
+    from tests.trainer.ranks import TRAIN, env, events
 
     data = work / "data"
     prepare.run(load_config(str(debug_config(work / "prep", data))))
@@ -102,12 +91,12 @@ def measure(work: Path) -> tuple[float, float, float]:
 
     train(40)
     launched = train(50)  # resumes from step 40
-    checkpoints = [float(str(e["seconds"])) for e in _events(log, "checkpoint")]
-    progress = _events(log, "progress")
-    first_after = next(e for e in progress if float(str(e["ts"])) > launched)
-    restart = float(str(first_after["ts"])) - launched
-    steps = [e for e in progress if float(str(e["ts"])) < launched]
-    step_seconds = (float(str(steps[-1]["ts"])) - float(str(steps[5]["ts"]))) / (len(steps) - 6)
+    checkpoints = [float(e["seconds"]) for e in events(log, "checkpoint")]
+    progress = events(log, "progress")
+    first_after = next(e for e in progress if float(e["ts"]) > launched)
+    restart = float(first_after["ts"]) - launched
+    steps = [e for e in progress if float(e["ts"]) < launched]
+    step_seconds = (float(steps[-1]["ts"]) - float(steps[5]["ts"])) / (len(steps) - 6)
     return statistics.median(checkpoints), restart, step_seconds
 
 
