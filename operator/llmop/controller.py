@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import kopf
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-from llmop import capacity, metrics, naming, nodewatch, progress
+from llmop import capacity, events, metrics, naming, nodewatch, progress
 from llmop import conditions as cond
 from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
 from llmop.kube import ChildConflict, ChildError, Kube, Leftover
@@ -114,7 +114,8 @@ async def reconcile_once(
     if status is None:  # parsed once: later passes start from the status this daemon wrote
         status = LLMTrainingJobStatus.model_validate(dict(body.get("status") or {}))
     job = JobSnapshot(name, namespace, meta["uid"], meta.get("generation", 1), spec, status)
-    ref = JobRef(name, namespace, meta["uid"], spec)
+    # Children are built for the current attempt's size (an elastic gang's, see planner.elastic).
+    ref = JobRef(name, namespace, meta["uid"], spec.at_size(status.current_nodes or spec.workers.num_nodes))
 
     # Only children whose controller is this job (by UID): what an earlier job of the same name
     # left behind is not ours, and creating over it removes it first (``kube.Leftover``).
@@ -140,13 +141,15 @@ async def reconcile_once(
     )
     if cond.holds(status.conditions, cond.SUCCEEDED):
         seen = await observe_serving(kube, ref, seen, indexes)
-    if any(p.gated for p in pods):
+    growable = ref.spec.workers.num_nodes < ref.spec.workers.largest
+    if any(p.gated for p in pods) or growable:
         nodes, usage = _store(indexes.nodes, None), _store(indexes.resource_usage, None)
     else:
         nodes, usage = [], []
     fit = gang.observe(ref, pods, status.attempt or 1, CLUSTER, nodes, usage)
+    room = gang.room(ref, pods, status.attempt or 1, CLUSTER, nodes, usage) if growable else None
     lost = nodewatch.lost_nodes(indexes.node_health, pods)
-    seen = dataclasses.replace(seen, fit=fit, lost_nodes=lost)
+    seen = dataclasses.replace(seen, fit=fit, lost_nodes=lost, room=room)
     result = plan(job, seen)
     # A deletion destroys the evidence its decision was made from (the failed pod of a counted
     # restart): the status recording the decision (new attempt, restartCount) goes out first, so an
@@ -255,7 +258,7 @@ async def act(
         await _each(base, kube.create)
         if group := scheduling.build_pod_group(ref):
             if problem := await kube.create_optional(group):
-                kopf.warn(body, reason="PodGroupUnavailable", message=problem)
+                await events.post(kube, body, "PodGroupUnavailable", problem, warning=True)
     if result.create_prepare:
         await kube.create(prepare.build_prepare_job(ref))
     if result.create_compress:
@@ -357,6 +360,9 @@ async def write_status(
     body: kopf.Body,
 ) -> None:
     ns, name = ref.namespace, ref.name
+    keyed = [e for e in result.events if e.key is not None]
+    for event in keyed:  # before the write that records them: see llmop.events
+        await events.post(kube, body, event.reason, event.message, event.warning, event.key)
     if result.status != before:
         # The one place the typed status becomes a manifest again. A merge patch keeps keys it does
         # not mention: a field the plan dropped is sent as null.
@@ -365,8 +371,10 @@ async def write_status(
         await kube.patch_job_status(ns, name, {**wire, **dropped})
     memory.status = result.status
     # One Event per reason and pass: a failure flips Running off and Failed on with the same reason,
-    # and two identical Events would read as two failures.
-    posted: set[str] = set()
+    # and two identical Events would read as two failures (nor a restart's transitions beside its
+    # keyed Event).
+    posted: set[str] = {e.reason for e in keyed}
+    unkeyed: list[Awaitable[None]] = []
     for t in sorted(result.transitions, key=lambda t: t.status != ConditionStatus.TRUE):
         warning = (
             (
@@ -385,10 +393,12 @@ async def write_status(
         )
         if t.reason not in posted:
             posted.add(t.reason)
-            (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
+            unkeyed.append(events.post(kube, body, t.reason, t.message, warning))
         record_transition(ns, t)
-    for event in result.events:
-        (kopf.warn if event.warning else kopf.info)(body, reason=event.reason, message=event.message)
+    unkeyed += [
+        events.post(kube, body, e.reason, e.message, e.warning) for e in result.events if e.key is None
+    ]
+    await asyncio.gather(*unkeyed)  # concurrently, as Kopf's poster did: a pass waits for the slowest
     if result.gang_running_since is not None:
         metrics.TIME_TO_RUNNING.observe(time.monotonic() - memory.attempt_started)
     if len(result.create_workers) == ref.spec.workers.num_nodes:

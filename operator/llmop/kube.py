@@ -290,6 +290,25 @@ class Kube:
         except ApiException as e:
             raise ChildError.of("ungating", "Pod", name, e) from e
 
+    async def create_event(self, event: Manifest) -> None:
+        """Create a core/v1 Event; 409 means a named Event was posted by an earlier pass."""
+
+        def call() -> None:
+            try:
+                # The client sends a plain manifest as it is (its model class is only a typed view),
+                # but this call sets no Content-Type (it ignores _content_type): an apiserver reached
+                # directly guesses JSON, one behind a proxy that labels the bytes answers 415.
+                self.core.create_namespaced_event(
+                    event["metadata"]["namespace"],
+                    event,  # type: ignore[arg-type]
+                    _headers={"Content-Type": "application/json"},
+                )
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+
+        await asyncio.to_thread(call)
+
     async def patch_job_status(self, namespace: str, name: str, status: Manifest) -> None:
         def call() -> None:
             try:

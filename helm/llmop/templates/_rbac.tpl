@@ -49,7 +49,7 @@ rules for features that run did not exercise). No wildcards, no secrets, no pods
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
   verbs: [get, create, patch, delete]
-# Kubernetes Events on the jobs (one per condition transition), posted by Kopf.
+# Kubernetes Events on the jobs and searches (condition transitions, restarts), posted by the operator.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -16,10 +16,19 @@ from llmop_contract.api.v1alpha1.training import Offload, Precision
 _NEVER = 2**31 - 1
 
 
-def gradient_accumulation_steps(spec: LLMTrainingJobSpec) -> int:
-    """globalBatchSize / (microBatchSize x world size); admission guarantees it divides exactly."""
-    world = spec.workers.num_nodes * spec.workers.procs_per_node
-    return spec.training.global_batch_size // (spec.training.micro_batch_size * world)
+def gradient_accumulation_steps(spec: LLMTrainingJobSpec, world: int | None = None) -> int:
+    """globalBatchSize / (microBatchSize x world size): admission guarantees it divides exactly at
+    numNodes and minNodes, and an elastic gang runs only at sizes where it does. ``world``: the
+    processes actually running (an elastic gang's current size); default numNodes x procsPerNode."""
+    if world is None:
+        world = spec.workers.num_nodes * spec.workers.procs_per_node
+    per_step = spec.training.micro_batch_size * world
+    if spec.training.global_batch_size % per_step:
+        raise ValueError(
+            f"training.globalBatchSize {spec.training.global_batch_size} is not a multiple of"
+            f" microBatchSize x world size = {per_step}"
+        )
+    return spec.training.global_batch_size // per_step
 
 
 def _zero_section(spec: LLMTrainingJobSpec) -> dict[str, Any]:

@@ -46,6 +46,9 @@ class Observed:
     prepare: BatchJobView | None
     now: datetime
     fit: Fit | None = None  # only computed when gated workers wait for capacity (see ``gang``)
+    # Nodes free for one more worker each beside the running gang: only computed for an elastic
+    # gang running below its largest size (see ``elastic.grow``).
+    room: int | None = None
     compress_jobs: list[BatchJobView] = field(default_factory=list)
     compress_pods: list[PodView] = field(default_factory=list)
     serving: ServingView | None = None
@@ -85,15 +88,27 @@ class Event:
     reason: str
     message: str
     warning: bool = False
+    # Set for an Event that must be posted exactly once (a restart, keyed by the attempt it starts):
+    # the operator names it from the job's UID and this key and posts it before the status write
+    # (see ``llmop.events``).
+    key: str | None = None
 
 
 class Pass:
     """One planning pass: the job, what was seen, and the plan (with its typed status) being built."""
 
     def __init__(self, job: JobSnapshot, seen: Observed) -> None:
-        self.job, self.seen, self.spec = job, seen, job.spec
+        # The spec as the current attempt runs it: numNodes is an elastic gang's current size
+        # (``planner.elastic``); job.spec keeps the size as written.
+        self.job, self.seen, self.spec = (
+            job,
+            seen,
+            job.spec.at_size(job.status.current_nodes or job.spec.workers.num_nodes),
+        )
         self.plan = Plan(status=job.status.model_copy(deep=True))
         self.status = self.plan.status
+        if self.status.current_nodes is None:  # from the first pass on: the NODES printer column
+            self.status.current_nodes = self.spec.workers.num_nodes
         self.now = cond.now_iso(seen.now)
 
     def condition(self, type_: str, status: bool, reason: JobReason, message: str) -> None:

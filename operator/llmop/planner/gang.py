@@ -16,6 +16,7 @@ from llmop import capacity, naming
 from llmop import conditions as cond
 from llmop.builders import JobRef, pod, workers
 from llmop.observe import PodView
+from llmop.planner import elastic
 from llmop.planner.context import Pass
 from llmop_contract.api.v1alpha1.status import JobReason, JobState
 
@@ -60,6 +61,24 @@ def observe(
     return capacity.Fit(True, n, n, "the gang was admitted; releasing the remaining workers")
 
 
+def room(
+    job: JobRef,
+    pods: list[PodView],
+    attempt: int,
+    cluster: capacity.Cluster,
+    nodes: Iterable[capacity.NodeView],
+    usage: Iterable[tuple[str | None, Mapping[str, float]]],
+) -> int | None:
+    """Nodes that would take one more worker each beside a running gang the operator gates itself:
+    the nodes its workers run on are left out (one worker per node). None: not ours to say."""
+    current = [p for p in pods if p.attempt == attempt]
+    if not operator_gated(job) or not current or any(p.gated or not p.node for p in current):
+        return None
+    taken = {p.node for p in current}
+    free = [n for n in nodes if n.name not in taken]
+    return cluster.fit((job.namespace, job.name), free, usage, demand(job), 1).feasible_nodes
+
+
 def released(cluster: capacity.Cluster, job: JobRef, count: int) -> None:
     """``count`` workers were just ungated: they hold capacity until the index shows them bound."""
     cluster.hold((job.namespace, job.name), demand(job).requests, count)
@@ -79,11 +98,14 @@ def admitted(p: Pass, current: list[PodView]) -> bool:
         p.status.state = JobState.PENDING
         return False
     if not fit.fits:
+        if elastic.shrink(p, p.status.attempt, fit):
+            return False
         p.condition(cond.GANG_SCHEDULED, False, JobReason.INSUFFICIENT_CAPACITY, fit.message)
         p.status.state = JobState.PENDING
         # Capacity frees up without any event on this job's children: look again soon.
-        p.plan.requeue_after = CAPACITY_RECHECK_SECONDS
+        p.plan.requeue_after = min(p.plan.requeue_after or CAPACITY_RECHECK_SECONDS, CAPACITY_RECHECK_SECONDS)
         return False
     p.plan.ungate = [x.name for x in gated]
+    p.status.capacity_short_since = None
     p.condition(cond.GANG_SCHEDULED, True, JobReason.GANG_ADMITTED, fit.message)
     return True

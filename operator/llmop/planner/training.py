@@ -9,8 +9,8 @@ from llmop import conditions as cond
 from llmop import progress
 from llmop.builders import storage
 from llmop.observe import PodView
-from llmop.planner import gang, remote, stages
-from llmop.planner.context import TRAIN, Pass
+from llmop.planner import elastic, gang, remote, stages
+from llmop.planner.context import TRAIN, Event, Pass
 from llmop.termination import final_figures
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import JobReason, JobState, Progress, StageState
@@ -42,6 +42,7 @@ def classify_failure(spec: LLMTrainingJobSpec, pod: PodView) -> Failure:
 def train(p: Pass) -> None:
     attempt = p.status.attempt or 1
     p.status.attempt = attempt
+    p.status.current_nodes = p.spec.workers.num_nodes
     current = [x for x in p.seen.pods if x.attempt == attempt]
     stale = [x for x in p.seen.pods if x.attempt != attempt]
     if stale:
@@ -103,6 +104,8 @@ def placement(p: Pass, current: list[PodView]) -> None:
         return
     if not p.holds(cond.RUNNING):
         p.plan.gang_running_since = p.seen.now
+    elif elastic.grow(p, p.status.attempt, p.seen.room):
+        return
     n = len(current)
     p.condition(cond.GANG_SCHEDULED, True, JobReason.GANG_SCHEDULED, f"all {n} workers placed")
     p.condition(cond.RESTARTING, False, JobReason.ALL_WORKERS_RUNNING, "the gang is running")
@@ -169,4 +172,7 @@ def restart(p: Pass, attempt: int, reason: JobReason, what: str) -> None:
     p.condition(cond.RUNNING, False, reason, what)
     message = f"{what}; restarting the whole gang as attempt {attempt + 1}"
     p.condition(cond.RESTARTING, True, reason, message)
+    # Its own Event, not only the condition's transition: a restart while Restarting is still True
+    # (a second failure before the gang ran again) changes no condition status, yet is a restart.
+    p.plan.events.append(Event(reason, message, warning=True, key=f"attempt-{attempt + 1}"))
     p.status.state = JobState.RESTARTING

@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from llmop import conditions as cond
+from llmop import events
 from llmop.kube import ChildConflict, ChildError, Kube
 from llmop.search import builders, metrics, planner, records, space
 from llmop.search.observe import JobView
@@ -104,11 +105,14 @@ async def write(
     if result.status != before:
         await patch_status(kube, meta["namespace"], meta["name"], result.status)
     memory.status = result.status
-    for t in result.transitions:
-        warning = t.status == ConditionStatus.TRUE and t.type == cond.FAILED
-        (kopf.warn if warning else kopf.info)(body, reason=t.reason, message=t.message)
-    for warning, reason, message in result.events:
-        (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
+    posts = [
+        events.post(
+            kube, body, t.reason, t.message, t.status == ConditionStatus.TRUE and t.type == cond.FAILED
+        )
+        for t in result.transitions
+    ]
+    posts += [events.post(kube, body, reason, message, warning) for warning, reason, message in result.events]
+    await asyncio.gather(*posts)
     metrics.update(meta["namespace"], meta["name"], result.status)
 
 

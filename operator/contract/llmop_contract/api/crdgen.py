@@ -113,7 +113,12 @@ def model_schema(model: type[Any]) -> Schema:
 
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Lifecycle state"},
-    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.workers.numNodes", "description": "Worker pods"},
+    {
+        "name": "Nodes",
+        "type": "integer",
+        "jsonPath": ".status.currentNodes",
+        "description": "Worker nodes of the current attempt (an elastic gang's current size)",
+    },
     {
         "name": "GPUs/Node",
         "type": "integer",

@@ -119,6 +119,22 @@ class LLMTrainingJobSpec(ApiModel):
             ".training.globalBatchSize",
         ),
         Rule(
+            # An elastic gang keeps the global batch by gradient accumulation, so its smallest size
+            # must divide it too (larger sizes that do not are skipped when it grows).
+            "!has(self.workers.minNodes) || self.training.microBatchSize * self.workers.minNodes"
+            " * self.workers.procsPerNode == 0 || self.training.globalBatchSize %"
+            " (self.training.microBatchSize * self.workers.minNodes * self.workers.procsPerNode) == 0",
+            lambda m: (
+                m.workers.min_nodes is None
+                or m.training.global_batch_size
+                % (m.training.micro_batch_size * m.workers.min_nodes * m.workers.procs_per_node)
+                == 0
+            ),
+            "training.globalBatchSize must be a multiple of training.microBatchSize x workers.minNodes"
+            " x workers.procsPerNode: an elastic gang keeps the global batch at every size it runs at",
+            ".workers.minNodes",
+        ),
+        Rule(
             # A pretrained model's context comes from its config.json: the trainer checks it at start.
             "has(self.model.pretrained) || self.training.sequenceLength <="
             f" (has(self.model.contextLength) ? self.model.contextLength : {DEFAULT_CONTEXT_LENGTH})",
@@ -235,3 +251,22 @@ class LLMTrainingJobSpec(ApiModel):
     def gradient_accumulation_steps(self) -> int:
         """Micro-batches per optimiser step on each process."""
         return self.training.global_batch_size // _samples_per_micro_step(self)
+
+    def keeps_global_batch(self, nodes: int) -> bool:
+        """Whether a gang of ``nodes`` reaches globalBatchSize exactly by gradient accumulation."""
+        per_step = self.training.micro_batch_size * nodes * self.workers.procs_per_node
+        return self.training.global_batch_size % per_step == 0
+
+    def at_size(self, nodes: int) -> LLMTrainingJobSpec:
+        """The spec as an attempt of ``nodes`` workers runs it: numNodes is the attempt's size, and the
+        elastic bounds stay those written (so an attempt's spec still says which sizes are allowed)."""
+        w = self.workers
+        if nodes == w.num_nodes:
+            return self
+        bounds = {"num_nodes": nodes, "min_nodes": w.smallest, "max_nodes": w.largest}
+        return self.model_copy(update={"workers": w.model_copy(update=bounds)})
+
+    def elastic_sizes(self) -> list[int]:
+        """The sizes an elastic gang may run at, largest first: minNodes..maxNodes keeping the batch."""
+        w = self.workers
+        return [n for n in range(w.largest, w.smallest - 1, -1) if self.keeps_global_batch(n)]

@@ -100,6 +100,9 @@ class JobReason(StrEnum):
     LEFTOVER_PENDING = "LeftoverPending"  # a child of an earlier job of this name is being removed
     SPEC_UPDATED = "SpecUpdated"  # an edit of a mutable section was taken up (an Event, no condition)
     CHECKPOINT_FALLBACK = "CheckpointFallback"  # resumed past checkpoints that failed verification
+    # Elastic gangs (workers.minNodes/maxNodes): a resize restarts the gang at another size.
+    GANG_SHRUNK = "GangShrunk"  # too few nodes fit for resizeGraceSeconds: restarted on those that fit
+    GANG_GROWN = "GangGrown"  # capacity for more nodes returned: restarted larger after a checkpoint
     # RemoteSynced: whether everything saved so far is in storage.remote.
     UPLOADS_CURRENT = "UploadsCurrent"
     UPLOAD_PENDING = "UploadPending"
@@ -220,6 +223,26 @@ class RemoteStatus(ApiModel):
     """When these figures were read."""
 
 
+class Resize(ApiModel):
+    """One resize of an elastic gang."""
+
+    time: str
+    """When the operator decided it."""
+    from_nodes: int = Field(ge=1)
+    """Nodes before."""
+    to_nodes: int = Field(ge=1)
+    """Nodes after."""
+    attempt: int = Field(ge=1)
+    """The attempt that runs at the new size."""
+    reason: JobReason
+    """GangShrunk or GangGrown."""
+    message: str = Field("", max_length=1024)
+    """Why, in words."""
+
+
+MAX_RESIZES = 32
+
+
 class LLMTrainingJobStatus(ApiModel):
     """Observed state of an LLMTrainingJob."""
 
@@ -239,6 +262,12 @@ class LLMTrainingJobStatus(ApiModel):
     """Gang restarts caused by evictions, preemptions or node loss (not counted against backoffLimit)."""
     attempt: int = 0
     """Current gang attempt (0 before the first gang is created)."""
+    current_nodes: int | None = Field(None, ge=1)
+    """Worker nodes of the current attempt: workers.numNodes, or the size an elastic gang resized to."""
+    capacity_short_since: str | None = None
+    """Elastic gangs: since when the current attempt's gang has not fitted whole (shrinks after workers.resizeGraceSeconds)."""
+    resizes: list[Resize] = Field(default_factory=list, max_length=MAX_RESIZES)
+    """Elastic gangs: resizes so far, the newest last (the last 32 kept)."""
     stages: list[StageStatus] = Field(default_factory=list)
     """Per-stage state and results."""
     progress: Progress | None = None

@@ -252,10 +252,28 @@ class WorkersSpec(ApiModel):
             "volumes need distinct names and distinct mountPaths",
             ".volumes",
         ),
+        Rule(
+            "!has(self.minNodes) || self.minNodes <= self.numNodes",
+            lambda m: m.min_nodes is None or m.min_nodes <= m.num_nodes,
+            "minNodes must not exceed numNodes (the preferred size)",
+            ".minNodes",
+        ),
+        Rule(
+            "!has(self.maxNodes) || self.maxNodes >= self.numNodes",
+            lambda m: m.max_nodes is None or m.max_nodes >= m.num_nodes,
+            "maxNodes must not be below numNodes (the preferred size)",
+            ".maxNodes",
+        ),
     )
 
     num_nodes: int = Field(1, ge=1, le=1024)
-    """Worker pods (nodes) in the gang."""
+    """Worker pods (nodes) in the gang: the preferred size of an elastic gang."""
+    min_nodes: int | None = Field(None, ge=1, le=1024)
+    """Elastic gangs: the fewest nodes to train on. A gang short of a node that no replacement fits within resizeGraceSeconds restarts on the nodes that fit, not below this, from its last checkpoint. Unset: numNodes (never shrinks)."""
+    max_nodes: int | None = Field(None, ge=1, le=1024)
+    """Elastic gangs: the most nodes to train on; a gang below it grows, at a checkpoint, when capacity for more fits. Unset: numNodes (grows back to numNodes only)."""
+    resize_grace_seconds: int = Field(120, ge=0, le=86400)
+    """Elastic gangs: how long a gang that cannot be whole waits for capacity before it shrinks."""
     procs_per_node: int = Field(1, ge=1, le=64)
     """Training processes per node (torchrun nproc_per_node)."""
     gpus_per_node: int = Field(1, ge=0, le=64)
@@ -288,6 +306,19 @@ class WorkersSpec(ApiModel):
     """Extra labels on every worker pod (the operator's own llmop.io/* labels win)."""
     pod_annotations: dict[str, str] = Field(default_factory=dict, max_length=32)
     """Extra annotations on every worker pod, e.g. for sidecar injection or log collection."""
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the gang may run at another size than numNodes."""
+        return self.smallest < self.num_nodes or self.largest > self.num_nodes
+
+    @property
+    def smallest(self) -> int:
+        return self.min_nodes if self.min_nodes is not None else self.num_nodes
+
+    @property
+    def largest(self) -> int:
+        return self.max_nodes if self.max_nodes is not None else self.num_nodes
 
 
 class RestartPolicy(StrEnum):
