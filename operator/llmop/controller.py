@@ -336,6 +336,8 @@ async def report_progress(
         return
     now = datetime.now(UTC)
     result.status.progress = progress.to_status(values, now, result.status.start_time, job.spec)
+    if (lost := progress.settle_interruption(result.status, values, now)) is not None:
+        metrics.RESTART_LOST.labels(job.namespace).observe(lost)
     attempt = result.status.attempt
     if (message := progress.fallback_message(values)) and memory.fallback_reported != attempt:
         memory.fallback_reported = attempt  # once per attempt: every scrape of it says the same

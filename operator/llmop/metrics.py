@@ -32,6 +32,14 @@ TIME_TO_RUNNING = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
     registry=REGISTRY,
 )
+RESTART_LOST = Histogram(
+    "llmop_restart_lost_seconds",
+    "Per gang restart: seconds from the restart until training was back at the step it had reached"
+    " (restart, resume and recomputed steps; status.interruptions[].lostSeconds)",
+    ["namespace"],
+    buckets=(5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+    registry=REGISTRY,
+)
 RECONCILE_SECONDS = Histogram(
     "llmop_reconcile_duration_seconds",
     "Duration of one reconcile pass",

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmop.conditions import now_iso, parse_time
 from llmop.planner import interval
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
-from llmop_contract.api.v1alpha1.status import Progress
+from llmop_contract.api.v1alpha1.status import LLMTrainingJobStatus, Progress
 from llmop_contract.protocol import Metric
 
 # The trainer's metric -> the status.progress field it feeds.
@@ -53,6 +53,24 @@ def fallback_message(values: dict[str, float]) -> str | None:
         f"{rejected} checkpoint(s) failed verification (truncated or corrupt) and were set aside;"
         f" training {where}"
     )
+
+
+def settle_interruption(
+    status: LLMTrainingJobStatus, values: dict[str, float], now: datetime
+) -> float | None:
+    """Fill in what the last restart cost once the attempt that resumed is back where the interrupted
+    one was; returns the seconds lost then (once), else None. Precise to the scrape interval."""
+    last = status.interruptions[-1] if status.interruptions else None
+    if last is None or last.attempt != status.attempt or last.lost_seconds is not None:
+        return None
+    if "resumedFromStep" in values and last.resumed_from_step is None:
+        last.resumed_from_step = int(values["resumedFromStep"])
+        last.recomputed_steps = max(0, last.step_before - last.resumed_from_step)
+    step = int(values.get("step", 0))
+    if step <= (last.resumed_from_step or 0) or step < last.step_before:
+        return None
+    last.lost_seconds = round(max(0.0, (now - parse_time(last.time)).total_seconds()), 1)
+    return last.lost_seconds
 
 
 def parse(text: str) -> dict[str, float]:

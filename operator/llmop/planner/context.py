@@ -19,6 +19,8 @@ from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.lifecycle import ServingEngine
 from llmop_contract.api.v1alpha1.status import (
     FINISHED_STAGE_STATES,
+    MAX_INTERRUPTIONS,
+    Interruption,
     JobReason,
     JobState,
     LLMTrainingJobStatus,
@@ -171,6 +173,19 @@ class Pass:
 
     def finished(self) -> bool:
         return self.holds(cond.SUCCEEDED) or self.holds(cond.FAILED)
+
+    def interrupted(self, attempt: int, reason: JobReason) -> None:
+        """Record that the gang of ``attempt`` stops and ``attempt + 1`` will resume it
+        (``progress.settle_interruption`` fills in what it cost once the new attempt has caught up)."""
+        last = self.status.interruptions[-1] if self.status.interruptions else None
+        if last is not None and last.attempt == attempt and last.lost_seconds is None:
+            # The attempt that was to resume never trained (its gang did not fit, and is resized now):
+            # the same interruption goes on, still counted from its own cause and time.
+            last.attempt = attempt + 1
+            return
+        step = self.status.progress.step if self.status.progress is not None else 0
+        entry = Interruption(attempt=attempt + 1, reason=reason, time=self.now, step_before=step)
+        self.status.interruptions = [*self.status.interruptions, entry][-MAX_INTERRUPTIONS:]
 
     def delete_all_pods(self) -> None:
         self.delete_pods(self.seen.pods)

@@ -70,24 +70,31 @@ def grow(p: Pass, attempt: int, room: int | None) -> bool:
         return False
     if _grace_left(p) > 0:
         return False
-    resize(p, attempt, size, JobReason.GANG_GROWN, f"{room} more nodes fit a worker")
+    resize(p, attempt, size, JobReason.GANG_GROWN, f"room for {_nodes(room)} more, one worker each")
     return True
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node" if n == 1 else f"{n} nodes"
 
 
 def resize(p: Pass, attempt: int, size: int, reason: JobReason, why: str) -> None:
     before = p.spec.workers.num_nodes
-    message = f"{why}: restarting the gang on {size} nodes (was {before}) as attempt {attempt + 1}"
+    message = f"{why}: restarting the gang on {_nodes(size)} (was {before}) as attempt {attempt + 1}"
     p.status.resizes = [
         *p.status.resizes,
         Resize(
             time=p.now, from_nodes=before, to_nodes=size, attempt=attempt + 1, reason=reason, message=message
         ),
     ][-MAX_RESIZES:]
+    p.interrupted(attempt, reason)
     p.status.attempt = attempt + 1
     p.status.current_nodes = size
     p.status.capacity_short_since = None
     p.delete_all_pods()
-    p.plan.events.append(Event(reason, message, key=f"attempt-{attempt + 1}"))
+    # Shrinking is a Warning: the job runs slower than asked until it grows back.
+    shrunk = reason == JobReason.GANG_SHRUNK
+    p.plan.events.append(Event(reason, message, warning=shrunk, key=f"attempt-{attempt + 1}"))
     p.condition(cond.RUNNING, False, reason, message)
     p.condition(cond.RESTARTING, True, reason, message)
     p.status.state = JobState.RESTARTING

@@ -167,6 +167,7 @@ def restart(p: Pass, attempt: int, reason: JobReason, what: str) -> None:
         p.status.disruption_count += 1
     # Record the new attempt before deleting anything: if the operator dies right after, the
     # next pass sees attempt-N pods as stale and finishes the restart without counting twice.
+    p.interrupted(attempt, reason)
     p.status.attempt = attempt + 1
     p.delete_all_pods()
     p.condition(cond.RUNNING, False, reason, what)

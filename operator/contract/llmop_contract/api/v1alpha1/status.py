@@ -243,6 +243,28 @@ class Resize(ApiModel):
 MAX_RESIZES = 32
 
 
+class Interruption(ApiModel):
+    """One gang restart (a failure, a disruption or a resize) and what it cost."""
+
+    attempt: int = Field(ge=1)
+    """The attempt that resumed."""
+    reason: JobReason
+    """Why the gang restarted (as its Event says)."""
+    time: str
+    """When the operator saw it and restarted the gang."""
+    step_before: int = Field(0, ge=0)
+    """The last step read from the interrupted attempt."""
+    resumed_from_step: int | None = Field(None, ge=0)
+    """The checkpoint step the new attempt resumed from."""
+    recomputed_steps: int | None = Field(None, ge=0)
+    """stepBefore - resumedFromStep: steps trained again."""
+    lost_seconds: float | None = Field(None, ge=0)
+    """From the restart until the new attempt was back at stepBefore: restart, resume and recomputed steps."""
+
+
+MAX_INTERRUPTIONS = 32
+
+
 class LLMTrainingJobStatus(ApiModel):
     """Observed state of an LLMTrainingJob."""
 
@@ -268,6 +290,8 @@ class LLMTrainingJobStatus(ApiModel):
     """Elastic gangs: since when the current attempt's gang has not fitted whole (shrinks after workers.resizeGraceSeconds)."""
     resizes: list[Resize] = Field(default_factory=list, max_length=MAX_RESIZES)
     """Elastic gangs: resizes so far, the newest last (the last 32 kept)."""
+    interruptions: list[Interruption] = Field(default_factory=list, max_length=MAX_INTERRUPTIONS)
+    """Gang restarts and the time each lost, the newest last (the last 32 kept)."""
     stages: list[StageStatus] = Field(default_factory=list)
     """Per-stage state and results."""
     progress: Progress | None = None
