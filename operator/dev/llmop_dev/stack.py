@@ -29,12 +29,14 @@ def http_get(url: str, timeout: float = 3) -> str | None:
 class Background:
     """One `llmop` subcommand in the background, its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log: Path, module: str = "llmop.cli"
+    ) -> None:
         self.name, self.log = name, log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "llmop.cli", *args],
+                [sys.executable, "-m", module, *args],
                 env={**os.environ, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -55,11 +57,23 @@ class Background:
         return self.proc.returncode
 
 
-def start_runtime(kubeconfig: Path, log: Path) -> Background:
-    rt = Background("runtime", ["dev", "runtime"], {"KUBECONFIG": str(kubeconfig)}, log)
+def start_runtime(kubeconfig: Path, log: Path, nodes: int = 2, first_index: int = 0) -> Background:
+    """The development runtime serving local-<first_index> .. local-<first_index + nodes - 1>.
+
+    One runtime per node (nodes=1) lets a test stop a single node; started again with the same log,
+    the runtime appends to it.
+    """
+    env = {"KUBECONFIG": str(kubeconfig)}
+    seen = log.stat().st_size if log.exists() else 0  # this start's lines, not an earlier start's
+    if (nodes, first_index) == (2, 0):
+        rt = Background("runtime", ["dev", "runtime"], env, log)
+    else:
+        # `llmop dev runtime` forwards --kubeconfig and --nodes only: the runtime's own entry point.
+        args = ["--nodes", str(nodes), "--first-index", str(first_index)]
+        rt = Background("runtime", args, env, log, module="llmop_dev.runtime.main")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if "serving nodes" in log.read_text(errors="replace"):
+        if "serving nodes" in log.read_bytes()[seen:].decode(errors="replace"):
             return rt
         if not rt.alive():
             raise RuntimeError(f"the development runtime exited:\n{log.read_text(errors='replace')[-3000:]}")

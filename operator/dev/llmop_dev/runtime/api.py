@@ -55,10 +55,14 @@ class Api:
 
     def patch_pod_status(self, pod: Obj, status: Obj) -> None:
         meta = pod["metadata"]
+        # The uid makes the patch conditional: a pod's name is reused by the next attempt of a job,
+        # whose pod must not get this one's status (the apiserver refuses a changed uid with 422).
+        body = {"metadata": {"uid": meta["uid"]}, "status": status}
         try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], body)
         except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing left to report on
+            # Deleted meanwhile, or replaced by a pod of the same name: nothing left to report on.
+            if exc.status != 404 and not (exc.status == 422 and "metadata.uid" in str(exc.body)):
                 raise
 
     def delete_pod_now(self, pod: Obj) -> None:

@@ -9,6 +9,7 @@ apiserver restarts; half a second is nothing next to a training step.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import sys
 import time
@@ -112,6 +113,9 @@ class Kubelet:
         by_ns: dict[str, list[tuple[Obj, str]]] = {}
         for run in self.runs.values():
             by_ns.setdefault(run.pod["metadata"]["namespace"], []).append((run.pod, run.ip))
+        for namespace, peers in by_ns.items():
+            if any(hosts.dns_names(pod) for pod, _ in peers):
+                peers.extend(self.other_runtimes_pods(namespace))
         for run in self.runs.values():
             text = hosts.render(run.pod, run.ip, by_ns[run.pod["metadata"]["namespace"]])
             if text != run.hosts_text:
@@ -120,6 +124,24 @@ class Kubelet:
                 with (run.scratch / "hosts").open("w") as f:
                     f.write(text)
                 run.hosts_text = text
+
+    def other_runtimes_pods(self, namespace: str) -> list[tuple[Obj, str]]:
+        """(pod, IP) of the namespace's live pods that another runtime runs (one runtime per node, so
+        that a node can be stopped alone): their IPs are in their status, written before they start."""
+        found = []
+        for pod in self.api.pods_in_namespace(namespace):
+            status, meta = pod.get("status") or {}, pod["metadata"]
+            ip = status.get("podIP")
+            if (
+                ip
+                and meta["uid"] not in self.runs
+                and pod["spec"].get("nodeName") not in self.nodes
+                and status.get("phase") not in TERMINAL
+                and not meta.get("deletionTimestamp")
+                and ipaddress.ip_address(ip) in ipam.POD_CIDR
+            ):
+                found.append((pod, str(ip)))
+        return found
 
     def step(self, run: PodRun) -> None:
         deleting = bool(run.pod["metadata"].get("deletionTimestamp"))

@@ -29,9 +29,9 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def run(kubeconfig: Path, node_count: int) -> int:
+def run(kubeconfig: Path, node_count: int, first_index: int = 0) -> int:
     api = Api(kubeconfig)
-    local = nodes.default_nodes(node_count)
+    local = nodes.default_nodes(node_count, first_index)
     beat = nodes.Heartbeat(api, local, identity=f"llmop-runtime-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     if holder := beat.foreign_holder():
         log(f"another runtime ({holder}) is running for these nodes; not starting a second one")
@@ -64,12 +64,17 @@ def run(kubeconfig: Path, node_count: int) -> int:
         # Further signals must not interrupt the orderly stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        kubelet.shutdown()
+        # NotReady before the pods stop, as a kubelet's graceful node shutdown does: whoever watches
+        # sees the node go first, and its pods' exits as part of that, not as failures of their own.
         try:
             beat.status(ready=False, message="llmop development runtime stopped")
-            beat.release_leases()
         except Exception as exc:
             log(f"could not mark the nodes NotReady: {exc!r}")
+        kubelet.shutdown()
+        try:
+            beat.release_leases()
+        except Exception as exc:
+            log(f"could not release the nodes' leases: {exc!r}")
     return 0
 
 
@@ -79,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         "--kubeconfig", type=Path, default=None, help="default: $KUBECONFIG, else the dev cluster's"
     )
     parser.add_argument("--nodes", type=int, default=2, help="number of local nodes (local-0, local-1, ...)")
+    parser.add_argument(
+        "--first-index",
+        type=int,
+        default=0,
+        help="index of the first node: --nodes 1 --first-index 2 serves local-2 alone (one runtime per node)",
+    )
     args = parser.parse_args(argv)
+    if args.nodes < 1 or args.first_index < 0 or args.first_index + args.nodes > 254:
+        parser.error("the nodes' IPs are 127.0.2.<index + 1>: need --nodes >= 1 and index + nodes <= 254")
     kubeconfig = args.kubeconfig or Path(os.environ.get("KUBECONFIG") or cluster.kubeconfig_path())
-    return run(kubeconfig, args.nodes)
+    return run(kubeconfig, args.nodes, args.first_index)
 
 
 if __name__ == "__main__":

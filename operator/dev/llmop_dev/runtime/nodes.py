@@ -96,9 +96,12 @@ class LocalNode:
         }
 
 
-def default_nodes(count: int = 2) -> list[LocalNode]:
+def default_nodes(count: int = 2, first: int = 0) -> list[LocalNode]:
+    """local-<first> .. local-<first + count - 1>: a node's name and IP depend on its index only, so
+    runtimes started with different first indexes serve disjoint nodes (one runtime per node, each
+    stoppable on its own)."""
     # 127.0.2.x: next to the kwok nodes' 127.0.1.x, still loopback.
-    return [LocalNode(name=f"local-{i}", ip=f"127.0.2.{1 + i}") for i in range(count)]
+    return [LocalNode(name=f"local-{i}", ip=f"127.0.2.{1 + i}") for i in range(first, first + count)]
 
 
 class Heartbeat:
