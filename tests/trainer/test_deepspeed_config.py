@@ -112,3 +112,26 @@ def test_renderer_does_not_import_torch() -> None:
     # The operator image has no torch; importing the renderer must not need it.
     code = "import sys, llmop_contract.deepspeed; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("world", "accumulation"), [(2, 4), (4, 2), (8, 1)])
+def test_the_configmaps_config_is_fitted_to_the_running_world(world: int, accumulation: int) -> None:
+    # An elastic gang (preferred 4 processes, 1..8 nodes) runs with the config rendered for numNodes.
+    from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
+    from llmtrain.train.engine import deepspeed_config
+
+    job = spec(
+        training={"microBatchSize": 2, "globalBatchSize": 16},
+        workers={"numNodes": 4, "minNodes": 1, "maxNodes": 8, "procsPerNode": 1, "gpusPerNode": 1},
+        deepspeed={"overrides": {"x": 1}},
+    )
+    rendered = render_deepspeed_config(job)
+    assert rendered["gradient_accumulation_steps"] == 2
+    for cfg in (TrainerConfig(spec=job, deepspeed_config=rendered), TrainerConfig(spec=job)):
+        fitted = deepspeed_config(cfg, world)
+        assert fitted["gradient_accumulation_steps"] == accumulation
+        # What DeepSpeed checks: the global batch is micro-batch x accumulation x world, kept at 16.
+        assert fitted["train_batch_size"] == 16 == 2 * accumulation * world
+        assert fitted["x"] == 1 and fitted["zero_optimization"] == rendered["zero_optimization"]
+    with pytest.raises(ValueError, match="not a multiple"):
+        deepspeed_config(TrainerConfig(spec=job, deepspeed_config=rendered), 3)

@@ -10,6 +10,7 @@ times faster than torch's CPU Adam, so it is used there when its extension build
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.api.v1alpha1.training import Offload, OptimizerType
-from llmop_contract.deepspeed import render_deepspeed_config
+from llmop_contract.deepspeed import gradient_accumulation_steps, render_deepspeed_config
 from llmtrain.logs import Logger
 from llmtrain.model.hf import HostMemory, bound_host_heap, host_memory, trim_host_heap
 
@@ -50,9 +51,39 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig, log: Logger) -> torch.
     return cls(groups, lr=o.learning_rate, betas=betas, eps=o.epsilon, fused=True)
 
 
-def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
-    """The operator-rendered config when the ConfigMap carries one, else rendered here from the spec."""
-    return cfg.deepspeed_config if cfg.deepspeed_config is not None else render_deepspeed_config(cfg.spec)
+def running_world() -> int:
+    """The processes training together: the process group's size once it exists, else WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_config(cfg: TrainerConfig, world: int | None = None) -> dict[str, Any]:
+    """The operator-rendered config when the ConfigMap carries one, else rendered here from the spec,
+    with its batch fitted to ``world`` processes (default: those running, see ``running_world``)."""
+    config = cfg.deepspeed_config if cfg.deepspeed_config is not None else render_deepspeed_config(cfg.spec)
+    return fit_world(config, cfg, running_world() if world is None else world)
+
+
+def fit_world(config: dict[str, Any], cfg: TrainerConfig, world: int) -> dict[str, Any]:
+    """``config`` with the gradient accumulation of a ``world``-process run of globalBatchSize.
+
+    Both configs are rendered for numNodes x procsPerNode processes, but an elastic gang also runs at
+    other sizes (the operator sets NNODES to the current one and leaves the ConfigMap as written), and
+    DeepSpeed refuses a config whose train_batch_size is not micro-batch x accumulation x world. The
+    global batch stays globalBatchSize, so a step sees the same samples at every size. A config that
+    already fits is returned as it is, overrides and all.
+    """
+    tr = cfg.spec.training
+    accumulation = gradient_accumulation_steps(cfg.spec, world)  # ValueError when world does not divide
+    if config.get("gradient_accumulation_steps") == accumulation:
+        return config
+    return {
+        **config,
+        "train_batch_size": tr.global_batch_size,
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+    }
 
 
 def initialize(

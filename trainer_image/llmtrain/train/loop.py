@@ -20,6 +20,7 @@ from llmop_contract.deepspeed import gradient_accumulation_steps
 from llmop_contract.protocol import DataManifest, Env, ExitCode, TerminationMessage
 from llmtrain import termination
 from llmtrain.adapt import llama_args
+from llmtrain.config import ConfigError
 from llmtrain.datacheck import check_training_data
 from llmtrain.logs import Logger
 from llmtrain.model import hf
@@ -125,10 +126,42 @@ def _windows(cfg: TrainerConfig, manifest: DataManifest, split: str) -> Windows 
     return open_split(cfg.paths.data_dir, manifest, split, tr.sequence_length, tr.seed)
 
 
+def allowed_worlds(cfg: TrainerConfig) -> list[int]:
+    """The world sizes this job may train at: numNodes x procsPerNode, or for an elastic gang every
+    size of ``elastic_sizes`` (minNodes..maxNodes keeping globalBatchSize) x procsPerNode."""
+    w = cfg.spec.workers
+    nodes = cfg.spec.elastic_sizes() if w.elastic else [w.num_nodes]
+    return sorted(n * w.procs_per_node for n in nodes)
+
+
 def _check_world(cfg: TrainerConfig, world_size: int) -> None:
-    expected = cfg.spec.workers.num_nodes * cfg.spec.workers.procs_per_node
-    if world_size != expected:
-        raise ValueError(f"WORLD_SIZE={world_size} but workers.numNodes x workers.procsPerNode = {expected}")
+    """Refuse a world the spec does not allow, before any rank builds a model for it."""
+    allowed = allowed_worlds(cfg)
+    if world_size in allowed:
+        return
+    w, tr = cfg.spec.workers, cfg.spec.training
+    if not w.elastic:
+        raise ConfigError(
+            "spec.workers",
+            f"WORLD_SIZE={world_size} but workers.numNodes x workers.procsPerNode = {allowed[0]}",
+        )
+    raise ConfigError(
+        "spec.workers",
+        f"WORLD_SIZE={world_size} is not a size this elastic gang trains at: allowed {allowed}"
+        f" (minNodes {w.smallest}..maxNodes {w.largest} x procsPerNode {w.procs_per_node}, where"
+        f" microBatchSize {tr.micro_batch_size} x world size divides globalBatchSize {tr.global_batch_size})",
+    )
+
+
+def at_world(cfg: TrainerConfig, world_size: int) -> TrainerConfig:
+    """``cfg`` as this attempt runs it: numNodes the running size (an allowed world, see _check_world).
+
+    The ConfigMap keeps the spec as written (numNodes the preferred size of an elastic gang); what
+    counts processes (the data check's one global micro-batch, gradient accumulation) must count
+    those running.
+    """
+    spec = cfg.spec.at_size(world_size // cfg.spec.workers.procs_per_node)
+    return cfg if spec is cfg.spec else cfg.model_copy(update={"spec": spec})
 
 
 def _model(cfg: TrainerConfig, model_args: LlamaArgs) -> Llama:
@@ -156,11 +189,12 @@ def setup(cfg: TrainerConfig) -> Run:
     log = Logger(env.rank)
     spec, tr = cfg.spec, cfg.spec.training
     _check_world(cfg, env.world_size)
-    # Also checked by `llmtrain train` before the launcher; again here for ranks started directly.
-    manifest = check_training_data(cfg)
+    # Also checked by `llmtrain train` before the launcher; again here for ranks started directly,
+    # and for the world actually running (an elastic gang's current size).
+    manifest = check_training_data(at_world(cfg, env.world_size))
     # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
     seed_everything(tr.seed + env.rank)
-    ds_config = deepspeed_config(cfg)
+    ds_config = deepspeed_config(cfg, env.world_size)  # its accumulation fitted to this world
     rss_before = current_rss_bytes()
     model_args: LlamaArgs | None = None
     pretrained: hf.Pretrained | None = None
@@ -236,7 +270,9 @@ def setup(cfg: TrainerConfig) -> Run:
         trainable_parameters=trainable,
         method=tr.method.value,
         total_steps=total,
-        gradient_accumulation=gradient_accumulation_steps(spec),
+        gradient_accumulation=gradient_accumulation_steps(spec, env.world_size),
+        # What DeepSpeed trains with: globalBatchSize at every size of an elastic gang.
+        global_batch_size=int(engine.train_batch_size()),
         zero_stage=spec.deepspeed.zero_stage,
         precision=tr.precision.value,
         resumed_from=state.get("tag"),
@@ -307,7 +343,7 @@ def report_restore(log: Logger, restored: Restored, checkpointer: Checkpointer) 
 def run(cfg: TrainerConfig) -> Result:
     r = setup(cfg)
     tr, engine, env = cfg.spec.training, r.engine, r.env
-    gas, dev = gradient_accumulation_steps(cfg.spec), engine.device
+    gas, dev = gradient_accumulation_steps(cfg.spec, env.world_size), engine.device
     preemption = Preemption()
     result = Result(
         EXIT_OK,
