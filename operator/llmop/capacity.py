@@ -149,8 +149,8 @@ def gang_fits(nodes: list[NodeView], demand: Demand, count: int) -> Fit:
     what = f"{gpus} free nvidia.com/gpu" if gpus else "free CPU and memory"
     selector = dict(demand.node_selector)
     where = f" matching nodeSelector {selector}" if selector else ""
-    nodes = "1 node" if count == 1 else f"{count} nodes"
-    message = f"needs {nodes} with {what}{where}; {len(ok)} available"
+    needs = "1 node" if count == 1 else f"{count} nodes"
+    message = f"needs {needs} with {what}{where}; {len(ok)} available"
     return Fit(fits=len(ok) >= count, feasible_nodes=len(ok), needed=count, message=message)
 
 

@@ -65,7 +65,7 @@ def grow(p: Pass, attempt: int, room: int | None) -> bool:
     """A running gang with ``room`` more nodes free: grow once that held for the grace period."""
     current = p.spec.workers.num_nodes
     size = size_within(p, current + room) if room else None
-    if not p.spec.workers.elastic or size is None or size <= current:
+    if not p.spec.workers.elastic or room is None or size is None or size <= current:
         p.status.capacity_short_since = None
         return False
     if _grace_left(p) > 0:
