@@ -170,6 +170,20 @@ def test_a_worker_pod_refuses_before_its_launcher_starts_torchrun(shards: Path, 
     assert "val split has 0 tokens" in line
 
 
+def test_a_worker_pod_of_an_elastic_gang_refuses_a_size_that_breaks_the_global_batch(
+    shards: Path, tmp_path: Path
+) -> None:
+    # The operator picks only sizes that keep globalBatchSize; a pod that says another (edited by
+    # hand, or an older operator) is refused before torchrun, with the sizes that would train.
+    spec = {
+        "training": {"globalBatchSize": 16, "microBatchSize": 4},
+        "workers": {"numNodes": 2, "minNodes": 1, "maxNodes": 4, "procsPerNode": 1},
+    }
+    config = debug_config(tmp_path, _copy(shards, tmp_path), spec)
+    line, _ = refused(["train", str(config)], tmp_path, NPROC_PER_NODE="1", NNODES="3")
+    assert "WORLD_SIZE=3 is not a size this elastic gang trains at: allowed [1, 2, 4]" in line
+
+
 # --- compress, serve, export-onnx --------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -71,10 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     from llmtrain.config import ConfigError, load_config
     from llmtrain.datacheck import check_training_data
     from llmtrain.exits import refuse
+    from llmtrain.world import at_world, check_world
 
     try:
         cfg = load_config(args.config)
-        check_training_data(cfg)
+        # The processes this attempt runs (an elastic gang's pods say their size in NNODES; the
+        # config keeps numNodes as written): the world is allowed, and the data holds a micro-batch.
+        world = _pod_world(cfg)
+        if world is not None:
+            check_world(cfg, world)
+        check_training_data(at_world(cfg, world) if world is not None else cfg)
         check_qlora(cfg)
     except ConfigError as exc:
         return refuse("llmtrain train", exc, "train")
@@ -89,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg).exit_code
     except ConfigError as exc:  # found by a rank after start-up (the checks above, or a shard's content)
         return refuse("llmtrain train", exc, "train")
+
+
+def _pod_world(cfg: TrainerConfig) -> int | None:
+    """WORLD_SIZE when started as a rank, else NNODES x NPROC_PER_NODE of the pod's launcher."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "NNODES" in os.environ:
+        per_node = int(os.environ.get("NPROC_PER_NODE", cfg.spec.workers.procs_per_node))
+        return int(os.environ["NNODES"]) * per_node
+    return None
 
 
 if __name__ == "__main__":

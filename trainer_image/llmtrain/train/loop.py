@@ -20,7 +20,6 @@ from llmop_contract.deepspeed import gradient_accumulation_steps
 from llmop_contract.protocol import DataManifest, Env, ExitCode, TerminationMessage
 from llmtrain import termination
 from llmtrain.adapt import llama_args
-from llmtrain.config import ConfigError
 from llmtrain.datacheck import check_training_data
 from llmtrain.logs import Logger
 from llmtrain.model import hf
@@ -56,6 +55,7 @@ from llmtrain.train.metrics import (
     transformer_flops_per_token,
 )
 from llmtrain.train.schedule import learning_rate, total_steps
+from llmtrain.world import at_world, check_world
 
 EXIT_OK = ExitCode.OK
 EXIT_PREEMPTED = ExitCode.PREEMPTED
@@ -126,44 +126,6 @@ def _windows(cfg: TrainerConfig, manifest: DataManifest, split: str) -> Windows 
     return open_split(cfg.paths.data_dir, manifest, split, tr.sequence_length, tr.seed)
 
 
-def allowed_worlds(cfg: TrainerConfig) -> list[int]:
-    """The world sizes this job may train at: numNodes x procsPerNode, or for an elastic gang every
-    size of ``elastic_sizes`` (minNodes..maxNodes keeping globalBatchSize) x procsPerNode."""
-    w = cfg.spec.workers
-    nodes = cfg.spec.elastic_sizes() if w.elastic else [w.num_nodes]
-    return sorted(n * w.procs_per_node for n in nodes)
-
-
-def _check_world(cfg: TrainerConfig, world_size: int) -> None:
-    """Refuse a world the spec does not allow, before any rank builds a model for it."""
-    allowed = allowed_worlds(cfg)
-    if world_size in allowed:
-        return
-    w, tr = cfg.spec.workers, cfg.spec.training
-    if not w.elastic:
-        raise ConfigError(
-            "spec.workers",
-            f"WORLD_SIZE={world_size} but workers.numNodes x workers.procsPerNode = {allowed[0]}",
-        )
-    raise ConfigError(
-        "spec.workers",
-        f"WORLD_SIZE={world_size} is not a size this elastic gang trains at: allowed {allowed}"
-        f" (minNodes {w.smallest}..maxNodes {w.largest} x procsPerNode {w.procs_per_node}, where"
-        f" microBatchSize {tr.micro_batch_size} x world size divides globalBatchSize {tr.global_batch_size})",
-    )
-
-
-def at_world(cfg: TrainerConfig, world_size: int) -> TrainerConfig:
-    """``cfg`` as this attempt runs it: numNodes the running size (an allowed world, see _check_world).
-
-    The ConfigMap keeps the spec as written (numNodes the preferred size of an elastic gang); what
-    counts processes (the data check's one global micro-batch, gradient accumulation) must count
-    those running.
-    """
-    spec = cfg.spec.at_size(world_size // cfg.spec.workers.procs_per_node)
-    return cfg if spec is cfg.spec else cfg.model_copy(update={"spec": spec})
-
-
 def _model(cfg: TrainerConfig, model_args: LlamaArgs) -> Llama:
     tr = cfg.spec.training
     model = build_model(
@@ -188,7 +150,7 @@ def setup(cfg: TrainerConfig) -> Run:
     env = dist.setup()
     log = Logger(env.rank)
     spec, tr = cfg.spec, cfg.spec.training
-    _check_world(cfg, env.world_size)
+    check_world(cfg, env.world_size)
     # Also checked by `llmtrain train` before the launcher; again here for ranks started directly,
     # and for the world actually running (an elastic gang's current size).
     manifest = check_training_data(at_world(cfg, env.world_size))
