@@ -129,3 +129,15 @@ def test_a_smaller_gang_grows_back_when_room_has_lasted_the_grace_period() -> No
     full = running_at(s, 2)
     p = plan(snapshot(s, full), Observed([pod(0, 3), pod(1, 3)], None, NOW + timedelta(hours=1), room=5))
     assert not p.delete_pods and p.status["currentNodes"] == 2
+
+
+def test_a_gang_admitted_on_a_stale_view_shrinks_to_the_workers_placed() -> None:
+    s = elastic(minNodes=1)
+    placed = pod(0, 2, phase="Pending")
+    stuck = pod(1, 2, phase="Pending", node=None, unschedulable="0/5 nodes are available")
+    first = plan(snapshot(s, {"attempt": 2}), Observed([placed, stuck], None, NOW))
+    assert first.status["state"] == "Pending" and not first.delete_pods
+    later = NOW + timedelta(seconds=GRACE)
+    p = plan(snapshot(s, first.status), Observed([placed, stuck], None, later))
+    assert p.status["currentNodes"] == 1 and p.status["attempt"] == 3
+    assert p.status["resizes"][-1]["reason"] == "GangShrunk"

@@ -70,7 +70,13 @@ def grow(p: Pass, attempt: int, room: int | None) -> bool:
         return False
     if _grace_left(p) > 0:
         return False
-    resize(p, attempt, size, JobReason.GANG_GROWN, f"room for {_nodes(room)} more, one worker each")
+    resize(
+        p,
+        attempt,
+        size,
+        JobReason.GANG_GROWN,
+        f"room for {room} more {'node' if room == 1 else 'nodes'}, one worker each",
+    )
     return True
 
 

@@ -8,6 +8,7 @@ from enum import StrEnum
 from llmop import conditions as cond
 from llmop import progress
 from llmop.builders import storage
+from llmop.capacity import Fit
 from llmop.observe import PodView
 from llmop.planner import elastic, gang, remote, stages
 from llmop.planner.context import TRAIN, Event, Pass
@@ -95,6 +96,11 @@ def placement(p: Pass, current: list[PodView]) -> None:
     """An admitted gang: Pending while the scheduler cannot place it, Running once all workers run."""
     if unschedulable := [x for x in current if x.unschedulable]:
         message = f"{unschedulable[0].name}: {unschedulable[0].unschedulable}"
+        # Admitted on a capacity view that was already stale (a node gone meanwhile): an elastic
+        # gang shrinks to the workers the scheduler placed, after the same grace period.
+        placed = sum(1 for x in current if x.node)
+        if elastic.shrink(p, p.status.attempt, Fit(False, placed, len(current), message)):
+            return
         p.condition(cond.GANG_SCHEDULED, False, JobReason.UNSCHEDULABLE, message)
         p.status.state = JobState.PENDING
         return
