@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     runtime = dev_sub.add_parser("runtime", help="run pods bound to the local nodes as local processes")
     runtime.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, else the dev cluster's")
     runtime.add_argument("--nodes", type=int, default=2, help="local nodes to serve (local-0, local-1, ...)")
+    runtime.add_argument(
+        "--first-index", type=int, default=0, help="index of the first node served: local-K, local-K+1, ..."
+    )
     logs = sub.add_parser("logs", help="print a job's pod logs written by the development runtime")
     logs.add_argument("job")
     logs.add_argument("-n", "--namespace", default="default")
@@ -73,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmop_dev.runtime import main as devruntime
 
         return devruntime.main(
-            [*(["--kubeconfig", args.kubeconfig] if args.kubeconfig else []), "--nodes", str(args.nodes)]
+            [
+                *(["--kubeconfig", args.kubeconfig] if args.kubeconfig else []),
+                *("--nodes", str(args.nodes), "--first-index", str(args.first_index)),
+            ]
         )
     if args.command == "logs":
         from llmop_dev.runtime import logs as joblogs
