@@ -22,7 +22,7 @@ Goodput is productive training time over wall time (seconds spent on steps that 
 recomputed, not waiting, not restarting, not writing checkpoints); "work" is the steps done relative
 to the full gang running all the time (a smaller gang's steps take longer). The interval is
 ``--interval-minutes`` (a common fixed choice) or Daly's from the measured checkpoint time and the
-interruption rate (llmop.planner.interval).
+interruption rate (llmop_contract.interval).
 
     python benchmarks/goodput.py [--gpus 1024] [--days 30] [--trials 20] [--seed 0]
 
@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT)]
 
-from llmop.planner import interval  # noqa: E402
+from llmop_contract import interval  # noqa: E402
 
 GPUS_PER_NODE = 8
 

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmop.conditions import now_iso, parse_time
-from llmop.planner import interval
+from llmop_contract import interval
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import LLMTrainingJobStatus, Progress
 from llmop_contract.protocol import Metric

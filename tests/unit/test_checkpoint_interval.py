@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llmop.planner import interval
+from llmop_contract import interval
 
 
 def test_mtbf_scales_llama3s_rate_by_gpus() -> None:

@@ -62,7 +62,7 @@ def test_energy_is_reported_only_when_every_rank_measures_it() -> None:
 
 
 def test_recommended_checkpoint_interval_follows_daly_for_the_jobs_gpus() -> None:
-    from llmop.planner import interval
+    from llmop_contract import interval
     from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 
     spec = LLMTrainingJobSpec.model_validate(

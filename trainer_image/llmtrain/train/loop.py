@@ -26,6 +26,7 @@ from llmtrain.model import hf
 from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import Llama, build_model
 from llmtrain.train import dist, sparsity
+from llmtrain.train.cadence import Cadence
 from llmtrain.train.checkpoint import Checkpointer, Restored
 from llmtrain.train.data import (
     Batch,
@@ -319,6 +320,9 @@ def run(cfg: TrainerConfig) -> Result:
     if r.energy is not None:
         r.energy.start()
     step = r.step
+    cadence = Cadence(tr.checkpointing, devices=env.world_size)
+    cadence.start(step)
+    since_save = 0  # index into result.step_seconds of the first step after the last save
     try:
         if step == 0:  # the baseline every later validation loss is compared with
             result.validation_loss = evaluate(r, 0)
@@ -345,8 +349,14 @@ def run(cfg: TrainerConfig) -> Result:
             if step % tr.evaluation.interval_steps == 0 or step == r.total_steps:
                 result.validation_loss = evaluate(r, step)
             stop = dist.any_rank(preemption.requested, env)
-            if stop or step % tr.checkpointing.interval_steps == 0 or step == r.total_steps:
-                save_checkpoint(r, step)
+            if stop or cadence.due(step) or step == r.total_steps:
+                seconds = save_checkpoint(r, step)
+                recent = result.step_seconds[since_save:]
+                since_save = len(result.step_seconds)
+                if (steps := cadence.saved(step, seconds, sum(recent) / max(1, len(recent)))) is not None:
+                    r.log.event(
+                        "checkpoint_interval", step=step, next_in_steps=steps, save_seconds=round(seconds, 3)
+                    )
             if stop:
                 r.log.event("preempted", step=step, checkpoint=str(r.checkpointer.root))
                 write_status(env, f"preempted step={step}")
@@ -459,7 +469,7 @@ def evaluate(r: Run, step: int) -> float:
     return val_loss
 
 
-def save_checkpoint(r: Run, step: int) -> None:
+def save_checkpoint(r: Run, step: int) -> float:
     client = {
         "step": step,
         "data": r.loader.state(),
@@ -473,6 +483,7 @@ def save_checkpoint(r: Run, step: int) -> None:
     seconds = r.checkpointer.save(r.engine, step, client)
     r.metrics.checkpoint_seconds.set(seconds)
     r.log.event("checkpoint", step=step, seconds=round(seconds, 3))
+    return seconds
 
 
 def export(r: Run) -> str | None:
