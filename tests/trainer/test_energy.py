@@ -115,3 +115,41 @@ def test_derived_figures() -> None:
     assert energy.joules_per_token(720.0, 1200) == pytest.approx(0.6)
     assert energy.kwh(3.6e6) == pytest.approx(1.0)
     assert energy.joules_per_token(None, 10) is None and energy.kwh(None) is None
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.started = self.closed = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def joules(self) -> float:
+        return 812.5
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_compression_stage_reports_its_energy_on_its_own_device_or_says_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from llmtrain.compress.run import StageEnergy
+
+    asked: list[list[int] | None] = []
+    counter = _Counter()
+
+    def discover(cuda: list[int] | None = None) -> _Counter:
+        asked.append(cuda)
+        return counter
+
+    monkeypatch.setattr(energy, "discover", discover)
+    meter = StageEnergy.start(torch.device("cuda", 1))
+    assert asked == [[1]] and counter.started  # NVML for the GPU the stage ran on
+    assert meter.results() == {"energyMeasured": 1.0, "energyJoules": 812.5} and counter.closed
+    StageEnergy.start(torch.device("cpu"))
+    assert asked[-1] is None  # RAPL on the CPU
+    monkeypatch.setattr(energy, "discover", lambda cuda=None: None)
+    assert StageEnergy.start(torch.device("cpu")).results() == {"energyMeasured": 0.0}  # never invented

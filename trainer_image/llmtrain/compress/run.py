@@ -27,6 +27,7 @@ import torch
 from llmop_contract.api.v1alpha1.lifecycle import Distillation, Pruning, PruningMethod, Quantization
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmop_contract.remote import COMPRESSED
+from llmtrain import energy
 from llmtrain.compress import evaluate, layout
 from llmtrain.compress.device import resolve_device
 from llmtrain.compress.load import load_model
@@ -103,6 +104,7 @@ def run_stage(
         source=str(source),
         device=str(device),
     )
+    meter = StageEnergy.start(device)
     with layout.staging(final) as tmp:
         details = produce(cfg, stage, shape, source, tmp, log, device)
         marker_value = {
@@ -124,6 +126,7 @@ def run_stage(
         base, comp = evaluate.measure_pair((baseline_model, source), (compressed_model, tmp), data, settings)
         results = evaluate.results(base, comp, time.perf_counter() - started)
         results.update({k: float(v) for k, v in details.pop("figures").items()})
+        results.update(meter.results())
         report = {
             "stage": stage.name,
             "method": stage.method,
@@ -143,6 +146,30 @@ def run_stage(
         layout.write_json(tmp / layout.REPORT, report)
     log.event("done", stage=stage.name, method=stage.method, model_path=str(final), **_short(results))
     return uploaded(cfg, stage, final, summary(report), log)
+
+
+class StageEnergy:
+    """The energy of one stage (producing and evaluating the model) on the device it ran on: NVML
+    for a CUDA device, RAPL on the CPU where the kernel exposes it. Unmeasurable: energyMeasured 0
+    and no energyJoules, never an estimate."""
+
+    def __init__(self, reader: energy.EnergyReader | None) -> None:
+        self.reader = reader
+
+    @classmethod
+    def start(cls, device: torch.device) -> StageEnergy:
+        cuda = [device.index or 0] if device.type == "cuda" else None
+        reader = energy.discover(cuda)
+        if reader is not None:
+            reader.start()
+        return cls(reader)
+
+    def results(self) -> dict[str, float]:
+        if self.reader is None:
+            return {"energyMeasured": 0.0}
+        joules = self.reader.joules()
+        self.reader.close()
+        return {"energyMeasured": 1.0, "energyJoules": joules}
 
 
 def _short(results: dict[str, float]) -> dict[str, float]:
