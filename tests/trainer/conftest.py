@@ -82,6 +82,20 @@ def torchless_env(root: Path, base: dict[str, str] | None = None) -> dict[str, s
 
 
 @pytest.fixture(scope="session")
+def english_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled English corpus through the real data stage (clean, dedup, BPE, shards), once for
+    the session: the distributed, world-resize and elastic tests only read it."""
+    from llmtrain import prepare
+    from llmtrain.config import load_config
+
+    work = tmp_path_factory.mktemp("prepared")
+    data = work / "data"
+    cfg = load_config(str(debug_config(work, data, {"data": {"sources": [{"uri": "builtin://english"}]}})))
+    prepare.run(cfg)
+    return data
+
+
+@pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     root = tmp_path_factory.mktemp("trained")
     data_dir = write_shards(root / "data", license_documents(), vocab_size=512)

@@ -48,23 +48,11 @@ SPEC: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmtrain import prepare
-    from llmtrain.config import load_config
-
-    work = tmp_path_factory.mktemp("prepared")
-    data = work / "data"
-    cfg = load_config(str(debug_config(work, data, {"data": {"sources": [{"uri": "builtin://english"}]}})))
-    prepare.run(cfg)
-    return data
-
-
-def config(work: Path, data_dir: Path) -> Path:
+def config(work: Path, english_data: Path) -> Path:
     """The ConfigMap's TrainerConfig: SPEC as written, with the DeepSpeed config rendered for numNodes."""
     from llmtrain.config import load_config
 
-    path = debug_config(work, data_dir, SPEC)
+    path = debug_config(work, english_data, SPEC)
     raw = yaml.safe_load(path.read_text())
     raw["deepspeedConfig"] = render_deepspeed_config(load_config(str(path)).spec)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -72,14 +60,14 @@ def config(work: Path, data_dir: Path) -> Path:
     return path
 
 
-def train(work: Path, data_dir: Path, world: int, log: Path) -> int:
+def train(work: Path, english_data: Path, world: int, log: Path) -> int:
     """``llmtrain train`` on ``world`` local ranks (WORLD_SIZE=world, whatever numNodes says)."""
     cmd = [
         *(sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"),
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
         *TRAIN,
-        str(config(work, data_dir)),
+        str(config(work, english_data)),
     ]
     with log.open("a") as out:
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(), timeout=600).returncode
@@ -90,12 +78,12 @@ def losses(log: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, float], Path]:
+def reference(english_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, float], Path]:
     """The uninterrupted run at the preferred size (2), and its step-SAVED_AT checkpoint: exactly what
     a 2-rank run stopped right after that checkpoint leaves."""
     work = tmp_path_factory.mktemp("reference")
     log = work / "train.log"
-    assert train(work, data_dir, 2, log) == 0, log.read_text()[-4000:]
+    assert train(work, english_data, 2, log) == 0, log.read_text()[-4000:]
     (start,) = events(log, "start")
     assert start["world_size"] == 2 and start["gradient_accumulation"] == 2
     assert start["global_batch_size"] == GLOBAL
@@ -106,12 +94,12 @@ def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 @pytest.mark.parametrize("world", [1, 4], ids=["shrink-to-1", "grow-to-4"])
 def test_resume_at_another_elastic_size_keeps_the_batch_and_the_curve(
-    world: int, data_dir: Path, reference: tuple[dict[int, float], Path], tmp_path: Path
+    world: int, english_data: Path, reference: tuple[dict[int, float], Path], tmp_path: Path
 ) -> None:
     ref, checkpoint = reference
     shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
     log = tmp_path / "train.log"
-    assert train(tmp_path, data_dir, world, log) == 0, log.read_text()[-4000:]
+    assert train(tmp_path, english_data, world, log) == 0, log.read_text()[-4000:]
     start = events(log, "start")[-1]
     assert start["world_size"] == world and start["saved_world_size"] == 2
     assert start["resumed_from"] == f"step-{SAVED_AT:08d}"
@@ -128,11 +116,13 @@ def test_resume_at_another_elastic_size_keeps_the_batch_and_the_curve(
     assert rel < 1e-4
 
 
-def test_a_world_outside_the_elastic_sizes_is_refused_before_training(data_dir: Path, tmp_path: Path) -> None:
+def test_a_world_outside_the_elastic_sizes_is_refused_before_training(
+    english_data: Path, tmp_path: Path
+) -> None:
     # 3 is within minNodes 1..maxNodes 4, but 4 x 3 does not divide the global batch of 16.
     log = tmp_path / "train.log"
     started = time.monotonic()
-    rc = train(tmp_path, data_dir, 3, log)
+    rc = train(tmp_path, english_data, 3, log)
     elapsed = time.monotonic() - started
     text = log.read_text()
     assert rc != 0

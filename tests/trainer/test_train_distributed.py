@@ -26,19 +26,6 @@ from tests.trainer.ranks import TORCHRUN, TRAIN, env, events, torchrun
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled English corpus through the real data stage (clean, dedup, BPE, shards)."""
-    from llmtrain import prepare
-    from llmtrain.config import load_config
-
-    work = tmp_path_factory.mktemp("prepared")
-    data = work / "data"
-    cfg = load_config(str(debug_config(work, data, {"data": {"sources": [{"uri": "builtin://english"}]}})))
-    prepare.run(cfg)
-    return data
-
-
 def two_rank_spec(steps: int, zero: int, **training: Any) -> dict[str, Any]:
     return {
         "training": {
@@ -57,8 +44,8 @@ def two_rank_spec(steps: int, zero: int, **training: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_zero_validation_loss_falls(zero: int, data_dir: Path, tmp_path: Path) -> None:
-    config = debug_config(tmp_path, data_dir, two_rank_spec(150, zero, evaluation={"intervalSteps": 50}))
+def test_zero_validation_loss_falls(zero: int, english_data: Path, tmp_path: Path) -> None:
+    config = debug_config(tmp_path, english_data, two_rank_spec(150, zero, evaluation={"intervalSteps": 50}))
     log = tmp_path / "train.log"
     started = time.monotonic()
     assert torchrun(config, log) == 0, log.read_text()[-3000:]
@@ -88,16 +75,16 @@ def losses_by_step(log: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events(log, "progress")}
 
 
-def test_kill9_resume_matches_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
+def test_kill9_resume_matches_uninterrupted_run(english_data: Path, tmp_path: Path) -> None:
     spec = two_rank_spec(80, 2, logIntervalSteps=1, checkpointing={"intervalSteps": 10, "keepLast": 2})
     spec["training"]["evaluation"] = {"intervalSteps": 1000, "maxBatches": 2}
     reference_log = tmp_path / "reference.log"
-    assert torchrun(debug_config(tmp_path / "ref", data_dir, spec), reference_log) == 0
+    assert torchrun(debug_config(tmp_path / "ref", english_data, spec), reference_log) == 0
     reference = losses_by_step(reference_log)
     assert sorted(reference) == list(range(1, 81))
 
     work = tmp_path / "crash"
-    config = debug_config(work, data_dir, spec)
+    config = debug_config(work, english_data, spec)
     ckpt = work / "checkpoints"
     log = work / "train.log"
     cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
@@ -144,9 +131,9 @@ def losses_by_step_from(log: Path, start: dict[str, Any]) -> dict[int, float]:
     return out
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes(data_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_checkpoints_exits_75_and_resumes(english_data: Path, tmp_path: Path) -> None:
     spec = two_rank_spec(400, 2, logIntervalSteps=1, checkpointing={"intervalSteps": 1000})
-    config = debug_config(tmp_path, data_dir, spec)
+    config = debug_config(tmp_path, english_data, spec)
     log = tmp_path / "train.log"
     # The pod form: one launcher per node, no WORLD_SIZE; it re-runs itself under torch.distributed.run.
     node_env = env(
@@ -168,7 +155,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(data_dir: Path, tmp_path: Path
     spec["training"]["maxSteps"] = step + 5  # finish shortly after the preemption point
     # A loaded machine may preempt within warmup: a warmup past maxSteps is refused (admission rule).
     spec["training"]["lrSchedule"]["warmupSteps"] = min(10, step + 5)
-    config = debug_config(tmp_path, data_dir, spec)
+    config = debug_config(tmp_path, english_data, spec)
     with log.open("a") as out:
         rc = subprocess.run(
             [sys.executable, *TRAIN, str(config)],

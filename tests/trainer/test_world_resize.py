@@ -28,18 +28,6 @@ pytestmark = pytest.mark.slow
 STEPS, SAVED_AT = 30, 15
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmtrain import prepare
-    from llmtrain.config import load_config
-
-    work = tmp_path_factory.mktemp("prepared")
-    data = work / "data"
-    cfg = load_config(str(debug_config(work, data, {"data": {"sources": [{"uri": "builtin://english"}]}})))
-    prepare.run(cfg)
-    return data
-
-
 def spec(ranks: int, zero: int, max_steps: int) -> dict[str, Any]:
     return {
         "training": {
@@ -60,8 +48,8 @@ def spec(ranks: int, zero: int, max_steps: int) -> dict[str, Any]:
     }
 
 
-def train(work: Path, data_dir: Path, ranks: int, zero: int, max_steps: int, log: Path) -> None:
-    config = debug_config(work, data_dir, spec(ranks, zero, max_steps))
+def train(work: Path, english_data: Path, ranks: int, zero: int, max_steps: int, log: Path) -> None:
+    config = debug_config(work, english_data, spec(ranks, zero, max_steps))
     cmd = [
         *(
             sys.executable,
@@ -95,10 +83,10 @@ def reference() -> dict[int, Reference]:
     return {}
 
 
-def reference_run(cache: dict[int, Reference], zero: int, data_dir: Path, root: Path) -> Reference:
+def reference_run(cache: dict[int, Reference], zero: int, english_data: Path, root: Path) -> Reference:
     if zero not in cache:
         work, log = root / f"reference-zero{zero}", root / f"reference-zero{zero}.log"
-        train(work, data_dir, 2, zero, STEPS, log)
+        train(work, english_data, 2, zero, STEPS, log)
         records = events(log, "progress")
         losses = {e["step"]: e["loss"] for e in records}
         productive = {e["step"]: e["productive_seconds"] for e in records}
@@ -111,19 +99,19 @@ def reference_run(cache: dict[int, Reference], zero: int, data_dir: Path, root: 
 def test_resume_at_another_world_size_continues_the_curve(
     zero: int,
     ranks: int,
-    data_dir: Path,
+    english_data: Path,
     reference: dict[int, Reference],
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    run = reference_run(reference, zero, data_dir, tmp_path_factory.mktemp("reference"))
+    run = reference_run(reference, zero, english_data, tmp_path_factory.mktemp("reference"))
     ref = run.losses
     assert sorted(ref) == list(range(1, STEPS + 1))
     # The 2-rank run's checkpoint at SAVED_AT (its manifest verifies as copied), resumed by `ranks`.
     shutil.copytree(run.checkpoint, tmp_path / "checkpoints" / run.checkpoint.name)
     log = tmp_path / "train.log"
     started = time.monotonic()
-    train(tmp_path, data_dir, ranks, zero, STEPS, log)
+    train(tmp_path, english_data, ranks, zero, STEPS, log)
     start = events(log, "start")[-1]
     assert start["world_size"] == ranks and start["saved_world_size"] == 2
     assert start["resumed_from"] == f"step-{SAVED_AT:08d}"

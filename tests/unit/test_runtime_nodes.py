@@ -49,7 +49,7 @@ def test_hosts_name_the_pods_another_runtime_runs(monkeypatch: pytest.MonkeyPatc
     theirs = pod("w-1", "u1", "local-3", "127.2.0.11")
     pending_elsewhere = pod("w-2", "u2", "local-3", None, phase="Pending")  # no IP yet: no entry
     finished = pod("w-3", "u3", "local-3", "127.2.0.13", phase="Failed")
-    kwok = pod("w-4", "u4", "gpu-node-0", "10.0.0.4")  # not a runtime's pod
+    kwok = pod("w-4", "u4", "gpu-node-0", "127.0.1.5")  # a kwok pod, not a runtime's
     monkeypatch.setattr("llmop_dev.runtime.sandbox.build_shim", lambda: None)
     monkeypatch.setattr("llmop_dev.runtime.paths.pod_dir", lambda ns, name, uid: tmp_path / uid)
     api = FakeApi([ours, theirs, pending_elsewhere, finished, kwok])

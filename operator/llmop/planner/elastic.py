@@ -50,9 +50,10 @@ def _grace_left(p: Pass) -> float:
 
 def shrink(p: Pass, attempt: int, fit: Fit) -> bool:
     """The gang does not fit whole: shrink it once the grace period is over; True if it did."""
-    current = p.spec.workers.num_nodes
-    size = size_within(p, min(fit.feasible_nodes, current - 1))
-    if not p.spec.workers.elastic or size is None:
+    if not p.spec.workers.elastic:
+        return False
+    size = size_within(p, min(fit.feasible_nodes, p.spec.workers.num_nodes - 1))
+    if size is None:
         return False
     if _grace_left(p) > 0:
         return False

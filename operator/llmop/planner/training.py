@@ -43,7 +43,6 @@ def classify_failure(spec: LLMTrainingJobSpec, pod: PodView) -> Failure:
 def train(p: Pass) -> None:
     attempt = p.status.attempt or 1
     p.status.attempt = attempt
-    p.status.current_nodes = p.spec.workers.num_nodes
     current = [x for x in p.seen.pods if x.attempt == attempt]
     stale = [x for x in p.seen.pods if x.attempt != attempt]
     if stale:
