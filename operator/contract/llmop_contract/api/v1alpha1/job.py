@@ -10,6 +10,7 @@ from llmop_contract.api.base import ApiModel, Rule
 from llmop_contract.api.v1alpha1.data import DataSpec, RecordFormat
 from llmop_contract.api.v1alpha1.lifecycle import CompressionSpec, ServingSpec
 from llmop_contract.api.v1alpha1.model import DEFAULT_CONTEXT_LENGTH, ModelSpec
+from llmop_contract.api.v1alpha1.parallelism import ParallelismSpec
 from llmop_contract.api.v1alpha1.training import DeepSpeedSpec, Method, TrainingSpec
 from llmop_contract.api.v1alpha1.workload import RunPolicy, SchedulingSpec, StorageSpec, WorkersSpec
 
@@ -229,6 +230,8 @@ class LLMTrainingJobSpec(ApiModel):
     """Training loop."""
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     """DeepSpeed engine."""
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    """Tensor, pipeline and sequence parallel sizes; data parallel (ZeRO) over what is left."""
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     """Gang shape, image and placement."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
