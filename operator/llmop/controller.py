@@ -192,7 +192,7 @@ def problem_of(e: BaseException) -> errors.Problem:
         kind, reason = errors.ProblemKind.LEFTOVER, JobReason.LEFTOVER_PENDING
     elif isinstance(e, ChildConflict):
         kind, reason = errors.ProblemKind.PERMANENT, JobReason.NAME_CONFLICT
-    elif isinstance(e, ChildError) and e.quota_exceeded:
+    elif isinstance(e, ChildError) and e.quota_refused:
         reason = JobReason.QUOTA_EXCEEDED
     elif isinstance(e, ChildError) and e.permanent:
         kind = errors.ProblemKind.PERMANENT

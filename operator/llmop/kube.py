@@ -30,6 +30,8 @@ FIELD_MANAGER = "llmop"
 # written (422, 400), or this operator may not do it (403). Everything else (409 on update, 429, 5xx,
 # timeouts) is transient.
 PERMANENT_STATUSES = frozenset({400, 403, 422})
+# The quota admission plugin's two refusals (k8s.io/apiserver/pkg/admission/plugin/resourcequota).
+_QUOTA_REFUSALS = ("exceeded quota", "status unknown for quota")
 
 
 def _api_message(e: ApiException) -> str:
@@ -51,13 +53,16 @@ class ChildError(Exception):
         self.verb, self.kind, self.name, self.status, self.message = verb, kind, name, status, message
 
     @property
-    def quota_exceeded(self) -> bool:
-        """A ResourceQuota refused it (403 too): capacity that frees up, so worth retrying."""
-        return self.status == 403 and "exceeded quota" in self.message
+    def quota_refused(self) -> bool:
+        """A ResourceQuota refused it (403 too), which clears by itself, so retrying helps: the quota
+        is exhausted (capacity frees up as other objects go), or it was just created or changed and
+        its controller has not counted usage yet ("status unknown for quota", seconds; longer for a
+        custom resource the quota controller's discovery has not found yet)."""
+        return self.status == 403 and any(m in self.message for m in _QUOTA_REFUSALS)
 
     @property
     def permanent(self) -> bool:
-        return self.status in PERMANENT_STATUSES and not self.quota_exceeded
+        return self.status in PERMANENT_STATUSES and not self.quota_refused
 
     @classmethod
     def of(cls, verb: str, kind: str, name: str, e: ApiException) -> ChildError:

@@ -97,12 +97,18 @@ def test_transient_errors_show_on_synced_and_back_off(error: Exception) -> None:
     assert delays == sorted(delays) and delays[0] == 1.0 and delays[-1] == errors.MAX_BACKOFF_SECONDS
 
 
-def test_an_exhausted_quota_is_waited_for_not_failed() -> None:
-    # The apiserver answers 403 for quota too; unlike RBAC's 403 it clears when other pods end.
-    error = ChildError.of(
-        "creating", "Pod", "j-worker-2",
-        api_error(403, 'pods \\"j-worker-2\\" is forbidden: exceeded quota: half, requested: pods=1'),
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    "message",
+    [
+        'pods \\"j-worker-2\\" is forbidden: exceeded quota: half, requested: pods=1',
+        # A quota just created or changed, before its controller counted usage: seconds, not a rule.
+        'pods \\"j-worker-2\\" is forbidden: status unknown for quota: half, resources: pods',
+    ],
+)
+def test_a_quota_refusal_is_waited_for_not_failed(message: str) -> None:
+    # The apiserver answers 403 for quota too; unlike RBAC's 403 it clears by itself.
+    error = ChildError.of("creating", "Pod", "j-worker-2", api_error(403, message))
+    assert not error.permanent
     problem = problem_of(error)
     assert problem.kind == errors.ProblemKind.TRANSIENT and problem.reason == "QuotaExceeded"
     p = errors.act_failed(job(RUNNING), Observed(pods=[], prepare=None, now=NOW), problem, 30)

@@ -228,12 +228,11 @@ def _finish(searches: Searches, trials: list[dict[str, Any]]) -> None:
 def _kill_in_both_gaps(
     searches: Searches, op: OperatorProcess, jobs: int
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """With ``jobs`` trial jobs allowed and 3 trials running: end one, SIGKILL once its successor is
-    recorded and refused, end the other two while the operator is down, restart, and lift the
-    quota once their results are in. Returns the trials recorded without a job at the kill and
+    """With ``jobs`` trial jobs allowed (the quota "hold", set by the caller) and 3 trials running:
+    end one, SIGKILL once its successor is recorded and refused, end the other two while the
+    operator is down, restart, and lift the quota once their results are in. Returns the trials recorded without a job at the kill and
     the trials that ended while it was down."""
     cluster, ns = searches.cluster, searches.ns
-    cluster.set_quota(ns, "hold", {"count/llmtrainingjobs.llmop.io": str(jobs)})
 
     def three_running() -> list[dict[str, Any]] | None:
         trials, pods = searches.status("crash").get("trials", []), _worker_pods(searches)
@@ -306,6 +305,10 @@ def test_sigkilled_operator_neither_duplicates_nor_loses_trials(
         "trialTemplate": kwok_template(),  # workers run until _finish scripts their end
         "parameters": [{**LR, "min": 1e-5, "max": 1.0}],
     }
+    # The quota is counted before the first trial exists. Set while trials are being created, it
+    # raced their creates: refused ones ("status unknown for quota", retried since), and a count
+    # taken between creates that let the 4th trial's job through, so no refusal to kill in.
+    searches.cluster.set_quota(searches.ns, "hold", {"count/llmtrainingjobs.llmop.io": "3"})
     searches.create("crash", spec)
     # One kill: after it the quota is held until the results are in, and the operator then waits
     # 15 s before it retries a refused create; more kills would only repeat the same two gaps.
