@@ -61,7 +61,7 @@ helm-lint: bins ## helm lint --strict the chart (tests/helm also renders it, val
 
 .PHONY: test
 test: venv bins prometheus ## Install everything, then run the whole suite (cluster tests included)
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=30 $(PYTEST_ARGS)
 
 .PHONY: runtime
 runtime: venv ## Run the development runtime (pods on nodes local-0/1 as local processes) in the foreground
