@@ -113,6 +113,77 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         "spec.training.globalBatchSize",
     ),
     (
+        "mesh: world not a multiple of the model-parallel size",
+        both(put("spec.workers", {"numNodes": 3, "gpusPerNode": 0}), put("spec.parallelism", {"tensor": 2})),
+        "spec.parallelism",
+    ),
+    (
+        "mesh: batch does not divide over the data-parallel replicas",
+        both(
+            put("spec.workers", {"numNodes": 3, "procsPerNode": 2, "gpusPerNode": 0}),
+            put("spec.parallelism", {"tensor": 2}),
+            put("spec.training.microBatchSize", 4),
+            put("spec.training.globalBatchSize", 16),
+            put("spec.deepspeed", {"zeroStage": 1}),
+        ),
+        "spec.training.globalBatchSize",
+    ),
+    (
+        "mesh: tensor parallel across nodes",
+        both(
+            put("spec.workers", {"numNodes": 2, "procsPerNode": 1, "gpusPerNode": 0}),
+            put("spec.parallelism", {"tensor": 2}),
+            put("spec.deepspeed", {"zeroStage": 1}),
+        ),
+        "spec.parallelism.tensor",
+    ),
+    (
+        "mesh: tensor parallel splitting a key/value head",
+        both(
+            put("spec.workers", {"procsPerNode": 4, "gpusPerNode": 0}),
+            put("spec.parallelism", {"tensor": 4}),
+            put("spec.model", {"numHeads": 4, "numKeyValueHeads": 2}),
+            put("spec.deepspeed", {"zeroStage": 1}),
+            put("spec.training.globalBatchSize", 16),
+        ),
+        "spec.parallelism.tensor",
+    ),
+    (
+        "mesh: tensor parallel with ZeRO-3",
+        both(
+            put("spec.workers", {"procsPerNode": 2, "gpusPerNode": 0}),
+            put("spec.parallelism", {"tensor": 2}),
+            put("spec.deepspeed", {"zeroStage": 3}),
+        ),
+        "spec.deepspeed.zeroStage",
+    ),
+    (
+        "mesh: tensor parallel with an L1 penalty",
+        both(
+            put("spec.workers", {"procsPerNode": 2, "gpusPerNode": 0}),
+            put("spec.parallelism", {"tensor": 2}),
+            put("spec.deepspeed", {"zeroStage": 1}),
+            put("spec.training.regularization", {"l1": 0.001}),
+        ),
+        "spec.parallelism.tensor",
+    ),
+    (
+        "mesh: pipeline parallel (not built)",
+        both(
+            put("spec.workers", {"procsPerNode": 2, "gpusPerNode": 0}),
+            put("spec.parallelism", {"pipeline": 2}),
+        ),
+        "spec.parallelism",
+    ),
+    (
+        "mesh: sequence parallel (not built)",
+        both(
+            put("spec.workers", {"procsPerNode": 2, "gpusPerNode": 0}),
+            put("spec.parallelism", {"sequence": 2}),
+        ),
+        "spec.parallelism",
+    ),
+    (
         "contradiction: optimizer offload without ZeRO",
         both(put("spec.deepspeed.zeroStage", 0), put("spec.deepspeed.offloadOptimizer", "CPU")),
         "spec.deepspeed.offloadOptimizer",
@@ -449,8 +520,28 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
     "missing required: source uri": ("spec.data.sources[0].uri", "Field required"),
     "contradiction: batch sizes do not divide": (
         "spec",
-        "training.globalBatchSize must be a multiple of training.microBatchSize x workers.numNodes",
+        "training.globalBatchSize must be a multiple of training.microBatchSize x the data-parallel size",
     ),
+    "mesh: world not a multiple of the model-parallel size": (
+        "spec",
+        "workers.numNodes x workers.procsPerNode must be a multiple of parallelism tensor x pipeline",
+    ),
+    "mesh: batch does not divide over the data-parallel replicas": (
+        "spec",
+        "training.globalBatchSize must be a multiple of training.microBatchSize x the data-parallel size",
+    ),
+    "mesh: tensor parallel across nodes": ("spec", "parallelism.tensor must divide workers.procsPerNode"),
+    "mesh: tensor parallel splitting a key/value head": (
+        "spec",
+        "parallelism.tensor must divide model.numHeads and model.numKeyValueHeads",
+    ),
+    "mesh: tensor parallel with ZeRO-3": ("spec", "does not combine with ZeRO-3"),
+    "mesh: tensor parallel with an L1 penalty": (
+        "spec",
+        "does not combine with training.sparsity or L1/L2 regularization",
+    ),
+    "mesh: pipeline parallel (not built)": ("spec", "pipeline and sequence parallel are not built yet"),
+    "mesh: sequence parallel (not built)": ("spec", "pipeline and sequence parallel are not built yet"),
     "contradiction: optimizer offload without ZeRO": (
         "spec.deepspeed",
         "offloadOptimizer needs zeroStage 1, 2 or 3",
@@ -727,6 +818,7 @@ IMMUTABLE_PATCHES: dict[str, Manifest] = {
     "data": {"cleaning": {"minWords": 5}},
     "training": {"maxSteps": 200},
     "deepspeed": {"zeroStage": 1},
+    "parallelism": {"tensor": 2},
     "workers": {"numNodes": 2},
     "scheduling": {"queueName": "team-a"},
     "storage": {"size": "100Gi"},

@@ -32,8 +32,9 @@ def check_world(cfg: TrainerConfig, world_size: int) -> None:
     raise ConfigError(
         "spec.workers",
         f"WORLD_SIZE={world_size} is not a size this elastic gang trains at: allowed {allowed}"
-        f" (minNodes {w.smallest}..maxNodes {w.largest} x procsPerNode {w.procs_per_node}, where"
-        f" microBatchSize {tr.micro_batch_size} x world size divides globalBatchSize {tr.global_batch_size})",
+        f" (minNodes {w.smallest}..maxNodes {w.largest} x procsPerNode {w.procs_per_node}, holding whole"
+        f" model replicas of {cfg.spec.parallelism.model_parallel} processes, where microBatchSize"
+        f" {tr.micro_batch_size} x replicas divides globalBatchSize {tr.global_batch_size})",
     )
 
 

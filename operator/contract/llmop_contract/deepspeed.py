@@ -17,18 +17,36 @@ _NEVER = 2**31 - 1
 
 
 def gradient_accumulation_steps(spec: LLMTrainingJobSpec, world: int | None = None) -> int:
-    """globalBatchSize / (microBatchSize x world size): admission guarantees it divides exactly at
-    numNodes and minNodes, and an elastic gang runs only at sizes where it does. ``world``: the
-    processes actually running (an elastic gang's current size); default numNodes x procsPerNode."""
+    """globalBatchSize / (microBatchSize x data-parallel size): admission guarantees it divides exactly
+    at numNodes and minNodes, and an elastic gang runs only at sizes where it does. ``world``: the
+    processes actually running (an elastic gang's current size); default numNodes x procsPerNode.
+    The data-parallel size is the world over spec.parallelism's model-parallel size: every process of
+    one model replica works on the same micro-batch."""
     if world is None:
         world = spec.workers.num_nodes * spec.workers.procs_per_node
-    per_step = spec.training.micro_batch_size * world
+    mesh = spec.parallelism
+    if world % mesh.model_parallel:
+        raise ValueError(
+            f"world size {world} is not a multiple of parallelism tensor x pipeline x sequence ="
+            f" {mesh.model_parallel}"
+        )
+    per_step = spec.training.micro_batch_size * mesh.data_parallel(world)
     if spec.training.global_batch_size % per_step:
         raise ValueError(
             f"training.globalBatchSize {spec.training.global_batch_size} is not a multiple of"
-            f" microBatchSize x world size = {per_step}"
+            f" microBatchSize x data-parallel size = {per_step}"
         )
     return spec.training.global_batch_size // per_step
+
+
+def _tensor_parallel_section(spec: LLMTrainingJobSpec) -> dict[str, Any]:
+    """DeepSpeed AutoTP training. A model from scratch is the project's Llama, whose projections carry
+    Llama's names, so AutoTP's "llama" preset shards it (q/k/v/gate/up by column, o/down by row);
+    a pretrained Hugging Face model is recognised by AutoTP from its own config."""
+    section: dict[str, Any] = {"autotp_size": spec.parallelism.tensor}
+    if spec.model.pretrained is None:
+        section["preset_model"] = "llama"
+    return section
 
 
 def _zero_section(spec: LLMTrainingJobSpec) -> dict[str, Any]:
@@ -84,6 +102,8 @@ def render_deepspeed_config(spec: LLMTrainingJobSpec) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    if spec.parallelism.tensor > 1:
+        config["tensor_parallel"] = _tensor_parallel_section(spec)
     if tr.precision == Precision.FP16:
         # Dynamic loss scaling: start at 2^16, halve on overflow, grow after 1000 clean steps.
         config["fp16"].update(

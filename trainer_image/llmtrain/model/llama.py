@@ -45,18 +45,22 @@ class _Penalty(torch.autograd.Function):
         return grad_y, grad_w, None, None
 
 
-class Linear(nn.Module):
+class Linear(nn.Linear):
     """Bias-free linear layer with an optional pruning mask and optional L1/L2 penalty.
 
     The mask is a persistent buffer multiplied in on every forward, so pruned weights are exactly
     zero in every forward, in every checkpoint's effective weights and in the export, whatever ZeRO
     stage holds (and whichever optimiser updates) the underlying parameter.
+
+    An ``nn.Linear`` so that DeepSpeed's AutoTP recognises it and shards it for tensor parallel
+    (replacing it with its own column/row-parallel layers, which is why admission refuses pruning and
+    L1/L2 penalties with tensor parallel). Weights are set by ``init_weights``, not nn.Linear's init.
     """
 
     mask: Tensor | None
 
     def __init__(self, in_features: int, out_features: int, sparse: bool = False) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features, bias=False, device="meta")
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("mask", torch.ones(out_features, in_features) if sparse else None)
         self.l1 = 0.0
@@ -117,9 +121,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallel each rank's projections hold a slice of the heads.
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q,

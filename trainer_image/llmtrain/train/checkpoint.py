@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from llmtrain.config import ConfigError
 from llmtrain.logs import Logger
 from llmtrain.train import integrity
 from llmtrain.train.dist import DistEnv, barrier, broadcast_from_main
@@ -103,6 +104,27 @@ def saved_partitions(directory: Path) -> int | None:
     optim_states.pt``), at every ZeRO stage, so the count is the world the partitions are cut for.
     """
     return len(list(directory.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
+
+
+def saved_tensor_parallel(directory: Path) -> int:
+    """The tensor-parallel size a checkpoint was written under: DeepSpeed writes one
+    ``mp_rank_<r>_model_states.pt`` per tensor-parallel rank (``mp_rank_00`` alone without it)."""
+    return len(list(directory.glob("mp_rank_*_model_states.pt"))) or 1
+
+
+def check_tensor_parallel(directory: Path, engine: Any) -> None:
+    """Refuse, naming both sizes, a checkpoint cut for another tensor-parallel size: its model files
+    hold other slices of every matrix, and loading them would train a scrambled model. (DeepSpeed's
+    universal conversion re-slices AutoTP checkpoints too; it is not wired in yet.)"""
+    autotp = getattr(engine, "autotp_size", None)
+    running = max(1, int(autotp())) if autotp is not None else 1
+    saved = saved_tensor_parallel(directory)
+    if saved != running:
+        raise ConfigError(
+            "spec.parallelism.tensor",
+            f"checkpoint {directory.name} was written under parallelism.tensor={saved}, this run has"
+            f" tensor={running}: resume it with tensor={saved}",
+        )
 
 
 def _inner_optimizer(engine: Any) -> Any:
@@ -325,6 +347,7 @@ class Checkpointer:
         and the converted copy is removed afterwards: it is derived from the verified checkpoint, which
         stays the one of record.
         """
+        check_tensor_parallel(self.root / tag, engine)
         saved = saved_partitions(self.root / tag)
         if saved is None or saved == self.env.world_size:
             loaded: tuple[str | None, dict[str, Any] | None] = engine.load_checkpoint(

@@ -87,11 +87,12 @@ def fit_world(config: dict[str, Any], cfg: TrainerConfig, world: int) -> dict[st
 
 
 def initialize(
-    model: nn.Module, cfg: TrainerConfig, log: Logger, config: dict[str, Any] | None = None
+    model: nn.Module, cfg: TrainerConfig, log: Logger, config: dict[str, Any] | None = None, mpu: Any = None
 ) -> Any:
     """DeepSpeed's engine around ``model``; ``config`` is the DeepSpeed config a pretrained model was
     already loaded under (ZeRO-3), so both see the same one. Only parameters that require gradients
-    reach the optimiser: with LoRA, the adapters."""
+    reach the optimiser: with LoRA, the adapters. ``mpu``: the mesh's process groups (``Mesh.groups``)
+    under tensor parallel, where DeepSpeed's AutoTP shards the model inside initialize."""
     import deepspeed
 
     ds_config = copy.deepcopy(config if config is not None else deepspeed_config(cfg))
@@ -100,7 +101,7 @@ def initialize(
         bound_host_heap()  # a scratch model too gathers and frees layers every step (see hf)
     before = host_memory()
     optimizer = build_optimizer(model, cfg, log)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     trim_host_heap()
     log_loading_memory(log, model, stage, before)
     return engine

@@ -230,12 +230,18 @@ def gathered_state_dict(engine: object, zero_stage: int) -> dict[str, Tensor] | 
 
 
 def full_state_dict(engine: object, zero_stage: int) -> dict[str, Tensor] | None:
-    """The whole module state on rank 0 (a collective under ZeRO-3); None on other ranks."""
+    """The whole module state on rank 0 (a collective under ZeRO-3 and tensor parallel); None on other ranks."""
     import deepspeed
     import torch.distributed as dist
 
     module = engine.module  # type: ignore[attr-defined]
     rank = dist.get_rank() if dist.is_initialized() else 0
+    autotp = getattr(engine, "autotp_size", None)
+    if autotp is not None and autotp() > 1:
+        # AutoTP's sharded layers gathered back to whole matrices, layer by layer, onto rank 0 (a
+        # collective). DeepSpeed's own gather (GatherReplacedLayerParams), which keeps the dtype.
+        gathered: dict[str, Tensor] | None = engine._consolidated_16bit_state_dict()  # type: ignore[attr-defined]
+        return gathered
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             state = {k: v.detach().clone() for k, v in module.state_dict().items()} if rank == 0 else None

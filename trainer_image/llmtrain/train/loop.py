@@ -47,6 +47,7 @@ from llmtrain.train.export import (
     full_state_dict,
     trainable_state_dict,
 )
+from llmtrain.train.mesh import Mesh
 from llmtrain.train.metrics import (
     Metrics,
     Throughput,
@@ -113,6 +114,7 @@ class Run:
     energy: RunEnergy | None = None
     productive_seconds: float = 0.0
     """Seconds of the steps kept so far: the checkpoint's figure (steps up to it) plus this attempt's."""
+    mesh: Mesh | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -158,6 +160,7 @@ def setup(cfg: TrainerConfig) -> Run:
     # Per-rank seed: dropout masks differ across data-parallel ranks; init uses its own generator.
     seed_everything(tr.seed + env.rank)
     ds_config = deepspeed_config(cfg, env.world_size)  # its accumulation fitted to this world
+    mesh = Mesh.of(spec.parallelism, env)
     rss_before = current_rss_bytes()
     model_args: LlamaArgs | None = None
     pretrained: hf.Pretrained | None = None
@@ -175,7 +178,7 @@ def setup(cfg: TrainerConfig) -> Run:
         model = _model(cfg, model_args)
         parameters = trainable = model_args.num_parameters()
         flops = flops_per_token(model_args, tr.sequence_length)
-    engine = initialize(model, cfg, log, ds_config)
+    engine = initialize(model, cfg, log, ds_config, mesh.groups())
     skip_identity_allreduce(engine, env, spec.deepspeed.zero_stage)
     log.event(
         "model_loaded",
@@ -195,16 +198,19 @@ def setup(cfg: TrainerConfig) -> Run:
     state = restored.client or {}
     position = Position(**state.get("data", {}))
     saved_world = int(state.get("world_size", env.world_size))  # absent: written before it was recorded
-    if saved_world != env.world_size:
-        position = position.at_world(tr.micro_batch_size, saved_world, env.world_size)
+    # The data position counts micro-batches of the data-parallel replicas (absent: pure data parallel).
+    saved_replicas = int(state.get("data_parallel_size", saved_world))
+    if saved_replicas != mesh.data_size:
+        position = position.at_world(tr.micro_batch_size, saved_replicas, mesh.data_size)
+    # Split by replica, not by rank: every process of one model replica trains on the same samples.
     loader = TrainLoader(
-        _windows(cfg, manifest, "train"), tr.micro_batch_size, env.rank, env.world_size, position
+        _windows(cfg, manifest, "train"), tr.micro_batch_size, mesh.data_rank, mesh.data_size, position
     )
     val = validation_batches(
         _windows(cfg, manifest, "val"),
         tr.micro_batch_size,
-        env.rank,
-        env.world_size,
+        mesh.data_rank,
+        mesh.data_size,
         tr.evaluation.max_batches,
     )
     throughput = Throughput(
@@ -237,6 +243,7 @@ def setup(cfg: TrainerConfig) -> Run:
         # What DeepSpeed trains with: globalBatchSize at every size of an elastic gang.
         global_batch_size=int(engine.train_batch_size()),
         zero_stage=spec.deepspeed.zero_stage,
+        mesh=mesh.describe(),
         precision=tr.precision.value,
         resumed_from=state.get("tag"),
         checkpoint_fallbacks=restored.fallbacks,
@@ -266,6 +273,7 @@ def setup(cfg: TrainerConfig) -> Run:
         restored.fallbacks,
         energy,
         float(state.get("productive_seconds") or 0.0),
+        mesh,
     )
 
 
@@ -473,7 +481,10 @@ def save_checkpoint(r: Run, step: int) -> float:
     client = {
         "step": step,
         "data": r.loader.state(),
-        "world_size": r.env.world_size,  # what the data position counts in (see Position.at_world)
+        "world_size": r.env.world_size,
+        # What the data position counts in (see Position.at_world): micro-batches of this many replicas.
+        "data_parallel_size": r.mesh.data_size if r.mesh is not None else r.env.world_size,
+        "tensor_parallel_size": r.mesh.tensor if r.mesh is not None else 1,
         "config_seed": r.cfg.spec.training.seed,
         # The job's energy up to this checkpoint, for the attempt that resumes from it (None: unmeasured).
         "energy_joules": r.energy.total() if r.energy is not None else None,

@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
 from llmop_contract.api.v1alpha1.training import Sparsity
 from llmtrain.model.llama import Linear, Llama
@@ -36,7 +35,7 @@ def due(step: int, sp: Sparsity) -> bool:
 
 
 @contextlib.contextmanager
-def _materialised(p: nn.Parameter, zero3: bool) -> Iterator[None]:
+def _materialised(p: torch.Tensor, zero3: bool) -> Iterator[None]:
     if zero3:
         import deepspeed  # only needed when parameters are partitioned
 

@@ -68,7 +68,16 @@ def name_problem(name: str) -> str | None:
 # Sections a started job cannot take a change to: the ConfigMap, the prepared data, the PVC, the
 # PodGroup and the running gang were made from them. runPolicy, compression and serving stay
 # mutable: the operator reads them on every pass and acts on the new value.
-IMMUTABLE_SECTIONS = ("model", "data", "training", "deepspeed", "workers", "scheduling", "storage")
+IMMUTABLE_SECTIONS = (
+    "model",
+    "data",
+    "training",
+    "deepspeed",
+    "parallelism",
+    "workers",
+    "scheduling",
+    "storage",
+)
 MUTABLE_SECTIONS = ("runPolicy", "compression", "serving")
 
 
@@ -100,8 +109,22 @@ COMPRESSION_FROZEN_RULE = Rule(
 )
 
 
-def _samples_per_micro_step(spec: LLMTrainingJobSpec) -> int:
-    return spec.training.micro_batch_size * spec.workers.num_nodes * spec.workers.procs_per_node
+# Processes per model replica, the data-parallel size at ``nodes``, and the effective head counts, in CEL.
+_MP = "self.parallelism.tensor * self.parallelism.pipeline * self.parallelism.sequence"
+
+
+def _dp(nodes: str) -> str:
+    return f"({nodes} * self.workers.procsPerNode / ({_MP}))"
+
+
+_HEADS = f"(has(self.model.numHeads) ? self.model.numHeads : {ModelSpec().eff('num_heads')})"
+_KV_HEADS = f"(has(self.model.numKeyValueHeads) ? self.model.numKeyValueHeads : {_HEADS})"
+
+
+def _samples_per_micro_step(spec: LLMTrainingJobSpec, nodes: int | None = None) -> int:
+    """Samples one micro-step takes over the gang: microBatchSize x model replicas at ``nodes``."""
+    world = (spec.workers.num_nodes if nodes is None else nodes) * spec.workers.procs_per_node
+    return spec.training.micro_batch_size * spec.parallelism.data_parallel(world)
 
 
 class LLMTrainingJobSpec(ApiModel):
@@ -109,31 +132,102 @@ class LLMTrainingJobSpec(ApiModel):
 
     rules = (
         Rule(
-            # The guard keeps a zero (already rejected by its own minimum) from adding a
-            # "modulus by zero" error on top of the real one.
-            "self.training.microBatchSize * self.workers.numNodes * self.workers.procsPerNode == 0"
-            " || self.training.globalBatchSize % (self.training.microBatchSize * self.workers.numNodes"
-            " * self.workers.procsPerNode) == 0",
-            lambda m: m.training.global_batch_size % _samples_per_micro_step(m) == 0,
-            "training.globalBatchSize must be a multiple of training.microBatchSize x workers.numNodes"
-            " x workers.procsPerNode",
+            f"{_MP} == 0 || (self.workers.numNodes * self.workers.procsPerNode) % ({_MP}) == 0",
+            lambda m: m.world_size % m.parallelism.model_parallel == 0,
+            "workers.numNodes x workers.procsPerNode must be a multiple of parallelism tensor x pipeline"
+            " x sequence: the processes left over would hold no whole model replica",
+            ".parallelism",
+        ),
+        Rule(
+            # The guards keep a zero (already rejected by its own minimum) or a world the mesh does
+            # not divide (the rule above) from adding a second error on top of the real one.
+            f"{_MP} == 0 || (self.workers.numNodes * self.workers.procsPerNode) % ({_MP}) != 0"
+            f" || self.training.microBatchSize * {_dp('self.workers.numNodes')} == 0"
+            f" || self.training.globalBatchSize % (self.training.microBatchSize * {_dp('self.workers.numNodes')}) == 0",
+            lambda m: (
+                m.world_size % m.parallelism.model_parallel != 0
+                or m.training.global_batch_size % _samples_per_micro_step(m) == 0
+            ),
+            "training.globalBatchSize must be a multiple of training.microBatchSize x the data-parallel"
+            " size (workers.numNodes x workers.procsPerNode / (parallelism tensor x pipeline x sequence))",
             ".training.globalBatchSize",
         ),
         Rule(
             # An elastic gang keeps the global batch by gradient accumulation, so its smallest size
             # must divide it too (larger sizes that do not are skipped when it grows).
-            "!has(self.workers.minNodes) || self.training.microBatchSize * self.workers.minNodes"
-            " * self.workers.procsPerNode == 0 || self.training.globalBatchSize %"
-            " (self.training.microBatchSize * self.workers.minNodes * self.workers.procsPerNode) == 0",
+            f"!has(self.workers.minNodes) || {_MP} == 0"
+            f" || (self.workers.minNodes * self.workers.procsPerNode) % ({_MP}) != 0"
+            f" || self.training.microBatchSize * {_dp('self.workers.minNodes')} == 0"
+            f" || self.training.globalBatchSize % (self.training.microBatchSize * {_dp('self.workers.minNodes')}) == 0",
             lambda m: (
                 m.workers.min_nodes is None
-                or m.training.global_batch_size
-                % (m.training.micro_batch_size * m.workers.min_nodes * m.workers.procs_per_node)
-                == 0
+                or m.workers.min_nodes * m.workers.procs_per_node % m.parallelism.model_parallel != 0
+                or m.training.global_batch_size % _samples_per_micro_step(m, m.workers.min_nodes) == 0
             ),
-            "training.globalBatchSize must be a multiple of training.microBatchSize x workers.minNodes"
-            " x workers.procsPerNode: an elastic gang keeps the global batch at every size it runs at",
+            "training.globalBatchSize must be a multiple of training.microBatchSize x the data-parallel"
+            " size at workers.minNodes: an elastic gang keeps the global batch at every size it runs at",
             ".workers.minNodes",
+        ),
+        Rule(
+            "self.parallelism.tensor <= self.workers.procsPerNode"
+            " && self.workers.procsPerNode % self.parallelism.tensor == 0",
+            lambda m: (
+                m.parallelism.tensor <= m.workers.procs_per_node
+                and m.workers.procs_per_node % m.parallelism.tensor == 0
+            ),
+            "parallelism.tensor must divide workers.procsPerNode: tensor parallel all-reduces twice per"
+            " layer, so its group stays inside one node (consecutive ranks of one pod)",
+            ".parallelism.tensor",
+        ),
+        Rule(
+            f"has(self.model.pretrained) || ({_HEADS} % self.parallelism.tensor == 0"
+            f" && {_KV_HEADS} % self.parallelism.tensor == 0)",
+            lambda m: (
+                m.model.pretrained is not None
+                or (
+                    m.model.eff("num_heads") % m.parallelism.tensor == 0
+                    and (m.model.num_key_value_heads or m.model.eff("num_heads")) % m.parallelism.tensor == 0
+                )
+            ),
+            "parallelism.tensor must divide model.numHeads and model.numKeyValueHeads: each rank holds"
+            " whole attention heads (a pretrained model's heads are checked by the trainer at start)",
+            ".parallelism.tensor",
+        ),
+        Rule(
+            "self.parallelism.tensor == 1 || self.deepspeed.zeroStage <= 2",
+            lambda m: m.parallelism.tensor == 1 or m.deepspeed.zero_stage <= 2,
+            "parallelism.tensor > 1 needs deepspeed.zeroStage 0, 1 or 2: DeepSpeed's AutoTP training does"
+            " not combine with ZeRO-3's parameter partitioning",
+            ".deepspeed.zeroStage",
+        ),
+        Rule(
+            "self.parallelism.tensor == 1 || (!self.training.sparsity.enabled"
+            " && self.training.regularization.l1 == 0.0 && self.training.regularization.l2 == 0.0)",
+            lambda m: (
+                m.parallelism.tensor == 1
+                or (
+                    not m.training.sparsity.enabled
+                    and m.training.regularization.l1 == 0
+                    and m.training.regularization.l2 == 0
+                )
+            ),
+            "parallelism.tensor > 1 does not combine with training.sparsity or L1/L2 regularization:"
+            " AutoTP replaces the model's masked, penalised projections with its own sharded layers",
+            ".parallelism.tensor",
+        ),
+        Rule(
+            "self.parallelism.tensor == 1 || self.training.method == 'Full'",
+            lambda m: m.parallelism.tensor == 1 or m.training.method == Method.FULL,
+            "parallelism.tensor > 1 needs training.method Full: adapters (LoRA, QLoRA) train on one"
+            " process per replica; use data parallel for them",
+            ".parallelism.tensor",
+        ),
+        Rule(
+            "self.parallelism.pipeline == 1 && self.parallelism.sequence == 1",
+            lambda m: m.parallelism.pipeline == 1 and m.parallelism.sequence == 1,
+            "parallelism.pipeline and parallelism.sequence must be 1: this release trains with tensor"
+            " and data parallel only (pipeline and sequence parallel are not built yet)",
+            ".parallelism",
         ),
         Rule(
             # A pretrained model's context comes from its config.json: the trainer checks it at start.
@@ -256,9 +350,11 @@ class LLMTrainingJobSpec(ApiModel):
         return self.training.global_batch_size // _samples_per_micro_step(self)
 
     def keeps_global_batch(self, nodes: int) -> bool:
-        """Whether a gang of ``nodes`` reaches globalBatchSize exactly by gradient accumulation."""
-        per_step = self.training.micro_batch_size * nodes * self.workers.procs_per_node
-        return self.training.global_batch_size % per_step == 0
+        """Whether a gang of ``nodes`` holds whole model replicas and reaches globalBatchSize exactly by
+        gradient accumulation."""
+        if nodes * self.workers.procs_per_node % self.parallelism.model_parallel:
+            return False  # not whole model replicas
+        return self.training.global_batch_size % _samples_per_micro_step(self, nodes) == 0
 
     def at_size(self, nodes: int) -> LLMTrainingJobSpec:
         """The spec as an attempt of ``nodes`` workers runs it: numNodes is the attempt's size, and the

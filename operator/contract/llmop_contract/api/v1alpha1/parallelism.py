@@ -17,15 +17,11 @@ class ParallelismSpec(ApiModel):
     """Model parallel sizes; 1 everywhere (the default) is pure data parallel."""
 
     tensor: int = Field(1, ge=1, le=64)
-    """Tensor parallel size (DeepSpeed AutoTP): each layer's matrices are split over this many
-    processes of one node; at most workers.procsPerNode, and it divides the attention heads."""
+    """Tensor parallel size (DeepSpeed AutoTP): each block's matrices split over this many processes of one node."""
     pipeline: int = Field(1, ge=1, le=64)
-    """Pipeline parallel size (DeepSpeed PipelineModule, 1F1B schedule): the layers are split into
-    this many stages, one per process group; at most the model's layer count."""
+    """Pipeline parallel size (DeepSpeed PipelineModule, 1F1B): stages the layers are split into (not built yet)."""
     sequence: int = Field(1, ge=1, le=64)
-    """Sequence parallel size (DeepSpeed Ulysses): each sequence is split into this many slices, and
-    attention exchanges heads for sequence with an all-to-all; it divides the attention heads and
-    training.sequenceLength."""
+    """Sequence parallel size (DeepSpeed Ulysses): slices each sequence is split into (not built yet)."""
 
     @property
     def model_parallel(self) -> int:
