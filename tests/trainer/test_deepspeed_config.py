@@ -47,6 +47,30 @@ def test_batch_and_accumulation(
 
 
 @pytest.mark.parametrize(
+    ("tensor", "pretrained", "accumulation", "section"),
+    [
+        (1, False, 2, None),  # 8 replicas: 32 / (2 x 8)
+        (2, False, 4, {"autotp_size": 2, "preset_model": "llama"}),  # 4 replicas of 2 processes
+        (4, False, 8, {"autotp_size": 4, "preset_model": "llama"}),  # 2 replicas, one per node
+        (2, True, 4, {"autotp_size": 2}),  # AutoTP recognises a Hugging Face model by its config
+    ],
+)
+def test_tensor_parallel_counts_the_batch_over_replicas(
+    tensor: int, pretrained: bool, accumulation: int, section: dict[str, Any] | None
+) -> None:
+    """What DeepSpeed is given per mesh: the global batch stays globalBatchSize, accumulation makes it
+    up over the data-parallel replicas (DeepSpeed checks micro x accumulation x its data-parallel size,
+    which the trainer's mesh groups make world / tensor)."""
+    model = {"pretrained": {"uri": "/models/llama"}} if pretrained else {"numHeads": 8, "numKeyValueHeads": 4}
+    cfg = render_deepspeed_config(
+        spec(model=model, parallelism={"tensor": tensor}, deepspeed={"zeroStage": 1})
+    )
+    assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_accumulation_steps"] == accumulation
+    assert cfg.get("tensor_parallel") == section
+
+
+@pytest.mark.parametrize(
     ("precision", "bf16", "fp16"), [("BF16", True, False), ("FP16", False, True), ("FP32", False, False)]
 )
 def test_precision(precision: str, bf16: bool, fp16: bool) -> None:

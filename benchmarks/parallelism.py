@@ -1,0 +1,133 @@
+"""Data vs tensor parallel on CPU ranks: tokens/s and what one rank holds, through the real trainer.
+
+Each mesh is `llmtrain train` under torchrun on 2 CPU ranks (gloo, one thread each), FP32, AdamW,
+ZeRO-1, the same model and global batch: a Llama of ~3.7M parameters (hidden 256, 4 layers, 8
+heads, vocab 1024), whose attention and MLP matrices are most of it, as in any large model. Data
+parallel keeps a whole copy on each rank; tensor parallel (DeepSpeed AutoTP) halves every block
+matrix, and keeps the embedding, the output head and the norms whole on both ranks. Per rank:
+parameter bytes (the `model_loaded` event), optimizer-state bytes (Adam's two moments of what the
+rank updates: ZeRO-1 splits them over the data-parallel replicas), and the peak resident memory.
+Pipeline parallel is not built yet, so it has no row. The last line is the tensor=2 per-rank
+parameter memory as a fraction of data parallel's.
+
+    DS_ACCELERATOR=cpu python benchmarks/parallelism.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MESHES: dict[str, dict[str, int]] = {"data=2": {}, "tensor=2": {"tensor": 2}}
+WARMUP = 5
+
+
+def spec(steps: int, mesh: dict[str, int]) -> dict[str, Any]:
+    return {
+        "model": {
+            "hiddenSize": 256,
+            "numLayers": 4,
+            "numHeads": 8,
+            "numKeyValueHeads": 8,
+            "intermediateSize": 688,
+            "vocabSize": 1024,
+            "contextLength": 128,
+            "tieEmbeddings": False,
+        },
+        "training": {
+            "maxSteps": steps,
+            "sequenceLength": 128,
+            "microBatchSize": 4,
+            "globalBatchSize": 8,
+            "logIntervalSteps": 1,
+            "lrSchedule": {"warmupSteps": 2},
+            "checkpointing": {"intervalSteps": 100000},
+            "evaluation": {"intervalSteps": 100000, "maxBatches": 1},
+        },
+        "deepspeed": {"zeroStage": 1},
+        "workers": {"procsPerNode": 2},
+        "parallelism": mesh,
+    }
+
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == name:
+                out.append(record)
+    return out
+
+
+def train(work: Path, data: Path, steps: int, mesh: dict[str, int]) -> Path:
+    from llmtrain.testing import debug_config
+    from llmtrain.train.dist import free_port
+
+    config = debug_config(work, data, spec(steps, mesh))
+    log = work / "train.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "llmtrain.cli",
+        "train",
+        str(config),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES")}
+    env.update(DS_ACCELERATOR="cpu", LLMTRAIN_LOG_FORMAT="json", LLMOP_METRICS_PORT="0", OMP_NUM_THREADS="1")
+    with log.open("w") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900).returncode
+    if rc != 0:
+        raise SystemExit(f"{mesh}: training failed (exit {rc}):\n{log.read_text()[-3000:]}")
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    from llmtrain.testing import license_documents, write_shards
+
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = write_shards(root / "data", license_documents(), vocab_size=1024)
+        for name, mesh in MESHES.items():
+            log = train(root / name.replace("=", ""), data, args.steps, mesh)
+            loaded = events(log, "model_loaded")[0]
+            progress = [e for e in events(log, "progress") if e["step"] > WARMUP]
+            replicas = 2 // mesh.get("tensor", 1)
+            parameters = loaded["local_parameter_bytes"]
+            rows[name] = {
+                "tokens_per_second": sum(e["tokens_per_second"] for e in progress) / len(progress),
+                "parameter_bytes": parameters,
+                # AdamW's two fp32 moments of this rank's parameters, split over replicas by ZeRO-1.
+                "optimizer_bytes": 2 * parameters / replicas,
+                "peak_rss_bytes": loaded["peak_rss_bytes"],
+            }
+    print(f"2 CPU ranks, FP32, ZeRO-1, global batch 8 x 128 tokens, {args.steps} steps (mean after {WARMUP})")
+    print(f"{'mesh':<10} {'tokens/s':>10} {'params/rank':>12} {'optim/rank':>12} {'peak RSS/rank':>14}")
+    for name, r in rows.items():
+        print(
+            f"{name:<10} {r['tokens_per_second']:>10,.0f} {r['parameter_bytes'] / 2**20:>10.2f}Mi"
+            f" {r['optimizer_bytes'] / 2**20:>10.2f}Mi {r['peak_rss_bytes'] / 2**20:>12.0f}Mi"
+        )
+    dp, tp = rows["data=2"], rows["tensor=2"]
+    print(f"tp2 tokens/s vs dp: {tp['tokens_per_second'] / dp['tokens_per_second']:.3f}")
+    print(f"tp2 per-rank parameter memory vs dp: {tp['parameter_bytes'] / dp['parameter_bytes']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
