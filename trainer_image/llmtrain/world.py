@@ -27,7 +27,9 @@ def check_world(cfg: TrainerConfig, world_size: int) -> None:
     if not w.elastic:
         raise ConfigError(
             "spec.workers",
-            f"WORLD_SIZE={world_size} but workers.numNodes x workers.procsPerNode = {allowed[0]}",
+            f"WORLD_SIZE={world_size} but workers.numNodes x workers.procsPerNode = {allowed[0]} (model"
+            f" replicas of parallelism tensor x pipeline x sequence = {cfg.spec.parallelism.model_parallel}"
+            " processes each)",
         )
     raise ConfigError(
         "spec.workers",

@@ -104,6 +104,12 @@ def render_deepspeed_config(spec: LLMTrainingJobSpec) -> dict[str, Any]:
     }
     if spec.parallelism.tensor > 1:
         config["tensor_parallel"] = _tensor_parallel_section(spec)
+    if spec.parallelism.sequence > 1:
+        # DeepSpeed Ulysses: the config counts world / sequence_parallel_size as the data-parallel
+        # size in its batch identity (runtime/config.py) unless the trainer's mpu supplies it.
+        config["sequence_parallel_size"] = spec.parallelism.sequence
+    # Pipeline: the stage count goes to PipelineModule (built by the trainer from
+    # spec.parallelism.pipeline); DeepSpeed's "pipeline" section defaults are right, so none is added.
     if tr.precision == Precision.FP16:
         # Dynamic loss scaling: start at 2^16, halve on overflow, grow after 1000 clean steps.
         config["fp16"].update(

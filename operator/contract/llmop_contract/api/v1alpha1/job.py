@@ -119,6 +119,7 @@ def _dp(nodes: str) -> str:
 
 _HEADS = f"(has(self.model.numHeads) ? self.model.numHeads : {ModelSpec().eff('num_heads')})"
 _KV_HEADS = f"(has(self.model.numKeyValueHeads) ? self.model.numKeyValueHeads : {_HEADS})"
+_LAYERS = f"(has(self.model.numLayers) ? self.model.numLayers : {ModelSpec().eff('num_layers')})"
 
 
 def _samples_per_micro_step(spec: LLMTrainingJobSpec, nodes: int | None = None) -> int:
@@ -223,11 +224,66 @@ class LLMTrainingJobSpec(ApiModel):
             ".parallelism.tensor",
         ),
         Rule(
-            "self.parallelism.pipeline == 1 && self.parallelism.sequence == 1",
-            lambda m: m.parallelism.pipeline == 1 and m.parallelism.sequence == 1,
-            "parallelism.pipeline and parallelism.sequence must be 1: this release trains with tensor"
-            " and data parallel only (pipeline and sequence parallel are not built yet)",
-            ".parallelism",
+            "self.parallelism.pipeline == 1 || !has(self.model.pretrained)",
+            lambda m: m.parallelism.pipeline == 1 or m.model.pretrained is None,
+            "parallelism.pipeline > 1 needs a model from scratch (no model.pretrained): the pipeline"
+            " stages (DeepSpeed PipelineModule) are built from the project's Llama blocks only",
+            ".parallelism.pipeline",
+        ),
+        Rule(
+            f"has(self.model.pretrained) || self.parallelism.pipeline <= {_LAYERS}",
+            lambda m: m.model.pretrained is not None or m.parallelism.pipeline <= m.model.eff("num_layers"),
+            "parallelism.pipeline must not exceed model.numLayers: every pipeline stage holds at least"
+            " one transformer block",
+            ".parallelism.pipeline",
+        ),
+        Rule(
+            "self.parallelism.pipeline == 1 || self.deepspeed.zeroStage <= 1",
+            lambda m: m.parallelism.pipeline == 1 or m.deepspeed.zero_stage <= 1,
+            "parallelism.pipeline > 1 needs deepspeed.zeroStage 0 or 1: DeepSpeed's PipelineEngine"
+            " supports ZeRO stages 0 and 1 only",
+            ".deepspeed.zeroStage",
+        ),
+        Rule(
+            "self.parallelism.pipeline == 1 || self.training.method == 'Full'",
+            lambda m: m.parallelism.pipeline == 1 or m.training.method == Method.FULL,
+            "parallelism.pipeline > 1 needs training.method Full: adapters (LoRA, QLoRA) are not built"
+            " for pipeline stages; use data parallel for them",
+            ".parallelism.pipeline",
+        ),
+        Rule(
+            # Ulysses all-to-alls heads: each of tensor x sequence ranks of one layer holds whole heads.
+            f"self.parallelism.sequence == 1 || has(self.model.pretrained)"
+            f" || ({_HEADS} % (self.parallelism.tensor * self.parallelism.sequence) == 0"
+            f" && {_KV_HEADS} % (self.parallelism.tensor * self.parallelism.sequence) == 0)",
+            lambda m: (
+                m.parallelism.sequence == 1
+                or m.model.pretrained is not None
+                or (
+                    m.model.eff("num_heads") % (m.parallelism.tensor * m.parallelism.sequence) == 0
+                    and (m.model.num_key_value_heads or m.model.eff("num_heads"))
+                    % (m.parallelism.tensor * m.parallelism.sequence)
+                    == 0
+                )
+            ),
+            "parallelism.tensor x parallelism.sequence must divide model.numHeads and"
+            " model.numKeyValueHeads: DeepSpeed Ulysses hands each sequence rank whole attention heads"
+            " (a pretrained model's heads are checked by the trainer at start)",
+            ".parallelism.sequence",
+        ),
+        Rule(
+            "self.training.sequenceLength % self.parallelism.sequence == 0",
+            lambda m: m.training.sequence_length % m.parallelism.sequence == 0,
+            "parallelism.sequence must divide training.sequenceLength: DeepSpeed Ulysses splits every"
+            " sequence into equal slices",
+            ".parallelism.sequence",
+        ),
+        Rule(
+            "self.parallelism.sequence == 1 || self.data.format.type == 'Text'",
+            lambda m: m.parallelism.sequence == 1 or m.data.format.type == RecordFormat.TEXT,
+            "parallelism.sequence > 1 needs data.format.type Text: supervised records carry a per-token"
+            " loss mask and padding that the sequence slices do not split yet",
+            ".parallelism.sequence",
         ),
         Rule(
             # A pretrained model's context comes from its config.json: the trainer checks it at start.

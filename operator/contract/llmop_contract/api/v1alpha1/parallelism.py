@@ -19,9 +19,9 @@ class ParallelismSpec(ApiModel):
     tensor: int = Field(1, ge=1, le=64)
     """Tensor parallel size (DeepSpeed AutoTP): each block's matrices split over this many processes of one node."""
     pipeline: int = Field(1, ge=1, le=64)
-    """Pipeline parallel size (DeepSpeed PipelineModule, 1F1B): stages the layers are split into (not built yet)."""
+    """Pipeline parallel size (DeepSpeed PipelineModule, 1F1B): stages the layers are split into."""
     sequence: int = Field(1, ge=1, le=64)
-    """Sequence parallel size (DeepSpeed Ulysses): slices each sequence is split into (not built yet)."""
+    """Sequence parallel size (DeepSpeed Ulysses): slices each sequence is split into."""
 
     @property
     def model_parallel(self) -> int:
