@@ -165,21 +165,25 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
             put("spec.deepspeed", {"zeroStage": 1}),
             put("spec.training.regularization", {"l1": 0.001}),
         ),
-        "spec.parallelism.tensor",
-    ),
-    (
-        "mesh: pipeline parallel (not built)",
-        both(
-            put("spec.workers", {"procsPerNode": 2, "gpusPerNode": 0}),
-            put("spec.parallelism", {"pipeline": 2}),
-        ),
         "spec.parallelism",
     ),
     (
-        "mesh: sequence parallel (not built)",
+        "mesh: pipeline parallel with tied embeddings",
         both(
             put("spec.workers", {"procsPerNode": 2, "gpusPerNode": 0}),
-            put("spec.parallelism", {"sequence": 2}),
+            put("spec.parallelism", {"pipeline": 2}),
+            put("spec.deepspeed", {"zeroStage": 1}),
+        ),
+        "spec.parallelism.pipeline",
+    ),
+    (
+        "mesh: tensor x pipeline (not built)",
+        both(
+            put("spec.workers", {"procsPerNode": 4, "gpusPerNode": 0}),
+            put("spec.parallelism", {"tensor": 2, "pipeline": 2}),
+            put("spec.model", {"tieEmbeddings": False}),
+            put("spec.deepspeed", {"zeroStage": 1}),
+            put("spec.training.globalBatchSize", 16),
         ),
         "spec.parallelism",
     ),
@@ -540,8 +544,8 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
         "spec",
         "does not combine with training.sparsity or L1/L2 regularization",
     ),
-    "mesh: pipeline parallel (not built)": ("spec", "pipeline and sequence parallel are not built yet"),
-    "mesh: sequence parallel (not built)": ("spec", "pipeline and sequence parallel are not built yet"),
+    "mesh: pipeline parallel with tied embeddings": ("spec", "needs model.tieEmbeddings false"),
+    "mesh: tensor x pipeline (not built)": ("spec", "tensor x pipeline parallel is not built yet"),
     "contradiction: optimizer offload without ZeRO": (
         "spec.deepspeed",
         "offloadOptimizer needs zeroStage 1, 2 or 3",

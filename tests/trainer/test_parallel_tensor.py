@@ -124,7 +124,10 @@ def test_a_tensor_parallel_checkpoint_resumes_on_its_curve_and_refuses_another_m
     refused = work / "dp.log"
     assert torchrun(debug_config(work, english_data, spec({}, steps=STEPS + 10)), refused) != 0
     text = refused.read_text()
-    line = "spec.parallelism.tensor: checkpoint step-00000060 was written under parallelism.tensor=2, this run has tensor=1"
+    line = (
+        "spec.parallelism: checkpoint step-00000060 was written under parallelism tensor=2 pipeline=1,"
+        " this run has tensor=1 pipeline=1"
+    )
     assert text.count(line) == 2, text[-3000:]
     assert not events(refused, "progress")
 

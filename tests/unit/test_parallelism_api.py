@@ -30,7 +30,8 @@ def spec(**over: Any) -> Spec:
     out: Spec = {
         "data": {"sources": [{"uri": "builtin://english"}]},
         "workers": {"numNodes": 1, "procsPerNode": 8, "gpusPerNode": 0},
-        "model": {"numLayers": 4, "numHeads": 8, "hiddenSize": 256},
+        # Untied: pipeline stages cannot share the embedding with the head (its own case below).
+        "model": {"numLayers": 4, "numHeads": 8, "hiddenSize": 256, "tieEmbeddings": False},
         "training": {"maxSteps": 10, "microBatchSize": 1, "globalBatchSize": 48, "sequenceLength": 256},
         # The default ZeRO-2 is more than DeepSpeed's PipelineEngine takes (its own case below).
         "deepspeed": {"zeroStage": 1},
@@ -48,8 +49,8 @@ PRETRAINED = {"pretrained": {"uri": "s3://models/llama"}}
 EDGES: list[tuple[str, Spec, Spec, str, str]] = [
     (
         "world holds whole replicas",
-        spec(workers={"numNodes": 3}, parallelism={"tensor": 2, "pipeline": 2, "sequence": 2}),
-        spec(workers={"numNodes": 1, "procsPerNode": 6}, parallelism={"tensor": 2, "pipeline": 2}),
+        spec(workers={"numNodes": 3}, parallelism={"tensor": 2, "sequence": 4}),
+        spec(workers={"numNodes": 1, "procsPerNode": 6}, parallelism={"tensor": 2, "sequence": 2}),
         "spec",
         "must be a multiple of parallelism tensor x pipeline x sequence",
     ),
@@ -129,10 +130,24 @@ EDGES: list[tuple[str, Spec, Spec, str, str]] = [
         "parallelism.sequence > 1 needs data.format.type Text",
     ),
     (
+        "pipeline with untied embeddings only",
+        spec(parallelism={"pipeline": 2}),
+        spec(parallelism={"pipeline": 2}, model={"tieEmbeddings": True}),
+        "spec",
+        "parallelism.pipeline > 1 needs model.tieEmbeddings false",
+    ),
+    (
+        "tensor x pipeline not built",
+        spec(parallelism={"tensor": 2, "pipeline": 1}),
+        spec(parallelism={"tensor": 2, "pipeline": 2}),
+        "spec",
+        "tensor x pipeline parallel is not built yet",
+    ),
+    (
         "global batch over data-parallel replicas",
         # 8 processes / (2 x 2) = 2 replicas: a global batch of 2 divides, 3 does not.
-        spec(parallelism={"tensor": 2, "pipeline": 2}, training={"globalBatchSize": 2}),
-        spec(parallelism={"tensor": 2, "pipeline": 2}, training={"globalBatchSize": 3}),
+        spec(parallelism={"tensor": 2, "sequence": 2}, training={"globalBatchSize": 2}),
+        spec(parallelism={"tensor": 2, "sequence": 2}, training={"globalBatchSize": 3}),
         "spec",
         "microBatchSize x the data-parallel size",
     ),
@@ -163,7 +178,7 @@ MESHES = {
     "tensor=2": {"tensor": 2},
     "pipeline=2": {"pipeline": 2},
     "sequence=2": {"sequence": 2},
-    "tensor=2 x pipeline=2": {"tensor": 2, "pipeline": 2},
+    "tensor=2 x sequence=2": {"tensor": 2, "sequence": 2},
 }
 
 
@@ -197,7 +212,7 @@ def test_accumulation_at_an_elastic_size_counts_replicas() -> None:
     job = LLMTrainingJobSpec.model_validate(
         spec(
             workers={"numNodes": 2, "minNodes": 1, "maxNodes": 4},
-            parallelism={"tensor": 2, "pipeline": 2},
+            parallelism={"tensor": 2, "sequence": 2},
             training={"globalBatchSize": 16},
         )
     )

@@ -106,24 +106,35 @@ def saved_partitions(directory: Path) -> int | None:
     return len(list(directory.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
 
 
-def saved_tensor_parallel(directory: Path) -> int:
-    """The tensor-parallel size a checkpoint was written under: DeepSpeed writes one
-    ``mp_rank_<r>_model_states.pt`` per tensor-parallel rank (``mp_rank_00`` alone without it)."""
-    return len(list(directory.glob("mp_rank_*_model_states.pt"))) or 1
+def saved_mesh(directory: Path) -> tuple[int, int]:
+    """(tensor, pipeline) sizes a checkpoint was written under. DeepSpeed writes one
+    ``mp_rank_<r>_model_states.pt`` per model-parallel rank: per tensor rank under AutoTP, per stage
+    under pipeline parallel, whose checkpoints also hold one ``layer_<i>-model_states.pt`` per layer."""
+    ranks = len(list(directory.glob("mp_rank_*_model_states.pt"))) or 1
+    if any(directory.glob("layer_*-model_states.pt")):
+        return 1, ranks
+    return ranks, 1
 
 
-def check_tensor_parallel(directory: Path, engine: Any) -> None:
-    """Refuse, naming both sizes, a checkpoint cut for another tensor-parallel size: its model files
-    hold other slices of every matrix, and loading them would train a scrambled model. (DeepSpeed's
-    universal conversion re-slices AutoTP checkpoints too; it is not wired in yet.)"""
+def running_mesh(engine: Any) -> tuple[int, int]:
     autotp = getattr(engine, "autotp_size", None)
-    running = max(1, int(autotp())) if autotp is not None else 1
-    saved = saved_tensor_parallel(directory)
+    tensor = max(1, int(autotp())) if autotp is not None else 1
+    stages = getattr(engine, "num_stages", None)  # DeepSpeed's PipelineEngine only
+    return tensor, int(stages) if isinstance(stages, int) else 1
+
+
+def check_mesh(directory: Path, engine: Any) -> None:
+    """Refuse, naming both meshes, a checkpoint cut for another tensor or pipeline size: its files hold
+    other slices of every matrix (or other stages' layers), and loading them would train a scrambled
+    model or fail midway. (DeepSpeed's universal conversion can re-slice AutoTP checkpoints; it is not
+    wired in yet.)"""
+    saved, running = saved_mesh(directory), running_mesh(engine)
     if saved != running:
         raise ConfigError(
-            "spec.parallelism.tensor",
-            f"checkpoint {directory.name} was written under parallelism.tensor={saved}, this run has"
-            f" tensor={running}: resume it with tensor={saved}",
+            "spec.parallelism",
+            f"checkpoint {directory.name} was written under parallelism tensor={saved[0]} pipeline="
+            f"{saved[1]}, this run has tensor={running[0]} pipeline={running[1]}: resume it with the"
+            " same tensor and pipeline sizes",
         )
 
 
@@ -347,7 +358,7 @@ class Checkpointer:
         and the converted copy is removed afterwards: it is derived from the verified checkpoint, which
         stays the one of record.
         """
-        check_tensor_parallel(self.root / tag, engine)
+        check_mesh(self.root / tag, engine)
         saved = saved_partitions(self.root / tag)
         if saved is None or saved == self.env.world_size:
             loaded: tuple[str | None, dict[str, Any] | None] = engine.load_checkpoint(

@@ -25,7 +25,7 @@ from llmtrain.logs import Logger
 from llmtrain.model import hf
 from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import Llama, build_model
-from llmtrain.train import dist, sparsity
+from llmtrain.train import dist, pipeline, sparsity
 from llmtrain.train.cadence import Cadence
 from llmtrain.train.checkpoint import Checkpointer, Restored
 from llmtrain.train.data import (
@@ -178,6 +178,9 @@ def setup(cfg: TrainerConfig) -> Run:
         model = _model(cfg, model_args)
         parameters = trainable = model_args.num_parameters()
         flops = flops_per_token(model_args, tr.sequence_length)
+        if mesh.pipeline > 1:
+            # Built whole from the seed (a data-parallel run's exact weights); each rank keeps its stage.
+            model = pipeline.build(model, mesh.pipeline)
     engine = initialize(model, cfg, log, ds_config, mesh.groups())
     skip_identity_allreduce(engine, env, spec.deepspeed.zero_stage)
     log.event(
@@ -244,6 +247,14 @@ def setup(cfg: TrainerConfig) -> Run:
         global_batch_size=int(engine.train_batch_size()),
         zero_stage=spec.deepspeed.zero_stage,
         mesh=mesh.describe(),
+        # 1F1B's idle share per stage at this accumulation: (stages - 1) / (micro-batches + stages - 1).
+        pipeline_bubble=(
+            round(
+                pipeline.bubble_fraction(mesh.pipeline, gradient_accumulation_steps(spec, env.world_size)), 4
+            )
+            if mesh.pipeline > 1
+            else None
+        ),
         precision=tr.precision.value,
         resumed_from=state.get("tag"),
         checkpoint_fallbacks=restored.fallbacks,
@@ -331,6 +342,8 @@ def run(cfg: TrainerConfig) -> Result:
     cadence = Cadence(tr.checkpointing, devices=env.world_size)
     cadence.start(step)
     since_save = 0  # index into result.step_seconds of the first step after the last save
+    # Pipeline parallel: DeepSpeed's 1F1B schedule pulls its gas micro-batches itself.
+    staged = pipeline.micro_batches(r.loader, dev) if r.mesh is not None and r.mesh.pipeline > 1 else None
     try:
         if step == 0:  # the baseline every later validation loss is compared with
             result.validation_loss = evaluate(r, 0)
@@ -339,7 +352,9 @@ def run(cfg: TrainerConfig) -> Result:
             set_learning_rate(engine, lr)
             started = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
-            for _ in range(gas):
+            if staged is not None:
+                loss_sum += pipeline.train_step(engine, staged) * gas
+            for _ in range(gas if staged is None else 0):
                 b = r.loader.next().to(dev, non_blocking=True)
                 loss, penalty = engine(b.inputs, b.targets, b.positions)
                 engine.backward(loss + penalty)
@@ -462,13 +477,17 @@ def _rounded(rates: dict[str, float]) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(r: Run, step: int) -> float:
     r.engine.eval()
-    total = 0.0
-    for batch in r.val_batches:
-        b = batch.to(r.engine.device)
-        loss, _ = r.engine(b.inputs, b.targets, b.positions)
-        total += float(loss.item())
+    if r.mesh is not None and r.mesh.pipeline > 1:
+        local = pipeline.evaluate(r.engine, r.val_batches)  # the last stage's, on every stage
+    else:
+        total = 0.0
+        for batch in r.val_batches:
+            b = batch.to(r.engine.device)
+            loss, _ = r.engine(b.inputs, b.targets, b.positions)
+            total += float(loss.item())
+        local = total / len(r.val_batches)
     r.engine.train()
-    val_loss = dist.mean_over_ranks(total / len(r.val_batches), r.env)
+    val_loss = dist.mean_over_ranks(local, r.env)
     perplexity = float(np.exp(min(val_loss, 50.0)))
     r.metrics.val_loss.set(val_loss)
     r.metrics.val_ppl.set(perplexity)
@@ -499,7 +518,7 @@ def save_checkpoint(r: Run, step: int) -> float:
 
 def export(r: Run) -> str | None:
     probe = os.environ.get(EXPORT_PROBE)
-    if probe:
+    if probe and (r.mesh is None or r.mesh.pipeline == 1):  # a forward of one stage is no model's
         write_probe(r, Path(probe))
     out = export_pretrained(r) if r.pretrained is not None else export_scratch(r)
     dist.barrier(r.env)
@@ -508,7 +527,10 @@ def export(r: Run) -> str | None:
 
 def export_scratch(r: Run) -> str | None:
     assert r.model_args is not None
-    state = full_state_dict(r.engine, r.cfg.spec.deepspeed.zero_stage)
+    if r.mesh is not None and r.mesh.pipeline > 1:
+        state = pipeline.llama_state_dict(r.engine)  # every stage's layers, in the Llama's names
+    else:
+        state = full_state_dict(r.engine, r.cfg.spec.deepspeed.zero_stage)
     if state is None:
         return None
     data_dir = r.cfg.paths.data_dir

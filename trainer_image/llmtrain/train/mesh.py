@@ -5,7 +5,8 @@ DeepSpeed lays tensor-parallel groups out on consecutive ranks (``deepspeed.util
 a (data, tensor) mesh, row-major), so ranks 2r and 2r+1 of a tensor=2 job form replica r. The
 operator gives each pod procsPerNode consecutive ranks and admission keeps tensor dividing
 procsPerNode, so a tensor-parallel group never spans two pods: its two all-reduces per layer stay
-on one node's links.
+on one node's links. Pipeline stages are the outer axis instead (DeepSpeed's (pipe, data)
+topology): with one stage per pod, only activations cross pods, once per micro-batch and stage.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llmtrain.train.dist import DistEnv
 @dataclass(frozen=True)
 class Mesh:
     tensor: int
+    pipeline: int
     data_size: int
     """Model replicas: the world over the processes one replica takes."""
     data_rank: int
@@ -32,7 +34,12 @@ class Mesh:
             raise ValueError(
                 f"WORLD_SIZE={env.world_size} is not a multiple of tensor x pipeline x sequence = {per_replica}"
             )
-        return cls(parallelism.tensor, env.world_size // per_replica, env.rank // per_replica)
+        replicas = env.world_size // per_replica
+        if parallelism.pipeline > 1:
+            # DeepSpeed's pipeline topology is (pipe, data), row-major: stage s holds ranks
+            # s*replicas .. s*replicas + replicas - 1, one per replica.
+            return cls(parallelism.tensor, parallelism.pipeline, replicas, env.rank % replicas)
+        return cls(parallelism.tensor, 1, replicas, env.rank // per_replica)
 
     def groups(self) -> Any:
         """DeepSpeed's process groups for this mesh, built once, as the ``mpu`` deepspeed.initialize
@@ -46,4 +53,5 @@ class Mesh:
         return groups
 
     def describe(self) -> str:
-        return f"data={self.data_size} x tensor={self.tensor}"
+        text = f"data={self.data_size} x tensor={self.tensor}"
+        return text + (f" x pipeline={self.pipeline}" if self.pipeline > 1 else "")

@@ -202,19 +202,21 @@ class LLMTrainingJobSpec(ApiModel):
             ".deepspeed.zeroStage",
         ),
         Rule(
-            "self.parallelism.tensor == 1 || (!self.training.sparsity.enabled"
+            "(self.parallelism.tensor == 1 && self.parallelism.pipeline == 1)"
+            " || (!self.training.sparsity.enabled"
             " && self.training.regularization.l1 == 0.0 && self.training.regularization.l2 == 0.0)",
             lambda m: (
-                m.parallelism.tensor == 1
+                (m.parallelism.tensor == 1 and m.parallelism.pipeline == 1)
                 or (
                     not m.training.sparsity.enabled
                     and m.training.regularization.l1 == 0
                     and m.training.regularization.l2 == 0
                 )
             ),
-            "parallelism.tensor > 1 does not combine with training.sparsity or L1/L2 regularization:"
-            " AutoTP replaces the model's masked, penalised projections with its own sharded layers",
-            ".parallelism.tensor",
+            "parallelism.tensor or pipeline > 1 does not combine with training.sparsity or L1/L2"
+            " regularization: AutoTP replaces the masked, penalised projections with its own sharded"
+            " layers, and the pruning schedule and the penalty need the whole model, which no stage holds",
+            ".parallelism",
         ),
         Rule(
             "self.parallelism.tensor == 1 || self.training.method == 'Full'",
@@ -236,6 +238,27 @@ class LLMTrainingJobSpec(ApiModel):
             "parallelism.pipeline must not exceed model.numLayers: every pipeline stage holds at least"
             " one transformer block",
             ".parallelism.pipeline",
+        ),
+        Rule(
+            "self.parallelism.pipeline == 1 || (has(self.model.tieEmbeddings) && !self.model.tieEmbeddings)",
+            lambda m: m.parallelism.pipeline == 1 or m.model.tie_embeddings is False,
+            "parallelism.pipeline > 1 needs model.tieEmbeddings false: the embedding and the output head"
+            " sit on different pipeline stages, so they cannot share one weight",
+            ".parallelism.pipeline",
+        ),
+        Rule(
+            "self.parallelism.pipeline == 1 || self.data.format.type == 'Text'",
+            lambda m: m.parallelism.pipeline == 1 or m.data.format.type == RecordFormat.TEXT,
+            "parallelism.pipeline > 1 needs data.format.type Text: packed records carry per-token"
+            " positions that the pipeline stages do not pass along",
+            ".parallelism.pipeline",
+        ),
+        Rule(
+            "self.parallelism.pipeline == 1 || self.parallelism.tensor == 1",
+            lambda m: m.parallelism.pipeline == 1 or m.parallelism.tensor == 1,
+            "parallelism.tensor and parallelism.pipeline cannot both be above 1: tensor x pipeline"
+            " parallel is not built yet",
+            ".parallelism",
         ),
         Rule(
             "self.parallelism.pipeline == 1 || self.deepspeed.zeroStage <= 1",
