@@ -17,10 +17,11 @@ Manifest = dict[str, Any]
 
 
 def job(parallelism: dict[str, int], **spec: Any) -> Manifest:
-    """One node of 4 CPU processes, a model from scratch, ZeRO-1; ``spec`` replaces whole sections."""
+    """One node of 4 CPU processes, a model from scratch (untied), ZeRO-1; ``spec`` replaces whole sections."""
     body: Manifest = {
         "data": {"sources": [{"uri": "builtin://english"}]},
         "workers": {"procsPerNode": 4, "gpusPerNode": 0},
+        "model": {"tieEmbeddings": False},  # pipeline stages cannot share the embedding with the head
         "training": {"maxSteps": 10, "microBatchSize": 1, "globalBatchSize": 8},
         "deepspeed": {"zeroStage": 1},
         "parallelism": parallelism,
@@ -60,6 +61,16 @@ REFUSED: list[tuple[str, Manifest, str]] = [
         "pipeline deeper than the model",
         job({"pipeline": 4}, model={"numLayers": 2}),
         "parallelism.pipeline must not exceed model.numLayers",
+    ),
+    (
+        "pipeline with tied embeddings",
+        job({"pipeline": 2}, model={"tieEmbeddings": True}),
+        "parallelism.pipeline > 1 needs model.tieEmbeddings false",
+    ),
+    (
+        "tensor x pipeline",
+        job({"tensor": 2, "pipeline": 2}),
+        "tensor x pipeline parallel is not built yet",
     ),
     (
         "pipeline of a pretrained model",
@@ -121,8 +132,8 @@ def test_a_mesh_deepspeed_cannot_run_is_refused(
 @pytest.mark.cluster
 @pytest.mark.parametrize(
     "mesh",
-    [{"tensor": 2}, {"pipeline": 2}, {"sequence": 2}, {"tensor": 2, "pipeline": 2}],
-    ids=["tensor=2", "pipeline=2", "sequence=2", "tensor=2 x pipeline=2"],
+    [{"tensor": 2}, {"pipeline": 2}, {"sequence": 2}, {"tensor": 2, "sequence": 2}],
+    ids=["tensor=2", "pipeline=2", "sequence=2", "tensor=2 x sequence=2"],
 )
 def test_a_mesh_deepspeed_runs_is_accepted(cluster: Cluster, namespace: str, mesh: dict[str, int]) -> None:
     code, message = _create(cluster, namespace, job(mesh))
