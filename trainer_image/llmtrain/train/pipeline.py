@@ -9,8 +9,8 @@ stage starts a micro-batch's backward as soon as the last stage has computed its
 ``stages`` micro-batches' activations are alive at once.
 
 Limits: the project's Llama from scratch only (not a pretrained Hugging Face model), untied
-embeddings (the head and the embedding sit on different stages; a TiedLayerSpec is not built), no
-packed Text data (packed records carry per-token positions the layers would have to pass along),
+embeddings (the head and the embedding sit on different stages; a TiedLayerSpec is not built), Text
+records only (packed records carry per-token positions the layers would have to pass along),
 ZeRO 0 or 1 only (DeepSpeed's PipelineEngine asserts ZeRO-2 and 3 are incompatible), no sparsity or
 L1/L2 penalty. Checkpoints resume under the same mesh only (PipelineModule's per-layer files; no
 conversion to another mesh is built).
