@@ -49,8 +49,8 @@ PRETRAINED = {"pretrained": {"uri": "s3://models/llama"}}
 EDGES: list[tuple[str, Spec, Spec, str, str]] = [
     (
         "world holds whole replicas",
-        spec(workers={"numNodes": 3}, parallelism={"tensor": 2, "sequence": 4}),
-        spec(workers={"numNodes": 1, "procsPerNode": 6}, parallelism={"tensor": 2, "sequence": 2}),
+        spec(workers={"numNodes": 3}, parallelism={"sequence": 4}),
+        spec(workers={"numNodes": 1, "procsPerNode": 6}, parallelism={"sequence": 4}),
         "spec",
         "must be a multiple of parallelism tensor x pipeline x sequence",
     ),
@@ -104,9 +104,9 @@ EDGES: list[tuple[str, Spec, Spec, str, str]] = [
         "parallelism.pipeline > 1 needs training.method Full",
     ),
     (
-        "sequence splits whole heads per tensor rank",
-        spec(parallelism={"tensor": 2, "sequence": 4}),
-        spec(workers={"numNodes": 2}, parallelism={"tensor": 2, "sequence": 8}),
+        "sequence splits whole heads",
+        spec(parallelism={"sequence": 8}),
+        spec(workers={"numNodes": 2}, parallelism={"sequence": 16}),
         "spec",
         "parallelism.tensor x parallelism.sequence must divide model.numHeads",
     ),
@@ -144,10 +144,17 @@ EDGES: list[tuple[str, Spec, Spec, str, str]] = [
         "tensor x pipeline parallel is not built yet",
     ),
     (
+        "sequence alone, on a model from scratch",
+        spec(parallelism={"sequence": 2}),
+        spec(parallelism={"tensor": 2, "sequence": 2}),
+        "spec",
+        "parallelism.sequence > 1 needs a model from scratch and tensor and pipeline 1",
+    ),
+    (
         "global batch over data-parallel replicas",
-        # 8 processes / (2 x 2) = 2 replicas: a global batch of 2 divides, 3 does not.
-        spec(parallelism={"tensor": 2, "sequence": 2}, training={"globalBatchSize": 2}),
-        spec(parallelism={"tensor": 2, "sequence": 2}, training={"globalBatchSize": 3}),
+        # 8 processes / 4 = 2 replicas: a global batch of 2 divides, 3 does not.
+        spec(parallelism={"sequence": 4}, training={"globalBatchSize": 2}),
+        spec(parallelism={"sequence": 4}, training={"globalBatchSize": 3}),
         "spec",
         "microBatchSize x the data-parallel size",
     ),
@@ -178,7 +185,6 @@ MESHES = {
     "tensor=2": {"tensor": 2},
     "pipeline=2": {"pipeline": 2},
     "sequence=2": {"sequence": 2},
-    "tensor=2 x sequence=2": {"tensor": 2, "sequence": 2},
 }
 
 
@@ -212,7 +218,7 @@ def test_accumulation_at_an_elastic_size_counts_replicas() -> None:
     job = LLMTrainingJobSpec.model_validate(
         spec(
             workers={"numNodes": 2, "minNodes": 1, "maxNodes": 4},
-            parallelism={"tensor": 2, "sequence": 2},
+            parallelism={"sequence": 4},
             training={"globalBatchSize": 16},
         )
     )

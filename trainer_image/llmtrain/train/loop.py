@@ -25,7 +25,7 @@ from llmtrain.logs import Logger
 from llmtrain.model import hf
 from llmtrain.model.args import LlamaArgs
 from llmtrain.model.llama import Llama, build_model
-from llmtrain.train import dist, pipeline, sparsity
+from llmtrain.train import dist, pipeline, sequence_parallel, sparsity
 from llmtrain.train.cadence import Cadence
 from llmtrain.train.checkpoint import Checkpointer, Restored
 from llmtrain.train.data import (
@@ -115,6 +115,8 @@ class Run:
     productive_seconds: float = 0.0
     """Seconds of the steps kept so far: the checkpoint's figure (steps up to it) plus this attempt's."""
     mesh: Mesh | None = None
+    sequence: sequence_parallel.SequenceGroups | None = None
+    """Ulysses' groups when parallelism.sequence > 1: every batch is sliced along the sequence."""
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +166,7 @@ def setup(cfg: TrainerConfig) -> Run:
     rss_before = current_rss_bytes()
     model_args: LlamaArgs | None = None
     pretrained: hf.Pretrained | None = None
+    sequence: sequence_parallel.SequenceGroups | None = None
     model: nn.Module
     if spec.model.pretrained is not None:
         pretrained = hf.load(cfg, ds_config, _model_dir(cfg), env.local_rank)
@@ -181,7 +184,13 @@ def setup(cfg: TrainerConfig) -> Run:
         if mesh.pipeline > 1:
             # Built whole from the seed (a data-parallel run's exact weights); each rank keeps its stage.
             model = pipeline.build(model, mesh.pipeline)
-    engine = initialize(model, cfg, log, ds_config, mesh.groups())
+        if spec.parallelism.sequence > 1:
+            # Ulysses: each rank of a sequence group attends over its slice of every sequence.
+            sequence = sequence_parallel.SequenceGroups.build(spec.parallelism.sequence)
+            model = sequence_parallel.wrap(cast(Llama, model), sequence)
+    # The mesh's process groups as DeepSpeed's mpu: the sequence groups make it reduce gradients over
+    # the sequence and data ranks together; AutoTP's groups make it count replicas.
+    engine = initialize(model, cfg, log, ds_config, sequence if sequence is not None else mesh.groups())
     skip_identity_allreduce(engine, env, spec.deepspeed.zero_stage)
     log.event(
         "model_loaded",
@@ -285,6 +294,7 @@ def setup(cfg: TrainerConfig) -> Run:
         energy,
         float(state.get("productive_seconds") or 0.0),
         mesh,
+        sequence,
     )
 
 
@@ -356,10 +366,21 @@ def run(cfg: TrainerConfig) -> Result:
                 loss_sum += pipeline.train_step(engine, staged) * gas
             for _ in range(gas if staged is None else 0):
                 b = r.loader.next().to(dev, non_blocking=True)
-                loss, penalty = engine(b.inputs, b.targets, b.positions)
-                engine.backward(loss + penalty)
+                if r.sequence is None:
+                    loss, penalty = engine(b.inputs, b.targets, b.positions)
+                    engine.backward(loss + penalty)
+                    loss_sum += loss.detach().float()
+                else:
+                    seq = r.sequence
+                    inputs, targets = (
+                        sequence_parallel.local(b.inputs, seq),
+                        sequence_parallel.local(b.targets, seq),
+                    )
+                    loss, penalty = engine(inputs, targets, None)
+                    # DeepSpeed sums gradients over the sequence ranks: each backpropagates its share.
+                    engine.backward(sequence_parallel.scale_loss(loss + penalty, seq))
+                    loss_sum += sequence_parallel.full_loss(loss, seq).float()
                 engine.step()  # DeepSpeed only updates at the accumulation boundary
-                loss_sum += loss.detach().float()
             step += 1
             result.step_seconds.append(time.perf_counter() - started)
             r.productive_seconds += result.step_seconds[-1]
@@ -483,7 +504,12 @@ def evaluate(r: Run, step: int) -> float:
         total = 0.0
         for batch in r.val_batches:
             b = batch.to(r.engine.device)
-            loss, _ = r.engine(b.inputs, b.targets, b.positions)
+            if r.sequence is None:
+                loss, _ = r.engine(b.inputs, b.targets, b.positions)
+            else:
+                seq = r.sequence
+                sliced = sequence_parallel.local(b.inputs, seq), sequence_parallel.local(b.targets, seq)
+                loss = sequence_parallel.full_loss(r.engine(*sliced, None)[0], seq)
             total += float(loss.item())
         local = total / len(r.val_batches)
     r.engine.train()
@@ -518,7 +544,8 @@ def save_checkpoint(r: Run, step: int) -> float:
 
 def export(r: Run) -> str | None:
     probe = os.environ.get(EXPORT_PROBE)
-    if probe and (r.mesh is None or r.mesh.pipeline == 1):  # a forward of one stage is no model's
+    # One stage's forward, or one sequence slice's, is no model's logits: no probe then.
+    if probe and (r.mesh is None or r.mesh.pipeline == 1) and r.sequence is None:
         write_probe(r, Path(probe))
     out = export_pretrained(r) if r.pretrained is not None else export_scratch(r)
     dist.barrier(r.env)

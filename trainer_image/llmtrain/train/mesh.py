@@ -26,6 +26,7 @@ class Mesh:
     """Model replicas: the world over the processes one replica takes."""
     data_rank: int
     """This process's replica: every process of one replica reads the same micro-batches."""
+    sequence: int = 1
 
     @classmethod
     def of(cls, parallelism: ParallelismSpec, env: DistEnv) -> Mesh:
@@ -39,7 +40,8 @@ class Mesh:
             # DeepSpeed's pipeline topology is (pipe, data), row-major: stage s holds ranks
             # s*replicas .. s*replicas + replicas - 1, one per replica.
             return cls(parallelism.tensor, parallelism.pipeline, replicas, env.rank % replicas)
-        return cls(parallelism.tensor, 1, replicas, env.rank // per_replica)
+        # Tensor and sequence groups are consecutive ranks (DeepSpeed's groups, SequenceGroups).
+        return cls(parallelism.tensor, 1, replicas, env.rank // per_replica, parallelism.sequence)
 
     def groups(self) -> Any:
         """DeepSpeed's process groups for this mesh, built once, as the ``mpu`` deepspeed.initialize
@@ -54,4 +56,5 @@ class Mesh:
 
     def describe(self) -> str:
         text = f"data={self.data_size} x tensor={self.tensor}"
-        return text + (f" x pipeline={self.pipeline}" if self.pipeline > 1 else "")
+        text += f" x pipeline={self.pipeline}" if self.pipeline > 1 else ""
+        return text + (f" x sequence={self.sequence}" if self.sequence > 1 else "")

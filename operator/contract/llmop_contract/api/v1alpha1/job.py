@@ -302,6 +302,17 @@ class LLMTrainingJobSpec(ApiModel):
             ".parallelism.sequence",
         ),
         Rule(
+            "self.parallelism.sequence == 1 || (!has(self.model.pretrained)"
+            " && self.parallelism.tensor == 1 && self.parallelism.pipeline == 1)",
+            lambda m: (
+                m.parallelism.sequence == 1
+                or (m.model.pretrained is None and m.parallelism.tensor == 1 and m.parallelism.pipeline == 1)
+            ),
+            "parallelism.sequence > 1 needs a model from scratch and tensor and pipeline 1: Ulysses is"
+            " built for the project's Llama, not yet combined with the other meshes",
+            ".parallelism.sequence",
+        ),
+        Rule(
             "self.parallelism.sequence == 1 || self.data.format.type == 'Text'",
             lambda m: m.parallelism.sequence == 1 or m.data.format.type == RecordFormat.TEXT,
             "parallelism.sequence > 1 needs data.format.type Text: supervised records carry a per-token"
