@@ -1,14 +1,14 @@
-"""Data vs tensor parallel on CPU ranks: tokens/s and what one rank holds, through the real trainer.
+"""Data, tensor, pipeline and sequence parallel on CPU ranks: tokens/s and what one rank holds.
 
 Each mesh is `llmtrain train` under torchrun on 2 CPU ranks (gloo, one thread each), FP32, AdamW,
 ZeRO-1, the same model and global batch: a Llama of ~3.7M parameters (hidden 256, 4 layers, 8
-heads, vocab 1024), whose attention and MLP matrices are most of it, as in any large model. Data
-parallel keeps a whole copy on each rank; tensor parallel (DeepSpeed AutoTP) halves every block
-matrix, and keeps the embedding, the output head and the norms whole on both ranks. Per rank:
-parameter bytes (the `model_loaded` event), optimizer-state bytes (Adam's two moments of what the
-rank updates: ZeRO-1 splits them over the data-parallel replicas), and the peak resident memory.
-Pipeline parallel is not built yet, so it has no row. The last line is the tensor=2 per-rank
-parameter memory as a fraction of data parallel's.
+heads, vocab 1024, untied), whose attention and MLP matrices are most of it, as in any large model.
+Data parallel keeps a whole copy on each rank; tensor parallel (DeepSpeed AutoTP) halves every block
+matrix and keeps the embedding, the head and the norms whole on both ranks; pipeline parallel keeps
+half the layers per rank (rank 0: the embedding and two blocks); sequence parallel (Ulysses) keeps
+the whole model and halves the activations. Per rank: parameter bytes (rank 0's `model_loaded`
+event) and peak resident memory. Tensor x pipeline is not built yet, so it has no row. The last
+line is the tensor=2 per-rank parameter memory as a fraction of data parallel's.
 
     DS_ACCELERATOR=cpu python benchmarks/parallelism.py [--steps 30]
 """
@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MESHES: dict[str, dict[str, int]] = {"data=2": {}, "tensor=2": {"tensor": 2}}
+MESHES: dict[str, dict[str, int]] = {
+    "data=2": {},
+    "tensor=2": {"tensor": 2},
+    "pipeline=2": {"pipeline": 2},
+    "sequence=2": {"sequence": 2},
+}
 WARMUP = 5
 
 
@@ -108,24 +113,25 @@ def main() -> None:
             log = train(root / name.replace("=", ""), data, args.steps, mesh)
             loaded = events(log, "model_loaded")[0]
             progress = [e for e in events(log, "progress") if e["step"] > WARMUP]
-            replicas = 2 // mesh.get("tensor", 1)
-            parameters = loaded["local_parameter_bytes"]
             rows[name] = {
                 "tokens_per_second": sum(e["tokens_per_second"] for e in progress) / len(progress),
-                "parameter_bytes": parameters,
-                # AdamW's two fp32 moments of this rank's parameters, split over replicas by ZeRO-1.
-                "optimizer_bytes": 2 * parameters / replicas,
+                "parameter_bytes": loaded["local_parameter_bytes"],
                 "peak_rss_bytes": loaded["peak_rss_bytes"],
             }
     print(f"2 CPU ranks, FP32, ZeRO-1, global batch 8 x 128 tokens, {args.steps} steps (mean after {WARMUP})")
-    print(f"{'mesh':<10} {'tokens/s':>10} {'params/rank':>12} {'optim/rank':>12} {'peak RSS/rank':>14}")
+    print(f"{'mesh':<11} {'tokens/s':>10} {'params/rank':>12} {'vs dp':>6} {'peak RSS/rank':>14}")
+    dp = rows["data=2"]
     for name, r in rows.items():
         print(
-            f"{name:<10} {r['tokens_per_second']:>10,.0f} {r['parameter_bytes'] / 2**20:>10.2f}Mi"
-            f" {r['optimizer_bytes'] / 2**20:>10.2f}Mi {r['peak_rss_bytes'] / 2**20:>12.0f}Mi"
+            f"{name:<11} {r['tokens_per_second']:>10,.0f} {r['parameter_bytes'] / 2**20:>10.2f}Mi"
+            f" {r['parameter_bytes'] / dp['parameter_bytes']:>6.3f} {r['peak_rss_bytes'] / 2**20:>12.0f}Mi"
         )
-    dp, tp = rows["data=2"], rows["tensor=2"]
-    print(f"tp2 tokens/s vs dp: {tp['tokens_per_second'] / dp['tokens_per_second']:.3f}")
+    tp = rows["tensor=2"]
+    for name, r in rows.items():
+        if name != "data=2":
+            print(
+                f"{name.replace('=', '')} tokens/s vs dp: {r['tokens_per_second'] / dp['tokens_per_second']:.3f}"
+            )
     print(f"tp2 per-rank parameter memory vs dp: {tp['parameter_bytes'] / dp['parameter_bytes']:.3f}")
 
 

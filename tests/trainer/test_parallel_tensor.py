@@ -64,7 +64,7 @@ def curve(log: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events(log, "progress")}
 
 
-def test_tensor_parallel_follows_the_data_parallel_curve_and_exports_whole(
+def test_tensor_parallel_follows_the_data_parallel_curve_exports_whole_and_resumes(
     english_data: Path, tmp_path: Path
 ) -> None:
     dp_log = train(tmp_path / "dp", english_data, {})
@@ -99,13 +99,8 @@ def test_tensor_parallel_follows_the_data_parallel_curve_and_exports_whole(
     print(f"exported model vs trainer logits: max abs diff {diff:.2e}")
     assert diff < 1e-4
 
-
-def test_a_tensor_parallel_checkpoint_resumes_on_its_curve_and_refuses_another_mesh(
-    english_data: Path, tmp_path: Path
-) -> None:
-    work = tmp_path / "tp"
-    whole = curve(train(work, english_data, {"tensor": 2}))
-    # Back to the step-30 checkpoint: the newer one removed, the same config run again.
+    # Back to the step-30 checkpoint of the same run: the newer one removed, the same config again.
+    work, whole = tmp_path / "tp", tp
     checkpoints = work / "checkpoints"
     shutil.rmtree(checkpoints / f"step-{STEPS:08d}")
     (checkpoints / "latest").unlink(missing_ok=True)
@@ -132,8 +127,9 @@ def test_a_tensor_parallel_checkpoint_resumes_on_its_curve_and_refuses_another_m
     assert not events(refused, "progress")
 
 
-# Llama untied, Qwen2 tied embeddings (Mistral measured the same, 1.70e-07: left out for CI time).
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+# Qwen2: tied embeddings, which AutoTP keeps whole (Llama untied and Mistral measured the same,
+# 1.70e-07 each: docs/parallelism.md; left out for CI time).
+@pytest.mark.parametrize("family", ["qwen2"])
 def test_a_pretrained_model_trains_under_tensor_parallel_as_under_data_parallel(
     family: str, tmp_path: Path
 ) -> None:
