@@ -16,15 +16,13 @@ line is the tensor=2 per-rank parameter memory as a fraction of data parallel's.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the trainer tests' torchrun and log reader
 MESHES: dict[str, dict[str, int]] = {
     "data=2": {},
     "tensor=2": {"tensor": 2},
@@ -62,38 +60,13 @@ def spec(steps: int, mesh: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == name:
-                out.append(record)
-    return out
-
-
 def train(work: Path, data: Path, steps: int, mesh: dict[str, int]) -> Path:
+    """`llmtrain train` under torchrun on 2 ranks, as the trainer tests run it (tests/trainer/ranks.py)."""
     from llmtrain.testing import debug_config
-    from llmtrain.train.dist import free_port
+    from tests.trainer.ranks import torchrun
 
-    config = debug_config(work, data, spec(steps, mesh))
     log = work / "train.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "llmtrain.cli",
-        "train",
-        str(config),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NNODES")}
-    env.update(DS_ACCELERATOR="cpu", LLMTRAIN_LOG_FORMAT="json", LLMOP_METRICS_PORT="0", OMP_NUM_THREADS="1")
-    with log.open("w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=900).returncode
+    rc = torchrun(debug_config(work, data, spec(steps, mesh)), log, timeout=900)
     if rc != 0:
         raise SystemExit(f"{mesh}: training failed (exit {rc}):\n{log.read_text()[-3000:]}")
     return log
@@ -104,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     from llmtrain.testing import license_documents, write_shards
+    from tests.trainer.ranks import events
 
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
