@@ -76,23 +76,29 @@ def test_launcher_only_without_world_size() -> None:
     assert wants_launcher({"NNODES": "2", "NPROC_PER_NODE": "4"})
     assert not wants_launcher({"NNODES": "2", "WORLD_SIZE": "8", "RANK": "0"})  # already under torchrun
     assert not wants_launcher({})
-    cmd = torchrun_command(
-        "/etc/llmop/config.yaml",
-        {
-            "NNODES": "2",
-            "NODE_RANK": "1",
-            "NPROC_PER_NODE": "4",
-            "MASTER_ADDR": "127.3.0.7",
-            "MASTER_PORT": "29500",
-        },
-    )
+    node = {
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "NPROC_PER_NODE": "4",
+        "MASTER_ADDR": "j-worker-0.j-workers.team.svc",
+        "MASTER_PORT": "29500",
+        "LLMOP_NODE_ADDR": "j-worker-1.j-workers.team.svc",
+        "LLMOP_JOB_NAMESPACE": "team",
+        "LLMOP_JOB_NAME": "j",
+        "LLMOP_ATTEMPT": "3",
+    }
+    cmd = torchrun_command("/etc/llmop/config.yaml", node)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     for arg in (
         "--nnodes=2",
-        "--node_rank=1",
         "--nproc_per_node=4",
-        "--master_addr=127.3.0.7",
-        "--master_port=29500",
+        "--max_restarts=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=j-worker-0.j-workers.team.svc:29500",
+        "--rdzv_id=team.j.3",  # a launcher of attempt 2 cannot join attempt 3's gang
+        "--rdzv_conf=is_host=false,join_timeout=900",
+        "--local_addr=j-worker-1.j-workers.team.svc",
     ):
         assert arg in cmd
+    assert "--rdzv_conf=is_host=true,join_timeout=900" in torchrun_command("c", {**node, "NODE_RANK": "0"})
     assert cmd[-3:] == ["llmtrain.cli", "train", "/etc/llmop/config.yaml"]

@@ -167,3 +167,52 @@ def test_sigterm_checkpoints_exits_75_and_resumes(english_data: Path, tmp_path: 
     assert rc == 0, log.read_text()[-3000:]
     assert events(log, "start")[-1]["resumed_from"] == f"step-{step:08d}"
     assert events(log, "done")[-1]["step"] == step + 5
+
+
+def test_two_node_launchers_rendezvous_per_attempt_worker_zero_is_rank_zero(
+    english_data: Path, tmp_path: Path
+) -> None:
+    """The pod form on two nodes through torchrun's c10d rendezvous: worker 1 starts first, a launcher
+    left over from attempt 0 waits on the same endpoint, and attempt 1's gang still forms with
+    exactly its two nodes, worker 0 (the node the operator scrapes) as rank 0."""
+    spec = two_rank_spec(6, 2, lrSchedule={"warmupSteps": 2})
+    spec["workers"] = {"numNodes": 2, "procsPerNode": 1}
+    config = debug_config(tmp_path, english_data, spec)
+    port = str(free_port())
+
+    def node(index: int, attempt: int, log: Path) -> subprocess.Popen[bytes]:
+        node_env = env(
+            NNODES="2",
+            NODE_RANK=str(index),
+            NPROC_PER_NODE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            LLMOP_NODE_ADDR=f"127.0.0.{index + 1}",
+            LLMOP_JOB_NAMESPACE="default",
+            LLMOP_JOB_NAME="gang",
+            LLMOP_ATTEMPT=str(attempt),
+        )
+        with log.open("w") as out:
+            return subprocess.Popen(
+                [sys.executable, *TRAIN, str(config)], stdout=out, stderr=subprocess.STDOUT, env=node_env
+            )
+
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    stale = node(1, 0, tmp_path / "stale.log")
+    worker1 = node(1, 1, logs[1])
+    time.sleep(3)
+    worker0 = node(0, 1, logs[0])
+    try:
+        assert worker0.wait(timeout=240) == 0, logs[0].read_text()[-3000:]
+        assert worker1.wait(timeout=60) == 0, logs[1].read_text()[-3000:]
+        assert stale.poll() is None or stale.returncode != 0  # it never trained with attempt 1's gang
+    finally:
+        for proc in (stale, worker0, worker1):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    start = events(logs[0], "start")
+    assert len(start) == 1 and start[0]["world_size"] == 2, logs[0].read_text()[-3000:]
+    assert events(logs[0], "done")[-1]["step"] == 6
+    assert not events(logs[1], "start")  # rank 0 logs the run's events; worker 1's node holds rank 1
+    assert not events(tmp_path / "stale.log", "start")

@@ -29,12 +29,24 @@ def test_worker_pod_contract() -> None:
     assert c["command"] == ["llmtrain"] and c["args"] == ["train", "/etc/llmop/config.yaml"]
     assert env["NODE_RANK"] == "1" and env["NNODES"] == "2" and env["LLMOP_ATTEMPT"] == "3"
     assert env["MASTER_ADDR"] == "llama-worker-0.llama-workers.team.svc"
+    assert env["LLMOP_NODE_ADDR"] == "llama-worker-1.llama-workers.team.svc"  # c10d ranks nodes by it
     assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "8"
     assert pod["metadata"]["labels"][naming.ATTEMPT_LABEL] == "3"
     assert pod["spec"]["hostname"] == "llama-worker-1" and pod["spec"]["subdomain"] == "llama-workers"
     assert pod["spec"]["schedulingGates"] == [{"name": naming.GANG_GATE}]
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_worker_zero_sorts_first_so_c10d_makes_it_group_rank_zero() -> None:
+    """torchrun's c10d rendezvous gives group ranks in the sorted order of the nodes' --local_addr."""
+    job = ref(
+        workers={"numNodes": 128, "procsPerNode": 8, "gpusPerNode": 8},
+        training={"maxSteps": 10, "globalBatchSize": 1024, "microBatchSize": 1},
+    )
+    names = [workers.worker_addr(job, i) for i in range(128)]
+    assert min(names) == names[0] == workers.master_addr(job)
+    assert len(set(names)) == 128
 
 
 def test_kueue_plain_pod_group() -> None:

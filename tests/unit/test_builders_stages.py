@@ -20,7 +20,7 @@ from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.workload import Stage
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-RENDEZVOUS = ["MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE"]
+RENDEZVOUS = ["MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "LLMOP_NODE_ADDR"]
 GANG_ONLY_ENV = set(RENDEZVOUS) | {"LLMOP_ATTEMPT", "LLMOP_METRICS_PORT", "LLMOP_METRICS_ADDR"}
 CACHES = ["HOME", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR"]
 GANG_ONLY_POD = {"hostname", "subdomain", "schedulingGates", "schedulerName"}
@@ -218,7 +218,7 @@ def test_worker_pods_carry_the_gang_and_nothing_else_does(case: str) -> None:
         c = spec["containers"][0]
         if stage.startswith("worker-"):
             index = int(stage.removeprefix("worker-"))
-            assert env_of(c)[:5] == RENDEZVOUS and GANG_ONLY_ENV <= set(env_of(c))
+            assert env_of(c)[: len(RENDEZVOUS)] == RENDEZVOUS and GANG_ONLY_ENV <= set(env_of(c))
             assert [p["name"] for p in c["ports"]] == ["rendezvous", "metrics"]
             assert spec["terminationGracePeriodSeconds"] == 120 and spec["restartPolicy"] == "Never"
             assert spec["hostname"] == naming.worker_name(job.name, index)

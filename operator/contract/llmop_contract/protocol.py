@@ -109,6 +109,10 @@ class Env(StrEnum):
     """Rank 0 serves Prometheus metrics here; the operator scrapes progress from it."""
     METRICS_ADDR = "LLMOP_METRICS_ADDR"
     """The pod IP (downward API): where rank 0 binds its metrics server."""
+    NODE_ADDR = "LLMOP_NODE_ADDR"
+    """The worker's stable name through the headless Service (``<hostname>.<subdomain>.<ns>.svc``):
+    torchrun's c10d rendezvous orders the nodes by it, so worker 0 is group rank 0 (the rank the
+    operator scrapes), and the ranks' MASTER_ADDR is worker 0's."""
     PEAK_FLOPS = "LLMOP_PEAK_FLOPS"
     """Overrides the per-device peak FLOP/s table for MFU."""
     TERMINATION_LOG = "LLMOP_TERMINATION_LOG"

@@ -44,8 +44,18 @@ def build_service_account(job: JobRef) -> Manifest:
     return pod.service_account(job)
 
 
+def worker_addr(job: JobRef, index: int) -> str:
+    """Worker ``index``'s name through the headless Service (its hostname and subdomain).
+
+    torchrun's c10d rendezvous ranks the nodes by this name, sorted: ``<job>-worker-0.`` sorts before
+    every other index (none of them starts with a 0), so worker 0 is always group rank 0.
+    """
+    return f"{naming.worker_name(job.name, index)}.{naming.service_name(job.name)}.{job.namespace}.svc"
+
+
 def master_addr(job: JobRef) -> str:
-    return f"{naming.worker_name(job.name, 0)}.{naming.service_name(job.name)}.{job.namespace}.svc"
+    """The c10d rendezvous endpoint's host: worker 0, whose launcher hosts the store."""
+    return worker_addr(job, 0)
 
 
 def _env(job: JobRef, index: int, attempt: int) -> list[Manifest]:
@@ -56,6 +66,7 @@ def _env(job: JobRef, index: int, attempt: int) -> list[Manifest]:
         "NNODES": str(w.num_nodes),
         "NODE_RANK": str(index),
         "NPROC_PER_NODE": str(w.procs_per_node),
+        Env.NODE_ADDR: worker_addr(job, index),
     }
     return [
         *(pod.var(k, v) for k, v in rendezvous.items()),
