@@ -669,6 +669,7 @@ EMPTY_IN_SCENARIO = {
     "Requests running": "no serving engine runs under kwok",
     "Generated tokens/s": "no serving engine runs under kwok",
     "Time to first token (p95)": "no serving engine runs under kwok",
+    "Serving energy per generated token": "no serving engine runs under kwok",
     # Measured energy only: empty where the trainer's node has no NVML GPU and no readable RAPL.
     "Energy (kWh)": "no energy counter the trainer can read on this machine",
     "Energy per token": "no energy counter the trainer can read on this machine",

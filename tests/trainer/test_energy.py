@@ -153,3 +153,46 @@ def test_a_compression_stage_reports_its_energy_on_its_own_device_or_says_unavai
     assert asked[-1] is None  # RAPL on the CPU
     monkeypatch.setattr(energy, "discover", lambda cuda=None: None)
     assert StageEnergy.start(torch.device("cpu")).results() == {"energyMeasured": 0.0}  # never invented
+
+
+def test_serving_metrics_report_measured_energy_per_generated_token(tmp_path: Path) -> None:
+    """The serving process's series, fed by a recorded RAPL package counter."""
+    from prometheus_client import generate_latest
+
+    from llmtrain.serve.metrics import ServingMetrics
+
+    wrap = 262143328850
+    pkg = _zone(tmp_path, "intel-rapl:0", [1_000_000, 31_000_000, 91_000_000], wrap)
+    next(pkg)
+    metrics = ServingMetrics()
+    metrics.measure_energy(energy.RaplReader.discover(tmp_path))
+    assert metrics.energy_summary()["energy_measured"] is True
+    next(pkg)  # 30 J while 60 tokens are generated
+    metrics.tokens_generated(60)
+    text = generate_latest(metrics.registry).decode()
+    assert "llmserve_energy_available 1.0" in text
+    assert "llmserve_energy_joules 30.0" in text
+    assert "llmserve_energy_joules_per_generated_token 0.5" in text
+    next(pkg)  # 60 J more, idle: the tokens served cost more each
+    summary = metrics.energy_summary()
+    assert summary == {
+        "energy_measured": True,
+        "source": "rapl",
+        "joules": 90.0,
+        "generated_tokens": 60,
+        "joules_per_token": 1.5,
+    }
+
+
+def test_serving_metrics_without_a_counter_say_unavailable() -> None:
+    from prometheus_client import generate_latest
+
+    from llmtrain.serve.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    metrics.measure_energy(None)
+    metrics.tokens_generated(10)
+    text = generate_latest(metrics.registry).decode()
+    assert "llmserve_energy_available 0.0" in text
+    assert "llmserve_energy_joules" not in text
+    assert metrics.energy_summary() == {"energy_measured": False}

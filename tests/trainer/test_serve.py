@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmtrain import energy
 from llmtrain.serve.cli import HOLD_LOAD_ENV
 from llmtrain.serve.process import ServerProcess
 from tests.trainer.conftest import TrainedModel, train_env
@@ -493,6 +494,10 @@ def test_metrics_count_requests_errors_latency_and_tokens(server: ServerProcess)
     generated = metric(server, "llmserve_generated_tokens_total") - before
     assert generated == answer["usage"]["completion_tokens"]
     assert metric(server, "llmserve_tokens_per_second") > 0
+    # Energy is measured or said to be unmeasured, never estimated: this machine's CPU counters decide.
+    measurable = energy.RaplReader.discover() is not None
+    assert metric(server, "llmserve_energy_available") == (1 if measurable else 0)
+    assert ("llmserve_energy_joules " in text) is measurable
 
 
 def compressed(trained: TrainedModel, work: Path, method: str) -> Path:
@@ -611,7 +616,11 @@ def test_sigterm_finishes_running_requests_then_exits_0(model_dir: Path, tmp_pat
         assert not t.is_alive(), "a request was not answered within 60 s of SIGTERM"
     assert srv.wait(60) == 0
     assert [r["usage"]["completion_tokens"] for r in results] == [tokens] * 3
-    assert [e["event"] for e in srv.events()][-2:] == ["drained", "stopped"]
+    assert [e["event"] for e in srv.events()][-3:] == ["drained", "served", "stopped"]
+    served = srv.events()[-2]
+    assert served["energy_measured"] is (energy.RaplReader.discover() is not None)
+    if served["energy_measured"]:
+        assert served["generated_tokens"] >= 3 * tokens and served["joules"] > 0
 
 
 def test_client_that_disconnects_mid_stream_frees_its_row(model_dir: Path, tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ class ServerState:
     draining: bool = False
     inflight: int = 0
     """Completion requests being answered (drain waits for them)."""
+    energy_poll: asyncio.Task[None] | None = None
+    """Reads the energy counter between scrapes (cli._measure_energy), when there is one."""
 
     @property
     def ready(self) -> bool:

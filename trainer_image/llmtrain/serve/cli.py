@@ -23,6 +23,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -31,6 +32,9 @@ from llmtrain.logs import Logger
 from llmtrain.serve.app import ServerState, build_app
 from llmtrain.serve.cpus import available_cpus
 from llmtrain.serve.metrics import ServingMetrics
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DRAIN_SECONDS = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds
 # For tests: when set, the model is not loaded (nor torch imported) until this file exists, so the
@@ -122,6 +126,7 @@ async def _start_engine(
         log=state.log,
     )
     task = asyncio.create_task(engine.run(), name="llmserve-engine")
+    _measure_energy(state, model_device(loaded.model))
     start = time.monotonic()
     await engine.warm_up()
     state.context_length = loaded.context_length
@@ -129,6 +134,16 @@ async def _start_engine(
     state.metrics.ready.set(1)
     state.log.event("ready", model=state.model_name, warmup_seconds=time.monotonic() - start)
     return task
+
+
+def _measure_energy(state: ServerState, device: torch.device) -> None:
+    from llmtrain import energy
+
+    reader = energy.discover([device.index or 0] if device.type == "cuda" else None)
+    state.metrics.measure_energy(reader)
+    state.log.event("energy", measured=reader is not None, source=reader.source if reader else None)
+    if reader is not None:
+        state.energy_poll = asyncio.create_task(state.metrics.poll_energy(), name="llmserve-energy")
 
 
 async def _drain(state: ServerState, deadline: float) -> bool:
@@ -184,7 +199,8 @@ async def serve(args: argparse.Namespace) -> int:
         drained = await _drain(state, time.monotonic() + args.drain_timeout)
         log.event("drained" if drained else "drain_timeout", requests=state.inflight)
     await runner.cleanup()
-    for task in (startup, stopping, engine_task):
+    log.event("served", **state.metrics.energy_summary())
+    for task in (startup, stopping, engine_task, state.energy_poll):
         if task is not None:
             task.cancel()
     executor.shutdown(wait=False, cancel_futures=True)
