@@ -89,6 +89,13 @@ def test_pipeline_parallel_follows_the_data_parallel_curve_resumes_and_exports_w
         f"per-rank parameter bytes: dp {dp_bytes}, pp stages {pp_bytes} ({max(pp_bytes) / dp_bytes:.3f} of dp)"
     )
     assert max(pp_bytes) < 0.6 * dp_bytes
+    # ZeRO-1's fp32 copy and AdamW's two moments of the rank's stage, over data-parallel ranks (2 for
+    # dp, 1 for pp=2): measured on the optimizer's tensors.
+    dp_opt = events(dp_log, "memory")[0]["optimizer_state_bytes"]
+    pp_opt = events(pp_log, "memory")[0]["optimizer_state_bytes"]
+    print(f"per-rank optimizer state bytes: dp {dp_opt}, pp stage 0 {pp_opt} ({pp_opt / dp_opt:.3f} of dp)")
+    assert dp_opt == pytest.approx(3 * dp_bytes / 2, rel=0.01)
+    assert pp_opt == pytest.approx(3 * pp_bytes[0], rel=0.01)
 
     # The export is the whole model in the Llama's names: both stages' layers, the weights the data
     # parallel run reached up to summation order.

@@ -88,6 +88,13 @@ def test_tensor_parallel_follows_the_data_parallel_curve_exports_whole_and_resum
     tp_bytes = events(tp_log, "model_loaded")[0]["local_parameter_bytes"]
     print(f"per-rank parameter bytes: dp {dp_bytes}, tp {tp_bytes} ({tp_bytes / dp_bytes:.3f} of dp)")
     assert tp_bytes < 0.8 * dp_bytes
+    # Optimizer state, measured on the tensors: ZeRO-1 keeps an fp32 copy of the rank's parameters and
+    # AdamW's two moments, partitioned over the data-parallel ranks (2 for dp, 1 for tp=2).
+    dp_opt = events(dp_log, "memory")[0]["optimizer_state_bytes"]
+    tp_opt = events(tp_log, "memory")[0]["optimizer_state_bytes"]
+    print(f"per-rank optimizer state bytes: dp {dp_opt}, tp {tp_opt} ({tp_opt / dp_opt:.3f} of dp)")
+    assert dp_opt == pytest.approx(3 * dp_bytes / 2, rel=0.01)
+    assert tp_opt == pytest.approx(3 * tp_bytes / 1, rel=0.01)
 
     # The export is the whole model in Hugging Face layout: transformers loads it and gives the
     # sharded trainer's logits.

@@ -47,6 +47,7 @@ from llmtrain.train.export import (
     full_state_dict,
     trainable_state_dict,
 )
+from llmtrain.train.memory import local_parameter_bytes, optimizer_state_bytes
 from llmtrain.train.mesh import Mesh
 from llmtrain.train.metrics import (
     Metrics,
@@ -232,6 +233,8 @@ def setup(cfg: TrainerConfig) -> Run:
         world=env.world_size,
     )
     metrics = Metrics(with_mfu=throughput.peak_total is not None)
+    bubble = pipeline.bubble_fraction(mesh.pipeline, gradient_accumulation_steps(spec, env.world_size))
+    metrics.pipeline_bubble.set(bubble if mesh.pipeline > 1 else 0.0)
     checkpointer.register_metrics(metrics.registry)
     total = total_steps(tr)
     metrics.total_steps.set(total)
@@ -257,13 +260,7 @@ def setup(cfg: TrainerConfig) -> Run:
         zero_stage=spec.deepspeed.zero_stage,
         mesh=mesh.describe(),
         # 1F1B's idle share per stage at this accumulation: (stages - 1) / (micro-batches + stages - 1).
-        pipeline_bubble=(
-            round(
-                pipeline.bubble_fraction(mesh.pipeline, gradient_accumulation_steps(spec, env.world_size)), 4
-            )
-            if mesh.pipeline > 1
-            else None
-        ),
+        pipeline_bubble=round(bubble, 4) if mesh.pipeline > 1 else None,
         precision=tr.precision.value,
         resumed_from=state.get("tag"),
         checkpoint_fallbacks=restored.fallbacks,
@@ -382,6 +379,8 @@ def run(cfg: TrainerConfig) -> Result:
                     loss_sum += sequence_parallel.full_loss(loss, seq).float()
                 engine.step()  # DeepSpeed only updates at the accumulation boundary
             step += 1
+            if step == resumed_from_step + 1:  # the optimizer state exists from the first step on
+                report_memory(r)
             result.step_seconds.append(time.perf_counter() - started)
             r.productive_seconds += result.step_seconds[-1]
             if sparsity.due(step, tr.sparsity):
@@ -436,6 +435,18 @@ def run(cfg: TrainerConfig) -> Result:
         r.loader.close()
         if r.energy is not None:
             r.energy.close()
+
+
+def report_memory(r: Run) -> None:
+    """Rank 0's share of the model and of the optimizer state, measured on the tensors it holds."""
+    params = local_parameter_bytes(r.model)
+    optimizer = optimizer_state_bytes(r.engine, r.model)
+    r.metrics.parameter_bytes.set(params)
+    if optimizer is not None:
+        r.metrics.optimizer_state_bytes.set(optimizer)
+    r.log.event(
+        "memory", local_parameter_bytes=params, optimizer_state_bytes=optimizer, peak_rss_bytes=memory_bytes()
+    )
 
 
 def report_progress(r: Run, step: int, local_loss: float, lr: float) -> float:
@@ -611,16 +622,6 @@ def write_probe(r: Run, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         positions = None if b.positions is None else b.positions.cpu()
         torch.save({"inputs": b.inputs.cpu(), "positions": positions, "logits": logits.float().cpu()}, path)
-
-
-def local_parameter_bytes(model: nn.Module) -> int:
-    """Bytes of parameter data this rank holds (under ZeRO-3 its partitions, not the whole model)."""
-    total = 0
-    for p in {id(p): p for p in model.parameters()}.values():
-        local = getattr(p, "ds_tensor", None)
-        held = local if local is not None else p.data
-        total += held.numel() * held.element_size()
-    return total
 
 
 def write_status(env: dist.DistEnv, text: str) -> None:

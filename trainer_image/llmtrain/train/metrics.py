@@ -126,6 +126,22 @@ class Metrics:
             registry=r,
         )
         self.memory = Gauge("llmtrain_memory_bytes", "Peak RSS (CPU) or CUDA max allocated bytes", registry=r)
+        # What the parallel mesh shrinks per rank (train/memory.py), measured after the attempt's first step.
+        self.parameter_bytes = Gauge(
+            "llmtrain_parameter_bytes",
+            "Parameter bytes rank 0 holds (its shard under ZeRO-3, tensor, pipeline)",
+            registry=r,
+        )
+        self.optimizer_state_bytes = Gauge(
+            "llmtrain_optimizer_state_bytes",
+            "Optimizer state bytes rank 0 holds (moments, ZeRO's fp32 partitions, master weights)",
+            registry=r,
+        )
+        self.pipeline_bubble = Gauge(
+            "llmtrain_pipeline_bubble_fraction",
+            "Idle share of each pipeline stage under 1F1B: (stages - 1) / (micro-batches + stages - 1); 0 without pipeline",
+            registry=r,
+        )
         self.eta = Gauge(Metric.ETA_SECONDS.value, "Estimated seconds to the last step", registry=r)
         self.sparsity = Gauge("llmtrain_sparsity", "Fraction of prunable weights masked", registry=r)
         # Measured energy only (NVML on GPUs, RAPL on CPUs; llmtrain.energy): while available is 0 the
