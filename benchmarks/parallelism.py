@@ -7,7 +7,9 @@ Data parallel keeps a whole copy on each rank; tensor parallel (DeepSpeed AutoTP
 matrix and keeps the embedding, the head and the norms whole on both ranks; pipeline parallel keeps
 half the layers per rank (rank 0: the embedding and two blocks); sequence parallel (Ulysses) keeps
 the whole model and halves the activations. Per rank: parameter bytes (rank 0's `model_loaded`
-event) and peak resident memory. Tensor x pipeline is not built yet, so it has no row. The last
+event), optimizer-state bytes after the first step (its `memory` event: under ZeRO-1 an fp32 copy
+and AdamW's two moments of the rank's parameters, partitioned over the data-parallel ranks, so a
+mesh with fewer data-parallel ranks partitions them less) and peak resident memory. Tensor x pipeline is not built yet, so it has no row. The last
 line is the tensor=2 per-rank parameter memory as a fraction of data parallel's.
 
     DS_ACCELERATOR=cpu python benchmarks/parallelism.py [--steps 30]
@@ -86,19 +88,26 @@ def main() -> None:
         for name, mesh in MESHES.items():
             log = train(root / name.replace("=", ""), data, args.steps, mesh)
             loaded = events(log, "model_loaded")[0]
+            memory = events(log, "memory")[0]  # after the first step: the optimizer state exists
             progress = [e for e in events(log, "progress") if e["step"] > WARMUP]
             rows[name] = {
                 "tokens_per_second": sum(e["tokens_per_second"] for e in progress) / len(progress),
                 "parameter_bytes": loaded["local_parameter_bytes"],
+                "optimizer_bytes": memory["optimizer_state_bytes"],
                 "peak_rss_bytes": loaded["peak_rss_bytes"],
             }
     print(f"2 CPU ranks, FP32, ZeRO-1, global batch 8 x 128 tokens, {args.steps} steps (mean after {WARMUP})")
-    print(f"{'mesh':<11} {'tokens/s':>10} {'params/rank':>12} {'vs dp':>6} {'peak RSS/rank':>14}")
+    print(
+        f"{'mesh':<11} {'tokens/s':>10} {'params/rank':>12} {'vs dp':>6} {'optimizer/rank':>15} {'vs dp':>6}"
+        f" {'peak RSS/rank':>14}"
+    )
     dp = rows["data=2"]
     for name, r in rows.items():
         print(
             f"{name:<11} {r['tokens_per_second']:>10,.0f} {r['parameter_bytes'] / 2**20:>10.2f}Mi"
-            f" {r['parameter_bytes'] / dp['parameter_bytes']:>6.3f} {r['peak_rss_bytes'] / 2**20:>12.0f}Mi"
+            f" {r['parameter_bytes'] / dp['parameter_bytes']:>6.3f}"
+            f" {r['optimizer_bytes'] / 2**20:>13.2f}Mi {r['optimizer_bytes'] / dp['optimizer_bytes']:>6.3f}"
+            f" {r['peak_rss_bytes'] / 2**20:>12.0f}Mi"
         )
     tp = rows["tensor=2"]
     for name, r in rows.items():
