@@ -100,10 +100,12 @@ def set_aside(directory: Path) -> Path:
 def saved_partitions(directory: Path) -> int | None:
     """How many data-parallel ranks wrote a checkpoint's ZeRO partitions; None at ZeRO-0 (unpartitioned).
 
-    DeepSpeed names one optimiser partition per data-parallel rank (``[bf16_]zero_pp_rank_<r>_mp_rank_00_
-    optim_states.pt``), at every ZeRO stage, so the count is the world the partitions are cut for.
+    DeepSpeed names one optimiser partition per data-parallel rank and model-parallel rank
+    (``[bf16_]zero_pp_rank_<r>_mp_rank_<m>_optim_states.pt``), at every ZeRO stage, so the count for
+    model-parallel rank 0 is the world the partitions are cut for (every rank's under pure data
+    parallel, the replicas' under tensor or pipeline parallel).
     """
-    return len(list(directory.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
+    return len(list(directory.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
 
 
 def saved_mesh(directory: Path) -> tuple[int, int]:
@@ -123,19 +125,53 @@ def running_mesh(engine: Any) -> tuple[int, int]:
     return tensor, int(stages) if isinstance(stages, int) else 1
 
 
+def describe_mesh(mesh: tuple[int, int]) -> str:
+    return f"tensor={mesh[0]} pipeline={mesh[1]}"
+
+
 def check_mesh(directory: Path, engine: Any) -> None:
-    """Refuse, naming both meshes, a checkpoint cut for another tensor or pipeline size: its files hold
-    other slices of every matrix (or other stages' layers), and loading them would train a scrambled
-    model or fail midway. (DeepSpeed's universal conversion can re-slice AutoTP checkpoints; it is not
-    wired in yet.)"""
+    """Refuse, naming both meshes, a checkpoint that cannot be re-sliced for this run's mesh: loading
+    files cut for another mesh would train a scrambled model or fail midway.
+
+    A change of tensor size alone is re-sliced (``Checkpointer._load``): DeepSpeed's AutoTP stores its
+    slicing (``universal_checkpoint_info``, from ``collect_autotp_universal_checkpoint_info``) in every
+    ``mp_rank_*_model_states.pt``; ``ds_to_universal`` merges the tensor ranks' slices into whole
+    parameters by it, and the ZeRO-1/2 loader (``load_hp_checkpoint_state``) cuts this rank's slice
+    back out, by the metadata AutoTP attached to the running parameters (``_get_param_uc_restore_meta``;
+    a parameter without it, under data parallel, takes the whole tensor). Refused:
+
+    - another pipeline size, or a tensor change to or from a pipeline run: PipelineEngine checkpoints
+      are per-layer files (``layer_*-model_states.pt``) whose universal conversion is not wired in;
+    - a tensor change of a ZeRO-0 checkpoint (``saved_partitions`` None): ``ds_to_universal`` reads the
+      optimiser state from the ZeRO partitions (``*_optim_states.pt``), and at ZeRO-0 in FP32 DeepSpeed
+      writes none (the torch optimiser's state is in each tensor rank's model states, in its slices'
+      shapes); a universal load also needs a ZeRO or BF16 optimiser, whose parameters carry
+      ``load_hp_checkpoint_state``, so a ZeRO-0 FP32 run cannot take one either.
+    """
     saved, running = saved_mesh(directory), running_mesh(engine)
-    if saved != running:
-        raise ConfigError(
-            "spec.parallelism",
-            f"checkpoint {directory.name} was written under parallelism tensor={saved[0]} pipeline="
-            f"{saved[1]}, this run has tensor={running[0]} pipeline={running[1]}: resume it with the"
-            " same tensor and pipeline sizes",
+    if saved == running:
+        return
+    if saved[1] == running[1] == 1:
+        if saved_partitions(directory) is not None and _loads_universal(engine):
+            return
+        reason = (
+            "a tensor size change goes through DeepSpeed's universal checkpoint, which needs ZeRO"
+            " partitions (zeroStage 1 or 2) in the checkpoint and in this run"
         )
+    else:
+        reason = "resume it with the same tensor and pipeline sizes"
+    raise ConfigError(
+        "spec.parallelism",
+        f"checkpoint {directory.name} was written under parallelism {describe_mesh(saved)}, this run has"
+        f" {describe_mesh(running)}: {reason}",
+    )
+
+
+def _loads_universal(engine: Any) -> bool:
+    """Whether the running engine's optimiser can restore a universal checkpoint: DeepSpeed's ZeRO
+    optimisers and its BF16 one do (``load_hp_checkpoint_state_from_checkpoint_dir``); a torch
+    optimiser at ZeRO-0 in FP32 does not."""
+    return hasattr(engine.optimizer, "load_hp_checkpoint_state_from_checkpoint_dir")
 
 
 def _inner_optimizer(engine: Any) -> Any:
@@ -149,8 +185,9 @@ def to_universal(source: Path, target: Path) -> None:
     layout: one fp32 tensor and its optimiser moments per parameter, loadable at any data-parallel
     size. Written through ``.tmp-`` and a rename like a save, so a crash leaves nothing half-converted.
 
-    ``inject_missing_state``: the converter asks for Megatron's ``universal_checkpoint_info`` client
-    entry, which only describes tensor/pipeline slicing; with data parallelism alone there is none.
+    ``inject_missing_state``: the converter asks for the ``universal_checkpoint_info`` entry, which
+    describes tensor/pipeline slicing. Under AutoTP DeepSpeed writes its own into every model-states
+    file (kept: the flag only fills in a missing one); with data parallelism alone there is none.
     One worker each: the ranks of this job are busy waiting at a barrier, not idle cores.
     """
     import argparse
@@ -351,30 +388,38 @@ class Checkpointer:
 
     def _load(self, engine: Any, tag: str) -> tuple[str | None, dict[str, Any] | None]:
         """``engine.load_checkpoint`` of ``tag``; through a universal conversion when its ZeRO partitions
-        were cut for another number of ranks (an elastic resize, or a job resubmitted at another size).
+        were cut for another number of ranks (an elastic resize, or a job resubmitted at another size)
+        or its parameters for another tensor size (see ``check_mesh``).
 
         Rank 0 converts while the others wait; every rank then loads with DeepSpeed's
         ``load_universal`` switched on for this one load (it is a config flag, read only while loading),
         and the converted copy is removed afterwards: it is derived from the verified checkpoint, which
         stays the one of record.
         """
-        check_mesh(self.root / tag, engine)
-        saved = saved_partitions(self.root / tag)
-        if saved is None or saved == self.env.world_size:
+        directory = self.root / tag
+        check_mesh(directory, engine)
+        saved_tp_pp, running = saved_mesh(directory), running_mesh(engine)
+        saved = saved_partitions(directory)
+        # ZeRO partitions one model-parallel rank's parameters over the ranks holding the same slices.
+        partitions = self.env.world_size // (running[0] * running[1])
+        if saved_tp_pp == running and (saved is None or saved == partitions):
             loaded: tuple[str | None, dict[str, Any] | None] = engine.load_checkpoint(
                 str(self.root), tag=tag, load_lr_scheduler_states=False
             )
             return loaded
+        assert saved is not None, "check_mesh refuses a tensor change without ZeRO partitions"
         universal = self.root / (UNIVERSAL_PREFIX + tag)
         if self.env.is_main:
             start = time.perf_counter()
             if not universal.is_dir():
-                to_universal(self.root / tag, universal)
+                to_universal(directory, universal)
             Logger(self.env.rank).event(
                 "checkpoint_resharded",
                 checkpoint=tag,
-                saved_ranks=saved,
+                saved_ranks=saved * saved_tp_pp[0] * saved_tp_pp[1],
                 ranks=self.env.world_size,
+                saved_mesh=describe_mesh(saved_tp_pp),
+                mesh=describe_mesh(running),
                 seconds=round(time.perf_counter() - start, 3),
             )
         barrier(self.env)
