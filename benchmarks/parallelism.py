@@ -9,7 +9,8 @@ half the layers per rank (rank 0: the embedding and two blocks); sequence parall
 the whole model and halves the activations. Per rank: parameter bytes (rank 0's `model_loaded`
 event), optimizer-state bytes after the first step (its `memory` event: under ZeRO-1 an fp32 copy
 and AdamW's two moments of the rank's parameters, partitioned over the data-parallel ranks, so a
-mesh with fewer data-parallel ranks partitions them less) and peak resident memory. Tensor x pipeline is not built yet, so it has no row. The last
+mesh with fewer data-parallel ranks partitions them less) and peak resident memory. Tensor x pipeline needs 4 ranks, against data parallel on 4: it is measured by
+tests/trainer/test_parallel_tensor_pipeline.py instead (docs/parallelism.md). The last
 line is the tensor=2 per-rank parameter memory as a fraction of data parallel's.
 
     DS_ACCELERATOR=cpu python benchmarks/parallelism.py [--steps 30]

@@ -73,11 +73,6 @@ REFUSED: list[tuple[str, Manifest, str]] = [
         "parallelism.sequence > 1 needs a model from scratch and tensor and pipeline 1",
     ),
     (
-        "tensor x pipeline",
-        job({"tensor": 2, "pipeline": 2}),
-        "tensor x pipeline parallel is not built yet",
-    ),
-    (
         "pipeline of a pretrained model",
         job({"pipeline": 2}, model={"pretrained": {"uri": "s3://models/llama"}}),
         "parallelism.pipeline > 1 needs a model from scratch",
@@ -137,8 +132,8 @@ def test_a_mesh_deepspeed_cannot_run_is_refused(
 @pytest.mark.cluster
 @pytest.mark.parametrize(
     "mesh",
-    [{"tensor": 2}, {"pipeline": 2}, {"sequence": 2}, {"sequence": 4}],
-    ids=["tensor=2", "pipeline=2", "sequence=2", "sequence=4"],
+    [{"tensor": 2}, {"pipeline": 2}, {"tensor": 2, "pipeline": 2}, {"sequence": 2}, {"sequence": 4}],
+    ids=["tensor=2", "pipeline=2", "tensor=2 x pipeline=2", "sequence=2", "sequence=4"],
 )
 def test_a_mesh_deepspeed_runs_is_accepted(cluster: Cluster, namespace: str, mesh: dict[str, int]) -> None:
     code, message = _create(cluster, namespace, job(mesh))

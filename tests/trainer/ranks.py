@@ -23,8 +23,12 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def torchrun(config: Path, log: Path, timeout: float = 240, **extra: str) -> int:
-    cmd = [*TORCHRUN, f"--master_port={free_port()}", *TRAIN, str(config)]
+def torchrun(config: Path, log: Path, timeout: float = 240, nproc_per_node: int = 2, **extra: str) -> int:
+    """``llmtrain train`` on ``nproc_per_node`` local ranks (2 unless a test's mesh needs more)."""
+    launcher = [
+        f"--nproc_per_node={nproc_per_node}" if a.startswith("--nproc_per_node=") else a for a in TORCHRUN
+    ]
+    cmd = [*launcher, f"--master_port={free_port()}", *TRAIN, str(config)]
     with log.open("a") as out:
         return subprocess.run(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env(**extra), timeout=timeout

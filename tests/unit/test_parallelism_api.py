@@ -137,13 +137,6 @@ EDGES: list[tuple[str, Spec, Spec, str, str]] = [
         "parallelism.pipeline > 1 needs model.tieEmbeddings false",
     ),
     (
-        "tensor x pipeline not built",
-        spec(parallelism={"tensor": 2, "pipeline": 1}),
-        spec(parallelism={"tensor": 2, "pipeline": 2}),
-        "spec",
-        "tensor x pipeline parallel is not built yet",
-    ),
-    (
         "sequence alone, on a model from scratch",
         spec(parallelism={"sequence": 2}),
         spec(parallelism={"tensor": 2, "sequence": 2}),
@@ -167,6 +160,13 @@ def test_each_rule_takes_its_edge_and_refuses_one_past(
 ) -> None:
     LLMTrainingJobSpec.model_validate(edge)
     assert_models_reject(LLMTrainingJobSpec, past, case, where, fragment, where)
+
+
+def test_tensor_x_pipeline_is_accepted() -> None:
+    """AutoTP inside the pipeline stages (tests/trainer/test_parallel_tensor_pipeline.py trains it)."""
+    job = LLMTrainingJobSpec.model_validate(spec(parallelism={"tensor": 2, "pipeline": 2}))
+    assert job.parallelism.data_parallel(8) == 2
+    assert render_deepspeed_config(job)["tensor_parallel"]["autotp_size"] == 2
 
 
 def test_every_mesh_rule_is_in_the_crd_with_the_same_message() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -111,11 +112,18 @@ def saved_partitions(directory: Path) -> int | None:
 def saved_mesh(directory: Path) -> tuple[int, int]:
     """(tensor, pipeline) sizes a checkpoint was written under. DeepSpeed writes one
     ``mp_rank_<r>_model_states.pt`` per model-parallel rank: per tensor rank under AutoTP, per stage
-    under pipeline parallel, whose checkpoints also hold one ``layer_<i>-model_states.pt`` per layer."""
+    under pipeline parallel and per (stage, tensor rank) under both. Pipeline checkpoints also hold
+    one file per layer, ``layer_<i>-model_states.pt``, or with tensor parallel one per layer and tensor
+    rank, ``layer_<i>-model_<t>-model_states.pt`` (the topology's rank name of its model axis)."""
     ranks = len(list(directory.glob("mp_rank_*_model_states.pt"))) or 1
-    if any(directory.glob("layer_*-model_states.pt")):
-        return 1, ranks
-    return ranks, 1
+    layers = list(directory.glob("layer_*-model_states.pt"))
+    if not layers:
+        return ranks, 1
+    tensor_ranks = {
+        m.group(1) for f in layers if (m := re.match(r"layer_\d+-model_(\d+)-model_states", f.name))
+    }
+    tensor = len(tensor_ranks) or 1
+    return tensor, max(1, ranks // tensor)
 
 
 def running_mesh(engine: Any) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from llmop_contract.api.v1alpha1.training import Offload, OptimizerType
 from llmop_contract.deepspeed import gradient_accumulation_steps, render_deepspeed_config
 from llmtrain.logs import Logger
 from llmtrain.model.hf import HostMemory, bound_host_heap, host_memory, trim_host_heap
+from llmtrain.train import pipeline
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,16 +93,27 @@ def initialize(
     """DeepSpeed's engine around ``model``; ``config`` is the DeepSpeed config a pretrained model was
     already loaded under (ZeRO-3), so both see the same one. Only parameters that require gradients
     reach the optimiser: with LoRA, the adapters. ``mpu``: the mesh's process groups (``Mesh.groups``)
-    under tensor parallel, where DeepSpeed's AutoTP shards the model inside initialize."""
+    under tensor parallel, where DeepSpeed's AutoTP shards the model inside initialize; None for a
+    PipelineModule, whose grid is the mpu (with AutoTP, on the topology ``pipeline.adopt_tensor_parallel``
+    gives it)."""
     import deepspeed
+    from deepspeed.pipe import PipelineModule
 
     ds_config = copy.deepcopy(config if config is not None else deepspeed_config(cfg))
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
         bound_host_heap()  # a scratch model too gathers and frees layers every step (see hf)
     before = host_memory()
+    tensor = int(ds_config.get("tensor_parallel", {}).get("autotp_size", 1))
+    staged_tensor = isinstance(model, PipelineModule) and tensor > 1
+    if staged_tensor:
+        # Tensor x pipeline: the stages' grid and AutoTP's groups made one topology first (a
+        # PipelineModule is its own mpu: deepspeed.initialize takes none with it).
+        pipeline.adopt_tensor_parallel(model, tensor)
     optimizer = build_optimizer(model, cfg, log)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    if staged_tensor:
+        pipeline.attach_tensor_parallel(engine)
     trim_host_heap()
     log_loading_memory(log, model, stage, before)
     return engine

@@ -5,8 +5,9 @@ DeepSpeed lays tensor-parallel groups out on consecutive ranks (``deepspeed.util
 a (data, tensor) mesh, row-major), so ranks 2r and 2r+1 of a tensor=2 job form replica r. The
 operator gives each pod procsPerNode consecutive ranks and admission keeps tensor dividing
 procsPerNode, so a tensor-parallel group never spans two pods: its two all-reduces per layer stay
-on one node's links. Pipeline stages are the outer axis instead (DeepSpeed's (pipe, data)
-topology): with one stage per pod, only activations cross pods, once per micro-batch and stage.
+on one node's links. Pipeline stages are the outer axis instead (DeepSpeed's (pipe, data, model)
+topology, tensor innermost): with one stage per pod, only activations cross pods, once per
+micro-batch and stage, and a stage's tensor groups stay consecutive ranks inside its pod.
 """
 
 from __future__ import annotations
@@ -37,17 +38,20 @@ class Mesh:
             )
         replicas = env.world_size // per_replica
         if parallelism.pipeline > 1:
-            # DeepSpeed's pipeline topology is (pipe, data), row-major: stage s holds ranks
-            # s*replicas .. s*replicas + replicas - 1, one per replica.
-            return cls(parallelism.tensor, parallelism.pipeline, replicas, env.rank % replicas)
+            # DeepSpeed's pipeline topology is (pipe, data, model), row-major: stage s holds ranks
+            # s*replicas*tensor .. (s+1)*replicas*tensor - 1, each replica's tensor group consecutive.
+            replica = (env.rank // parallelism.tensor) % replicas
+            return cls(parallelism.tensor, parallelism.pipeline, replicas, replica)
         # Tensor and sequence groups are consecutive ranks (DeepSpeed's groups, SequenceGroups).
         return cls(parallelism.tensor, 1, replicas, env.rank // per_replica, parallelism.sequence)
 
     def groups(self) -> Any:
         """DeepSpeed's process groups for this mesh, built once, as the ``mpu`` deepspeed.initialize
         takes (None for pure data parallel). Passing it makes DeepSpeed count train_batch_size over
-        data-parallel ranks: without it, AutoTP's config check counts every rank as one."""
-        if self.tensor == 1:
+        data-parallel ranks: without it, AutoTP's config check counts every rank as one. None under
+        pipeline parallel too: the PipelineModule's grid is the mpu there, and tensor x pipeline
+        needs its groups, not the (data, tensor) mesh built here (see pipeline.adopt_tensor_parallel)."""
+        if self.tensor == 1 or self.pipeline > 1:
             return None
         from deepspeed.utils import groups
 

@@ -8,12 +8,22 @@ PipelineEngine then runs gradient-accumulation-many micro-batches per step in th
 stage starts a micro-batch's backward as soon as the last stage has computed its loss, so at most
 ``stages`` micro-batches' activations are alive at once.
 
+With parallelism.tensor > 1 too, each stage is sharded by DeepSpeed's AutoTP over a tensor group of
+consecutive ranks: one (pipe, data, model) topology, DeepSpeed's PipeModelDataParallelTopology,
+row-major with the model (tensor) axis innermost, so rank = (stage x replicas + replica) x tensor +
+tensor rank. Its tensor groups are the consecutive-rank groups AutoTP expects; its data-parallel
+groups join the same stage and tensor rank of every replica; its model-parallel group, the one
+ZeRO sums the gradient norm over, is a whole replica (every stage, every shard). See
+``adopt_tensor_parallel`` for how AutoTP is made to use them.
+
 Limits: the project's Llama from scratch only (not a pretrained Hugging Face model), untied
 embeddings (the head and the embedding sit on different stages; a TiedLayerSpec is not built), Text
 records only (packed records carry per-token positions the layers would have to pass along),
 ZeRO 0 or 1 only (DeepSpeed's PipelineEngine asserts ZeRO-2 and 3 are incompatible), no sparsity or
 L1/L2 penalty. Checkpoints resume under the same mesh only (PipelineModule's per-layer files; no
-conversion to another mesh is built).
+conversion to another mesh is built); under tensor x pipeline DeepSpeed writes and reloads them
+(per-layer files per tensor rank, ``layer_<i>-model_<t>``), but the trainer's checkpoint mesh check
+does not read that layout yet.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -94,6 +105,72 @@ def build(model: Llama, stages: int) -> Any:
     )
 
 
+def adopt_tensor_parallel(module: Any, tensor: int) -> None:
+    """Put ``module`` (a PipelineModule, before deepspeed.initialize) on a (pipe, data, model) topology
+    of ``tensor``-wide tensor groups, and make AutoTP shard over those groups.
+
+    The trainer builds the PipelineModule from the stage count alone (a (pipe, data) topology); the
+    stage of each rank is the same in both (pipe is the outer axis), so only the grid is replaced.
+    AutoTP's set-up (DeepSpeedEngine._configure_tensor_parallel_states) calls
+    ``groups._init_tp_mesh_device``, which builds a (data, tensor) mesh over the whole world unless a
+    tensor group exists: its tensor groups would be right, but its data-parallel groups would join
+    the two stages (ranks 0 and 2 of tensor=2 x pipeline=2), and the engine would broadcast and
+    average stage 0's weights with stage 1's. So the topology's groups are installed first; the
+    model-parallel one is the whole replica, so ZeRO's gradient norm (clipping) sums every stage's
+    and every shard's gradients, as pure pipeline's grid does.
+    """
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+    from deepspeed.utils import groups
+
+    stages, world = int(module.num_stages), dist.get_world_size()
+    topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=world // (stages * tensor))
+    if topology.get_coord(dist.get_rank()).pipe != module.stage_id:
+        raise RuntimeError(f"rank {dist.get_rank()} would change stage under tensor={tensor}")
+    grid = PipelineParallelGrid(process_group=module.world_group, topology=topology)
+    module._topo, module._grid = topology, grid
+    groups._TENSOR_MODEL_PARALLEL_GROUP = grid.get_slice_parallel_group()
+    groups._DATA_PARALLEL_GROUP = grid.get_data_parallel_group()
+    groups._MODEL_PARALLEL_GROUP = grid.get_model_parallel_group()
+
+
+class TensorPipeGroups:
+    """The mpu of a PipelineEngine under AutoTP: the PipelineModule's grid, which also answers the
+    tensor-group queries.
+
+    AutoTP's set-up replaces the engine's mpu (the grid) by ``deepspeed.utils.groups``, which has no
+    pipe-parallel group for the PipelineEngine's loss broadcast (``_aggregate_total_loss``); the
+    grid lacks the tensor group and source rank AutoTP's first-batch check asks for. After
+    ``adopt_tensor_parallel`` both name the same groups, so this serves both.
+    """
+
+    def __init__(self, grid: Any) -> None:
+        self.grid = grid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def get_tensor_model_parallel_group(self) -> Any:
+        return self.grid.get_slice_parallel_group()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return int(self.grid.slice_group[0])
+
+
+def attach_tensor_parallel(engine: Any) -> None:
+    """Point a PipelineEngine that AutoTP set up (after deepspeed.initialize) back at its grid.
+
+    AutoTP left the engine's mpu at ``deepspeed.utils.groups`` (see ``TensorPipeGroups``) and took
+    the checkpoint's model-parallel rank from it: the tensor rank, the same on every stage, so stage 1
+    would overwrite stage 0's ``mp_rank_*_model_states.pt`` and ZeRO optimiser shards. The grid's
+    model-parallel rank is this rank's place in its replica (stage x tensor + tensor rank), which
+    names one file per stage and shard, as the stage index does under pipeline parallel alone.
+    """
+    grid = engine.grid
+    engine.mpu = TensorPipeGroups(grid)
+    engine.mp_world_size = grid.get_model_parallel_world_size()
+    engine.checkpoint_mp_rank = grid.get_model_parallel_rank()
+
+
 def micro_batches(loader: Any, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     """The loader as PipelineEngine pulls it: (inputs, labels) per micro-batch. The first stage reads
     the inputs, the last the labels; every stage pulls, so all keep the same data position."""
@@ -124,13 +201,13 @@ def bubble_fraction(stages: int, micro_batches_per_step: int) -> float:
 
 def llama_state_dict(engine: Any) -> dict[str, Tensor] | None:
     """The whole model's state on rank 0 in the Llama's names (a collective over every rank): each
-    stage's layers renamed back from PipelineModule's ``<layer index>.<...>``, gathered to rank 0."""
-    import torch.distributed as dist
-
+    stage's layers renamed back from PipelineModule's ``<layer index>.<...>``, gathered to rank 0.
+    Under tensor parallel each stage's AutoTP shards are first gathered whole within its tensor
+    group (DeepSpeed's GatherReplacedLayerParams, layer by layer)."""
     module = engine.module
     blocks = module._num_layers - 2  # embedding, blocks, head
     local: dict[str, Tensor] = {}
-    for key, value in module.state_dict().items():
+    for key, value in _whole_stage_state(module).items():
         index, _, rest = key.partition(".")
         i = int(index)
         if i == 0:
@@ -140,9 +217,10 @@ def llama_state_dict(engine: Any) -> dict[str, Tensor] | None:
         else:
             name = BLOCK_PREFIX + f"{i - 1}." + rest.removeprefix("block.")
         local[name] = value.detach().cpu()
-    # Only the data-parallel replica 0 of each stage sends: the other replicas hold the same weights.
+    # Only tensor rank 0 of replica 0 of each stage sends: the others hold the same (gathered) weights.
     parts: list[dict[str, Tensor] | None] = [None] * dist.get_world_size()
-    mine = local if engine.grid.get_data_parallel_id() == 0 else {}
+    grid = engine.grid
+    mine = local if grid.get_data_parallel_id() == 0 and grid.get_slice_parallel_rank() == 0 else {}
     dist.all_gather_object(parts, mine)
     if dist.get_rank() != 0:
         return None
@@ -150,3 +228,17 @@ def llama_state_dict(engine: Any) -> dict[str, Tensor] | None:
     for part in parts:
         merged.update(part or {})
     return merged
+
+
+def _whole_stage_state(module: nn.Module) -> dict[str, Tensor]:
+    """This stage's state dict, AutoTP's sharded weights gathered whole (a collective over the tensor
+    group; without AutoTP, the state dict as it is)."""
+    from deepspeed.module_inject.layers import GatherReplacedLayerParams
+
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    for prefix, sub in module.named_modules():
+        own = list(sub.parameters(recurse=False))
+        with GatherReplacedLayerParams(own, sub, enabled=bool(own)):
+            for name, param in sub.named_parameters(recurse=False):
+                state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
+    return state

@@ -254,13 +254,6 @@ class LLMTrainingJobSpec(ApiModel):
             ".parallelism.pipeline",
         ),
         Rule(
-            "self.parallelism.pipeline == 1 || self.parallelism.tensor == 1",
-            lambda m: m.parallelism.pipeline == 1 or m.parallelism.tensor == 1,
-            "parallelism.tensor and parallelism.pipeline cannot both be above 1: tensor x pipeline"
-            " parallel is not built yet",
-            ".parallelism",
-        ),
-        Rule(
             "self.parallelism.pipeline == 1 || self.deepspeed.zeroStage <= 1",
             lambda m: m.parallelism.pipeline == 1 or m.deepspeed.zero_stage <= 1,
             "parallelism.pipeline > 1 needs deepspeed.zeroStage 0 or 1: DeepSpeed's PipelineEngine"
