@@ -1,12 +1,14 @@
-"""Tensor parallel through the operator on the development runtime: 2 pods x 2 processes, real training.
+"""Model parallelism through the operator on the development runtime: 2 pods x 2 processes, real training.
 
-The same spec trains twice from the same seed (so the same initial weights and data order) on the
-session runtime's two nodes: once as pure data parallel (4 replicas of the model), once with
+The same spec trains three times from the same seed (so the same initial weights and data order) on
+the session runtime's two nodes: as pure data parallel (4 replicas of the model); with
 parallelism.tensor=2 (2 replicas, one per pod, each split over its pod's two processes, both fed
-the same batches). Both take the same global batch per step, so in FP32 their per-step training
-losses agree up to the order floating-point sums are taken in (a split matmul, all-reduces over
-other groups). What this adds to tests/trainer/test_parallel_tensor.py: the operator's ConfigMap
-and launch for a mesh, ranks on two pods, the tensor groups inside each pod.
+the same batches); and with tensor=2 x pipeline=2 (one replica: a stage per pod, each stage split
+over its pod's two processes, activations crossing pods between the stages). All take the same
+global batch per step, so in FP32 their per-step training losses agree up to the order
+floating-point sums are taken in (a split matmul, all-reduces over other groups). What this adds to
+tests/trainer/test_parallel_tensor.py and test_parallel_tensor_pipeline.py: the operator's
+ConfigMap and launch for a mesh, ranks on two pods, tensor groups inside a pod, stages across pods.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ TOLERANCE = 1e-4
 def parallel_job(name: str, mesh: dict[str, int]) -> dict[str, Any]:
     job = tiny_job(name, max_steps=STEPS, checkpoint_every=STEPS)
     spec = job["spec"]
-    # Heads and key/value heads divisible by tensor=2.
-    spec["model"].update(numHeads=4, numKeyValueHeads=2)
+    # Heads and key/value heads divisible by tensor=2; untied, as pipeline stages need (the embedding
+    # and the head on different stages), for every mesh so all start from the same weights.
+    spec["model"].update(numHeads=4, numKeyValueHeads=2, tieEmbeddings=False)
     # microBatchSize 4 x 4 replicas, or x 2 replicas x 2 accumulation steps: 16 samples a step.
     spec["training"].update(microBatchSize=4, globalBatchSize=16, logIntervalSteps=1)
     spec["training"]["evaluation"]["intervalSteps"] = STEPS
@@ -65,13 +68,20 @@ def run(cluster: Cluster, jobs: Jobs, namespace: str, job: dict[str, Any], mesh:
     return curve
 
 
-def test_tensor_parallel_follows_the_data_parallel_curve(
+def test_tensor_and_tensor_x_pipeline_follow_the_data_parallel_curve(
     cluster: Cluster, namespace: str, jobs: Jobs, local_operator: OperatorProcess
 ) -> None:
     dp = run(cluster, jobs, namespace, parallel_job("dp", {}), "data=4 x tensor=1")
-    mesh = run(cluster, jobs, namespace, parallel_job("tp2", {"tensor": 2}), "data=2 x tensor=2")
-    diffs = [abs(mesh[s] - dp[s]) / abs(dp[s]) for s in dp]
-    print(f"\nloss step 1 {dp[1]:.5f} vs {mesh[1]:.5f}; step {STEPS} {dp[STEPS]:.5f} vs {mesh[STEPS]:.5f}")
-    print(f"max relative loss difference over {STEPS} steps: {max(diffs):.2e}")
     assert dp[STEPS] < 0.9 * dp[1], "the reference trains"
-    assert max(diffs) < TOLERANCE
+    meshes = {
+        "tp2": ({"tensor": 2}, "data=2 x tensor=2"),
+        "tp2pp2": ({"tensor": 2, "pipeline": 2}, "data=1 x tensor=2 x pipeline=2"),
+    }
+    for name, (parallelism, described) in meshes.items():
+        mesh = run(cluster, jobs, namespace, parallel_job(name, parallelism), described)
+        diffs = [abs(mesh[s] - dp[s]) / abs(dp[s]) for s in dp]
+        print(
+            f"\n{described}: loss step 1 {dp[1]:.5f} vs {mesh[1]:.5f}; step {STEPS} {dp[STEPS]:.5f} vs {mesh[STEPS]:.5f}"
+        )
+        print(f"{described}: max relative loss difference over {STEPS} steps: {max(diffs):.2e}")
+        assert max(diffs) < TOLERANCE, name
