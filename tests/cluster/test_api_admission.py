@@ -177,17 +177,6 @@ CASES: list[tuple[str, Callable[[Manifest], None], str]] = [
         "spec.parallelism.pipeline",
     ),
     (
-        "mesh: tensor x pipeline (not built)",
-        both(
-            put("spec.workers", {"procsPerNode": 4, "gpusPerNode": 0}),
-            put("spec.parallelism", {"tensor": 2, "pipeline": 2}),
-            put("spec.model", {"tieEmbeddings": False}),
-            put("spec.deepspeed", {"zeroStage": 1}),
-            put("spec.training.globalBatchSize", 16),
-        ),
-        "spec.parallelism",
-    ),
-    (
         "contradiction: optimizer offload without ZeRO",
         both(put("spec.deepspeed.zeroStage", 0), put("spec.deepspeed.offloadOptimizer", "CPU")),
         "spec.deepspeed.offloadOptimizer",
@@ -545,7 +534,6 @@ MODEL_ERRORS: dict[str, tuple[str, str]] = {
         "does not combine with training.sparsity or L1/L2 regularization",
     ),
     "mesh: pipeline parallel with tied embeddings": ("spec", "needs model.tieEmbeddings false"),
-    "mesh: tensor x pipeline (not built)": ("spec", "tensor x pipeline parallel is not built yet"),
     "contradiction: optimizer offload without ZeRO": (
         "spec.deepspeed",
         "offloadOptimizer needs zeroStage 1, 2 or 3",
