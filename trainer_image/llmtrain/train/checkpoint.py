@@ -30,6 +30,7 @@ volume first, through ``.tmp-<tag>`` and a rename like a save, and the resume go
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -50,6 +51,8 @@ from llmtrain.train.integrity import Rejection
 from llmtrain.train.remote import Remote
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from prometheus_client import CollectorRegistry
 
     from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
@@ -146,25 +149,41 @@ def check_mesh(directory: Path, engine: Any) -> None:
     ``mp_rank_*_model_states.pt``; ``ds_to_universal`` merges the tensor ranks' slices into whole
     parameters by it, and the ZeRO-1/2 loader (``load_hp_checkpoint_state``) cuts this rank's slice
     back out, by the metadata AutoTP attached to the running parameters (``_get_param_uc_restore_meta``;
-    a parameter without it, under data parallel, takes the whole tensor). Refused:
+    a parameter without it, under data parallel, takes the whole tensor).
 
-    - another pipeline size, or a tensor change to or from a pipeline run: PipelineEngine checkpoints
-      are per-layer files (``layer_*-model_states.pt``) whose universal conversion is not wired in;
-    - a tensor change of a ZeRO-0 checkpoint (``saved_partitions`` None): ``ds_to_universal`` reads the
-      optimiser state from the ZeRO partitions (``*_optim_states.pt``), and at ZeRO-0 in FP32 DeepSpeed
-      writes none (the torch optimiser's state is in each tensor rank's model states, in its slices'
-      shapes); a universal load also needs a ZeRO or BF16 optimiser, whose parameters carry
-      ``load_hp_checkpoint_state``, so a ZeRO-0 FP32 run cannot take one either.
+    A change of pipeline size at tensor 1 goes the same way: ``ds_to_universal`` reads a pipeline
+    checkpoint's ZeRO partitions stage by stage (one ``*_mp_rank_<stage>_optim_states.pt`` each) into
+    one folder per parameter, and a universal load restores weights and moments from those folders
+    alone (``load_hp_checkpoint_state_from_checkpoint_dir``, by the running engine's parameter names;
+    the per-layer files are not read), so each stage takes its own layers' parameters. To or from
+    data parallel the folders are renamed first (``pipeline.universal_renames``). Refused:
+
+    - a change of tensor size to or from a pipeline run, or of pipeline size under tensor > 1: the
+      per-layer, per-tensor-rank files of tensor x pipeline are not converted;
+    - a tensor or pipeline change of a ZeRO-0 checkpoint (``saved_partitions`` None):
+      ``ds_to_universal`` reads the optimiser state from the ZeRO partitions (``*_optim_states.pt``),
+      and at ZeRO-0 in FP32 DeepSpeed writes none (the torch optimiser's state is in each model-parallel
+      rank's model states, in its slices' shapes); a universal load also needs a ZeRO or BF16
+      optimiser, whose parameters carry ``load_hp_checkpoint_state``, so a ZeRO-0 FP32 run cannot take
+      one either.
     """
     saved, running = saved_mesh(directory), running_mesh(engine)
     if saved == running:
         return
+    universal = saved_partitions(directory) is not None and _loads_universal(engine)
     if saved[1] == running[1] == 1:
-        if saved_partitions(directory) is not None and _loads_universal(engine):
+        if universal:
             return
         reason = (
             "a tensor size change goes through DeepSpeed's universal checkpoint, which needs ZeRO"
             " partitions (zeroStage 1 or 2) in the checkpoint and in this run"
+        )
+    elif saved[0] == running[0] == 1:
+        if universal:
+            return
+        reason = (
+            "a pipeline size change goes through DeepSpeed's universal checkpoint, which needs ZeRO"
+            " partitions (zeroStage 1) in the checkpoint and in this run"
         )
     else:
         reason = "resume it with the same tensor and pipeline sizes"
@@ -173,6 +192,19 @@ def check_mesh(directory: Path, engine: Any) -> None:
         f"checkpoint {directory.name} was written under parallelism {describe_mesh(saved)}, this run has"
         f" {describe_mesh(running)}: {reason}",
     )
+
+
+def _renames(
+    saved: tuple[int, int], running: tuple[int, int]
+) -> Callable[[list[str]], dict[str, str]] | None:
+    """The parameter renames a universal conversion from mesh ``saved`` to ``running`` needs: between
+    the Llama's names and PipelineModule's when exactly one of them is a pipeline (see ``to_universal``);
+    none otherwise (a pipeline's layer indices do not depend on its stage count)."""
+    if (saved[1] > 1) == (running[1] > 1):
+        return None
+    from llmtrain.train.pipeline import universal_renames
+
+    return functools.partial(universal_renames, to_pipeline=running[1] > 1)
 
 
 def _loads_universal(engine: Any) -> bool:
@@ -188,7 +220,9 @@ def _inner_optimizer(engine: Any) -> Any:
     return getattr(wrapper, "optimizer", wrapper)
 
 
-def to_universal(source: Path, target: Path) -> None:
+def to_universal(
+    source: Path, target: Path, renames: Callable[[list[str]], dict[str, str]] | None = None
+) -> None:
     """DeepSpeed's own conversion (``ds_to_universal``) of a ZeRO-1/2/3 checkpoint into the universal
     layout: one fp32 tensor and its optimiser moments per parameter, loadable at any data-parallel
     size. Written through ``.tmp-`` and a rename like a save, so a crash leaves nothing half-converted.
@@ -197,6 +231,12 @@ def to_universal(source: Path, target: Path) -> None:
     describes tensor/pipeline slicing. Under AutoTP DeepSpeed writes its own into every model-states
     file (kept: the flag only fills in a missing one); with data parallelism alone there is none.
     One worker each: the ranks of this job are busy waiting at a barrier, not idle cores.
+
+    ``renames``: old name -> new name of the parameter folders (``zero/<name>/``), given their names,
+    applied before the rename into place. A universal load finds a parameter's folder by the running
+    engine's name for it, and PipelineModule names its parameters by layer index
+    (``<i>.block.self_attn.q_proj.weight``) where the Llama has ``layers.<i - 1>.self_attn.q_proj.weight``:
+    ``ds_to_universal`` keeps the names the writing engine used, and DeepSpeed has no hook to map them.
     """
     import argparse
 
@@ -214,6 +254,15 @@ def to_universal(source: Path, target: Path) -> None:
         inject_missing_state=True,
     )
     ds_to_universal.main(args)
+    if renames is not None:
+        zero = tmp / "zero"
+        folders = sorted(p.name for p in zero.iterdir() if p.is_dir())
+        mapping = renames(folders)
+        # The two layouts' names are disjoint (a layer index first, or not), so no rename overwrites.
+        if sorted(mapping) != folders or len(set(mapping.values())) != len(folders):
+            raise RuntimeError(f"the parameter renames of {source} are not one-to-one")
+        for old, new in mapping.items():
+            os.rename(zero / old, zero / new)
     os.rename(tmp, target)
 
 
@@ -397,7 +446,7 @@ class Checkpointer:
     def _load(self, engine: Any, tag: str) -> tuple[str | None, dict[str, Any] | None]:
         """``engine.load_checkpoint`` of ``tag``; through a universal conversion when its ZeRO partitions
         were cut for another number of ranks (an elastic resize, or a job resubmitted at another size)
-        or its parameters for another tensor size (see ``check_mesh``).
+        or its parameters for another tensor or pipeline size (see ``check_mesh``).
 
         Rank 0 converts while the others wait; every rank then loads with DeepSpeed's
         ``load_universal`` switched on for this one load (it is a config flag, read only while loading),
@@ -415,12 +464,12 @@ class Checkpointer:
                 str(self.root), tag=tag, load_lr_scheduler_states=False
             )
             return loaded
-        assert saved is not None, "check_mesh refuses a tensor change without ZeRO partitions"
+        assert saved is not None, "check_mesh refuses a mesh change without ZeRO partitions"
         universal = self.root / (UNIVERSAL_PREFIX + tag)
         if self.env.is_main:
             start = time.perf_counter()
             if not universal.is_dir():
-                to_universal(directory, universal)
+                to_universal(directory, universal, _renames(saved_tp_pp, running))
             Logger(self.env.rank).event(
                 "checkpoint_resharded",
                 checkpoint=tag,

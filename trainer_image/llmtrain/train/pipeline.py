@@ -20,10 +20,12 @@ Limits: the project's Llama from scratch only (not a pretrained Hugging Face mod
 embeddings (the head and the embedding sit on different stages; a TiedLayerSpec is not built), Text
 records only (packed records carry per-token positions the layers would have to pass along),
 ZeRO 0 or 1 only (DeepSpeed's PipelineEngine asserts ZeRO-2 and 3 are incompatible), no sparsity or
-L1/L2 penalty. Checkpoints resume under the same mesh only (PipelineModule's per-layer files; no
-conversion to another mesh is built); under tensor x pipeline DeepSpeed writes and reloads them
-(per-layer files per tensor rank, ``layer_<i>-model_<t>``), but the trainer's checkpoint mesh check
-does not read that layout yet.
+L1/L2 penalty. Checkpoints resume under the same mesh (PipelineModule's per-layer files; under
+tensor x pipeline one per layer and tensor rank, ``layer_<i>-model_<t>``), and at ZeRO-1 a pipeline
+checkpoint resumes under another pipeline size or data parallel through DeepSpeed's universal
+checkpoint, its parameters renamed between the stages' names and the Llama's
+(``universal_renames``, checkpoint.to_universal). Tensor x pipeline checkpoints resume under the
+same mesh only.
 """
 
 from __future__ import annotations
@@ -242,3 +244,46 @@ def _whole_stage_state(module: nn.Module) -> dict[str, Tensor]:
             for name, param in sub.named_parameters(recurse=False):
                 state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
     return state
+
+
+EMBEDDING_NAMES = ("embed_tokens.",)
+HEAD_NAMES = ("norm.", "lm_head.")
+
+
+def universal_renames(names: list[str], to_pipeline: bool) -> dict[str, str]:
+    """Old name -> new name for every parameter of a universal checkpoint (one folder per parameter,
+    named as the engine that wrote it names its parameters), between the Llama's names (data parallel)
+    and PipelineModule's ``<layer index>.<...>`` (the layers of ``layers_of``: 0 the embedding, 1..n
+    the blocks as ``<i>.block.``, n + 1 the norm and head), the mapping ``llama_state_dict`` applies.
+
+    The layer index is global (the same at every stage count), so only a change to or from pipeline
+    parallel renames. The block count comes from the names themselves; a name of neither layout
+    raises ValueError rather than leave a parameter unloaded or loaded into another's place."""
+    renames: dict[str, str] = {}
+    if to_pipeline:
+        blocks = 1 + max((int(n.split(".")[1]) for n in names if n.startswith(BLOCK_PREFIX)), default=-1)
+        for name in names:
+            if name.startswith(BLOCK_PREFIX):
+                index, _, rest = name.removeprefix(BLOCK_PREFIX).partition(".")
+                renames[name] = f"{int(index) + 1}.block.{rest}"
+            elif name.startswith(EMBEDDING_NAMES):
+                renames[name] = f"0.{name}"
+            elif name.startswith(HEAD_NAMES):
+                renames[name] = f"{blocks + 1}.{name}"
+            else:
+                raise ValueError(f"parameter {name!r} is not one of the Llama's layers")
+        return renames
+    indices = [int(n.partition(".")[0]) for n in names if n.partition(".")[0].isdigit()]
+    head = max(indices, default=0)
+    for name in names:
+        index, _, rest = name.partition(".")
+        if not index.isdigit():
+            raise ValueError(f"parameter {name!r} is not named by a pipeline layer index")
+        i = int(index)
+        if (i == 0 and rest.startswith(EMBEDDING_NAMES)) or (i == head and rest.startswith(HEAD_NAMES)):
+            renames[name] = rest
+        elif 0 < i < head and rest.startswith("block."):
+            renames[name] = f"{BLOCK_PREFIX}{i - 1}.{rest.removeprefix('block.')}"
+        else:
+            raise ValueError(f"parameter {name!r} is not one of the pipeline's layers")
+    return renames
