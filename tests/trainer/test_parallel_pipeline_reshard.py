@@ -15,86 +15,28 @@ conversion, on purpose); the run itself agrees to ~2e-6.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from llmtrain.config import ConfigError
-from llmtrain.testing import debug_config
-from llmtrain.train.checkpoint import check_mesh, saved_mesh, tag_for
+from llmtrain.train.checkpoint import check_mesh
 from llmtrain.train.pipeline import universal_renames
-from tests.trainer.ranks import events, torchrun
+from tests.trainer.reshard import STEPS, assert_resumes_both_ways, engine, fake_checkpoint
 from tests.trainer.test_parallel_pipeline import TOLERANCE, curve, spec
 
-STEPS = 30
-SAVED_AT = 15
-PP2: dict[str, int] = {"pipeline": 2}
-DP: dict[str, int] = {}
 
-
-def config(work: Path, data: Path, mesh: dict[str, int]) -> Path:
-    s = spec(mesh, steps=STEPS)
-    s["training"]["checkpointing"] = {"intervalSteps": SAVED_AT, "keepLast": 3}
-    return debug_config(work, data, s)
-
-
-def train(work: Path, data: Path, mesh: dict[str, int]) -> Path:
-    log = work / "train.log"
-    assert torchrun(config(work, data, mesh), log) == 0, log.read_text()[-4000:]
-    return log
-
-
-def resume(source: Path, work: Path, data: Path, mesh: dict[str, int]) -> Path:
-    """``source``'s step-SAVED_AT checkpoint alone (its manifest verifies as copied), run under ``mesh``."""
-    tag = tag_for(SAVED_AT)
-    shutil.copytree(source / "checkpoints" / tag, work / "checkpoints" / tag)
-    return train(work, data, mesh)
-
-
-def relative(a: dict[int, float], b: dict[int, float], steps: range) -> float:
-    return max(abs(a[s] - b[s]) / b[s] for s in steps)
+def run_spec(mesh: dict[str, int]) -> dict[str, Any]:
+    return spec(mesh, steps=STEPS)
 
 
 @pytest.mark.slow
 def test_a_checkpoint_resumes_under_another_pipeline_size_on_the_same_curve(
     english_data: Path, tmp_path: Path
 ) -> None:
-    a_log = train(tmp_path / "pp", english_data, PP2)
-    b_log = train(tmp_path / "dp", english_data, DP)
-    a, b = curve(a_log), curve(b_log)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    assert relative(a, b, range(1, STEPS + 1)) < TOLERANCE, "the two references agree"
-    assert saved_mesh(tmp_path / "pp" / "checkpoints" / tag_for(SAVED_AT)) == (1, 2)
-
-    resumed_steps = range(SAVED_AT + 1, STEPS + 1)
-    cases = (
-        ("pp-under-dp", tmp_path / "pp", DP, "data=2 x tensor=1", (1, 2), (1, 1)),
-        ("dp-under-pp", tmp_path / "dp", PP2, "data=1 x tensor=1 x pipeline=2", (1, 1), (1, 2)),
-    )
-    for name, source, mesh, described, saved, running in cases:
-        work = tmp_path / name
-        log = resume(source, work, english_data, mesh)
-        start = events(log, "start")[0]
-        assert start["resumed_from"] == tag_for(SAVED_AT) and start["mesh"] == described
-        (resharded,) = events(log, "checkpoint_resharded")
-        assert resharded["saved_mesh"] == f"tensor={saved[0]} pipeline={saved[1]}"
-        assert resharded["mesh"] == f"tensor={running[0]} pipeline={running[1]}"
-        assert resharded["saved_ranks"] == resharded["ranks"] == 2
-        assert not list((work / "checkpoints").glob("universal-*")), "the converted copy was left behind"
-        resumed = curve(log)
-        assert sorted(resumed) == list(resumed_steps)
-        vs_b, vs_a = relative(resumed, b, resumed_steps), relative(resumed, a, resumed_steps)
-        print(
-            f"\n{name}: pipeline={saved[1]} -> {running[1]} at step {SAVED_AT} (conversion"
-            f" {resharded['seconds']}s): max relative loss difference over steps {SAVED_AT + 1}-{STEPS}:"
-            f" {vs_b:.2e} vs dp, {vs_a:.2e} vs pp"
-        )
-        assert vs_b < TOLERANCE and vs_a < TOLERANCE
-        # Its own checkpoints are cut for the mesh it ran under.
-        assert saved_mesh(work / "checkpoints" / tag_for(STEPS)) == running
+    model = ("pp", {"pipeline": 2}, (1, 2), "data=1 x tensor=1 x pipeline=2")
+    assert_resumes_both_ways(run_spec, curve, TOLERANCE, tmp_path, english_data, model)
 
 
 LLAMA = [
@@ -119,21 +61,6 @@ def test_the_universal_folders_are_renamed_both_ways_layer_by_layer() -> None:
         universal_renames([*LLAMA, "score.weight"], to_pipeline=True)
     with pytest.raises(ValueError, match="not one of the pipeline's layers"):
         universal_renames(["0.embed_tokens.weight", "1.norm.weight", "2.lm_head.weight"], to_pipeline=False)
-
-
-def fake_checkpoint(directory: Path, files: list[str]) -> Path:
-    directory.mkdir(parents=True)
-    for name in files:
-        (directory / name).touch()
-    return directory
-
-
-def engine(tensor: int, stages: Any = None, universal: bool = True) -> Any:
-    """What check_mesh reads of DeepSpeed's engine: AutoTP size, pipeline stages, optimiser kind."""
-    optimizer = SimpleNamespace(
-        **({"load_hp_checkpoint_state_from_checkpoint_dir": None} if universal else {})
-    )
-    return SimpleNamespace(autotp_size=lambda: tensor, num_stages=stages, optimizer=optimizer)
 
 
 PP2_MODEL = ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"] + [
