@@ -25,8 +25,7 @@ from llmop import conditions as cond
 from llmop.builders import JobRef, compress, config, prepare, scheduling, serving, storage, workers
 from llmop.kube import ChildConflict, ChildError, Kube, Leftover
 from llmop.observe import BatchJobView, PodView, ServingView, controller_uid, inference_service_view
-from llmop.planner import JobSnapshot, Observed, Plan, errors, gang, plan, remote
-from llmop.planner.context import Event
+from llmop.planner import JobSnapshot, Observed, Plan, errors, gang, plan, remote, resume
 from llmop_contract.api.v1alpha1.job import KIND, LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import ConditionStatus, JobReason, JobState, LLMTrainingJobStatus
 
@@ -53,8 +52,6 @@ class JobMemory:
     attempt_started: float = field(default_factory=time.monotonic)
     done: dict[tuple[Any, ...], float] = field(default_factory=dict)
     error_streak: int = 0  # failed passes in a row (the retry backoff)
-    fallback_reported: int = 0  # the attempt whose checkpoint fallback was reported
-    remote_resume_reported: int = 0  # the attempt whose restore from remote storage was reported
 
     def not_recently(self, action: tuple[Any, ...], items: list[Any], window: float = 15.0) -> list[Any]:
         """The items not acted on within `window` seconds, now marked as acted on.
@@ -338,12 +335,8 @@ async def report_progress(
     result.status.progress = progress.to_status(values, now, result.status.start_time, job.spec)
     if (lost := progress.settle_interruption(result.status, values, now)) is not None:
         metrics.RESTART_LOST.labels(job.namespace).observe(lost)
-    attempt = result.status.attempt
-    if (message := progress.fallback_message(values)) and memory.fallback_reported != attempt:
-        memory.fallback_reported = attempt  # once per attempt: every scrape of it says the same
-        result.events.append(Event(JobReason.CHECKPOINT_FALLBACK, message, warning=True))
-    if remote.scraped(job, result, values, now, memory.remote_resume_reported == attempt):
-        memory.remote_resume_reported = attempt
+    resume.report(job, result, result.status.attempt, resume.Resumed.scraped(values))
+    remote.scraped(job, result, values, now)
     metrics.JOB_STEP.labels(job.namespace, job.name).set(values.get("step", 0))
     if "loss" in values:
         metrics.JOB_LOSS.labels(job.namespace, job.name).set(values["loss"])

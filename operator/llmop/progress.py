@@ -24,11 +24,11 @@ _FIELDS: dict[str, str] = {
     Metric.VALIDATION_STEP: "validationStep",
     Metric.TOKENS_PER_SECOND: "tokensPerSecond",
     Metric.ETA_SECONDS: "etaSeconds",
-    # Not progress: read to report a resume that had to skip corrupt checkpoints (an Event).
+    # Not progress: how the attempt resumed (planner.resume: status.resume and its Events).
     Metric.CHECKPOINT_FALLBACKS: "checkpointFallbacks",
     Metric.RESUMED_FROM_STEP: "resumedFromStep",
-    # storage.remote (planner.remote): status.remote, the RemoteSynced condition and its Events.
     Metric.RESUMED_FROM_REMOTE: "resumedFromRemote",
+    # storage.remote (planner.remote): status.remote, the RemoteSynced condition and its Events.
     Metric.REMOTE_CHECKPOINT_STEP: "remoteCheckpointStep",
     Metric.REMOTE_UPLOADS_PENDING: "remoteUploadsPending",
     Metric.REMOTE_UPLOAD_FAILURES: "remoteUploadFailures",
@@ -40,19 +40,6 @@ _FIELDS: dict[str, str] = {
     Metric.ENERGY_JOULES: "energyJoules",
     Metric.JOULES_PER_TOKEN: "joulesPerToken",
 }
-
-
-def fallback_message(values: dict[str, float]) -> str | None:
-    """What to tell the user when the trainer resumed past checkpoints that failed verification."""
-    rejected = int(values.get("checkpointFallbacks", 0))
-    if rejected <= 0:
-        return None
-    step = int(values.get("resumedFromStep", 0))
-    where = f"resumed from the checkpoint of step {step}" if step else "started from scratch"
-    return (
-        f"{rejected} checkpoint(s) failed verification (truncated or corrupt) and were set aside;"
-        f" training {where}"
-    )
 
 
 def settle_interruption(

@@ -31,6 +31,8 @@ class Figures:
     model_path: str | None = None
     model_uri: str | None = None  # where the stage uploaded it under storage.remote.uri
     summary: list[str] = field(default_factory=list)
+    message: TerminationMessage = field(default_factory=TerminationMessage)
+    """The whole decoded message (how training resumed, for planner.resume)."""
 
 
 def final_figures(message: str) -> Figures:
@@ -57,7 +59,7 @@ def final_figures(message: str) -> Figures:
             progress[key] = data.results[key]
     results = {key: round(value, 6) for key, value in data.results.items()}  # at most MAX_RESULTS
     summary = [fmt.format(results[k]) for k, fmt in _SUMMARY if k in results]
-    return Figures(progress, results, data.model_path, data.model_uri, summary)
+    return Figures(progress, results, data.model_path, data.model_uri, summary, data)
 
 
 def refusal(pods: Iterable[PodView], stage: str) -> str | None:

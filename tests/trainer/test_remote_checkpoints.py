@@ -165,12 +165,18 @@ def test_a_new_job_with_resume_from_starts_at_that_checkpoint(
     source = f"s3://{uploaded_job['prefix']}/checkpoints/step-00000020"
     spec = remote_spec(s3.endpoint, f"s3://{uploaded_job['bucket']}/job-b", 30, 10)
     spec["training"]["checkpointing"]["resumeFrom"] = source
-    rc, records, output = run_train(debug_config(tmp_path / "b", data_dir, spec), **credentials(s3))
+    termination = tmp_path / "termination-log"
+    config = debug_config(tmp_path / "b", data_dir, spec)
+    rc, records, output = run_train(config, LLMOP_TERMINATION_LOG=str(termination), **credentials(s3))
     assert rc == 0, output[-4000:]
     start = next(r for r in records if r["event"] == "start")
     assert start["resumed_from"] == "step-00000020"
     restored = next(r for r in records if r["event"] == "resumed_from_remote")
     assert (restored["uri"], restored["step"]) == (source, 20)
+    # What the operator reports the restore from when the run ends before it scraped the metrics.
+    message = json.loads(termination.read_text())
+    assert (message["resumedFromStep"], message["resumedFromRemote"]) == (20, True), message
+    assert uploaded_job["termination"]["resumedFromRemote"] is False
     assert sorted(losses(records)) == list(range(21, 31)), "it trains steps 21..30, not from 1"
     assert next(r for r in records if r["event"] == "done")["step"] == 30
     trees = remote_trees(s3, f"{uploaded_job['bucket']}/job-b")

@@ -11,7 +11,7 @@ from typing import Any
 from llmop import planner, progress
 from llmop.conditions import REMOTE_SYNCED
 from llmop.observe import BatchJobView
-from llmop.planner import JobSnapshot, Observed, remote
+from llmop.planner import JobSnapshot, Observed, remote, resume
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.status import LLMTrainingJobStatus
 from llmop_contract.protocol import Metric
@@ -57,11 +57,12 @@ def metrics(step: int = 0, pending: int = 0, failures: int = 0, failing: int = 0
     )
 
 
-def scrape(job: JobSnapshot, text: str, reported: bool = False) -> tuple[planner.Plan, bool]:
+def scrape(job: JobSnapshot, text: str) -> planner.Plan:
     """One pass over the running gang, then the scrape the controller adds to its plan."""
-    result = planner.plan(job, Observed([pod(0), pod(1)], None, NOW))
-    said = remote.scraped(job, result, progress.parse(text), NOW, reported)
-    return result, said
+    result, values = planner.plan(job, Observed([pod(0), pod(1)], None, NOW)), progress.parse(text)
+    resume.report(job, result, result.status.attempt, resume.Resumed.scraped(values))
+    remote.scraped(job, result, values, NOW)
+    return result
 
 
 def condition(result: planner.Plan) -> tuple[str, str, str]:
@@ -70,7 +71,7 @@ def condition(result: planner.Plan) -> tuple[str, str, str]:
 
 
 def test_status_remote_from_the_metrics() -> None:
-    result, _ = scrape(snapshot(spec()), metrics(step=20, pending=1, failures=2))
+    result = scrape(snapshot(spec()), metrics(step=20, pending=1, failures=2))
     r = result.status.remote
     assert r is not None and r.uri == URI
     assert (r.checkpoint_step, r.checkpoint_uri) == (20, f"{URI}/checkpoints/step-00000020")
@@ -79,62 +80,38 @@ def test_status_remote_from_the_metrics() -> None:
 
 def test_remote_synced_follows_pending_current_and_failing() -> None:
     job = snapshot(spec())
-    pending, _ = scrape(job, metrics(step=10, pending=1))
+    pending = scrape(job, metrics(step=10, pending=1))
     assert condition(pending)[:2] == ("False", "UploadPending") and pending.events == []
-    current, _ = scrape(replace(job, status=pending.status), metrics(step=20))
+    current = scrape(replace(job, status=pending.status), metrics(step=20))
     assert condition(current) == ("True", "UploadsCurrent", f"{URI} is current (step 20)")
     assert current.events == [], "a checkpoint's upload is not worth an Event"
 
 
 def test_a_failing_upload_is_a_condition_and_one_warning_naming_the_uri_and_count() -> None:
     job = snapshot(spec())
-    failing, _ = scrape(job, metrics(step=10, pending=1, failures=3, failing=1))
+    failing = scrape(job, metrics(step=10, pending=1, failures=3, failing=1))
     status, reason, message = condition(failing)
     assert (status, reason) == ("False", "UploadFailed")
     assert URI in message and "3 upload attempt(s)" in message
     assert [(e.reason, e.warning) for e in failing.events] == [("UploadFailed", True)]
     # Still failing on the next scrape: no second Warning.
-    again, _ = scrape(replace(job, status=failing.status), metrics(step=10, pending=2, failures=5, failing=1))
+    again = scrape(replace(job, status=failing.status), metrics(step=10, pending=2, failures=5, failing=1))
     assert condition(again)[1] == "UploadFailed" and "5 upload attempt(s)" in condition(again)[2]
     assert again.events == []
     # Recovered: a Normal Event, the condition current again.
-    healed, _ = scrape(replace(job, status=again.status), metrics(step=30, failures=5))
+    healed = scrape(replace(job, status=again.status), metrics(step=30, failures=5))
     assert condition(healed)[:2] == ("True", "UploadsCurrent")
     assert [(e.reason, e.warning) for e in healed.events] == [("UploadsCurrent", False)]
 
 
 def test_the_credentials_secret_is_never_in_status_or_events() -> None:
-    result, _ = scrape(snapshot(spec()), metrics(failures=1, failing=1, resumed=1))
+    result = scrape(snapshot(spec()), metrics(failures=1, failing=1, resumed=1))
     text = json.dumps(result.status.to_wire()) + " ".join(e.message for e in result.events)
     assert "vault-creds-7f" not in text and "credentialsSecret" not in text
 
 
-def test_a_resume_from_remote_is_a_normal_event_once_per_attempt() -> None:
-    job = snapshot(spec())
-    first, said = scrape(job, metrics(resumed=1))
-    assert said
-    [event] = first.events
-    assert (event.reason, event.warning) == ("ResumedFromRemote", False)
-    assert "step 30" in event.message and URI in event.message
-    later, said_again = scrape(replace(job, status=first.status), metrics(resumed=1), reported=True)
-    assert not said_again and later.events == []
-    none, said_none = scrape(job, metrics(resumed=0))
-    assert not said_none and none.events == []
-
-
-def test_a_resume_from_another_jobs_checkpoint_names_resume_from() -> None:
-    raw = spec().to_wire()
-    raw["storage"].pop("remote")
-    raw["training"]["checkpointing"] = {"resumeFrom": "s3://runs/base/checkpoints/step-00000100"}
-    job = snapshot(LLMTrainingJobSpec.model_validate(raw))
-    result, said = scrape(job, metrics(resumed=1))
-    assert said and "training.checkpointing.resumeFrom (s3://runs/base" in result.events[0].message
-    assert result.status.remote is None, "no storage.remote, no status.remote"
-    assert all(c.type != REMOTE_SYNCED for c in result.status.conditions)
-
-
 def test_a_trainer_without_remote_metrics_leaves_the_condition_alone() -> None:
-    result, _ = scrape(snapshot(spec()), f"{Metric.STEP} 5\n")
+    result = scrape(snapshot(spec()), f"{Metric.STEP} 5\n")
     assert all(c.type != REMOTE_SYNCED for c in result.status.conditions)
 
 
@@ -146,7 +123,7 @@ def test_model_uris_from_termination_messages() -> None:
         "selection": {"objective": "Smallest"},
     }
     s = LLMTrainingJobSpec.model_validate(raw)
-    pending, _ = scrape(snapshot(s), metrics(step=10, pending=1))
+    pending = scrape(snapshot(s), metrics(step=10, pending=1))
     trained = {
         "step": 10,
         "totalSteps": 10,

@@ -196,6 +196,12 @@ class TerminationMessage(BaseModel):
     """Where the stage wrote its model, relative to the job volume's root or absolute."""
     model_uri: str | None = Field(default=None, alias="modelUri")
     """Where the stage uploaded its model under storage.remote.uri (complete: its marker is there)."""
+    resumed_from_step: int | None = Field(default=None, alias="resumedFromStep")
+    """Training: the checkpoint step this attempt resumed from (0: it started afresh)."""
+    checkpoint_fallbacks: int | None = Field(default=None, alias="checkpointFallbacks")
+    """Training: newer checkpoints that failed verification and were set aside."""
+    resumed_from_remote: bool | None = Field(default=None, alias="resumedFromRemote")
+    """Training: the volume had no usable checkpoint, so it was restored from remote storage."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Further trainer-side fields (reason, problems, ...) kept in the message for humans."""
     truncated: bool = False
@@ -225,7 +231,7 @@ class TerminationMessage(BaseModel):
         if not isinstance(raw, dict):
             return cls()
         fields: dict[str, Any] = {}
-        for key in ("step", "totalSteps", "validationStep"):
+        for key in ("step", "totalSteps", "validationStep", "resumedFromStep", "checkpointFallbacks"):
             if (number := _finite(raw.get(key))) is not None:
                 fields[key] = int(number)
         for key in ("loss", "validationLoss"):
@@ -239,6 +245,8 @@ class TerminationMessage(BaseModel):
         for key in ("modelPath", "modelUri"):
             if isinstance(value := raw.get(key), str) and value:
                 fields[key] = value
+        if isinstance(value := raw.get("resumedFromRemote"), bool):
+            fields["resumedFromRemote"] = value
         fields["truncated"] = raw.get("truncated") is True
         fields["extra"] = {k: v for k, v in raw.items() if k not in _KNOWN}
         return cls.model_validate(fields)
@@ -254,6 +262,9 @@ _KNOWN = frozenset(
         "results",
         "modelPath",
         "modelUri",
+        "resumedFromStep",
+        "checkpointFallbacks",
+        "resumedFromRemote",
         "truncated",
     }
 )

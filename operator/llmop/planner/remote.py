@@ -22,8 +22,6 @@ from llmop_contract import remote as layout
 from llmop_contract.api.v1alpha1.status import JobReason, RemoteStatus
 
 # progress.parse's names for the trainer's remote metrics.
-RESUMED = "resumedFromRemote"
-RESUMED_STEP = "resumedFromStep"
 CHECKPOINT_STEP = "remoteCheckpointStep"
 PENDING = "remoteUploadsPending"
 FAILURES = "remoteUploadFailures"
@@ -40,18 +38,12 @@ def remote_status(job: JobSnapshot, plan: Plan) -> RemoteStatus | None:
     return plan.status.remote
 
 
-def scraped(
-    job: JobSnapshot, plan: Plan, values: Mapping[str, float], now: datetime, resume_reported: bool
-) -> bool:
-    """Take a scrape's remote figures into ``plan``; True when it reported a resume from remote
-    storage (the caller reports that once per attempt: every later scrape says the same)."""
-    reported = False
-    if not resume_reported and values.get(RESUMED, 0) >= 1:
-        plan.events.append(Event(JobReason.RESUMED_FROM_REMOTE, resume_message(job, values)))
-        reported = True
+def scraped(job: JobSnapshot, plan: Plan, values: Mapping[str, float], now: datetime) -> None:
+    """Take a scrape's remote figures into ``plan`` (a restore from remote storage is
+    ``planner.resume``'s)."""
     status = remote_status(job, plan)
     if status is None or PENDING not in values:
-        return reported  # no remote storage, or a trainer that has not set its uploader up yet
+        return  # no remote storage, or a trainer that has not set its uploader up yet
     step = int(values.get(CHECKPOINT_STEP, 0))
     if step > 0:
         status.checkpoint_step = step
@@ -71,7 +63,6 @@ def scraped(
     else:
         where = f"step {status.checkpoint_step}" if status.checkpoint_step else "nothing saved yet"
         synced(job, plan, now, JobReason.UPLOADS_CURRENT, f"{status.uri} is current ({where})")
-    return reported
 
 
 def uploaded(
@@ -109,17 +100,3 @@ def synced(job: JobSnapshot, plan: Plan, now: datetime, reason: JobReason, messa
         plan.events.append(Event(JobReason.UPLOAD_FAILED, message, warning=True))
     elif was_failing and not failing:
         plan.events.append(Event(reason, f"uploads to the remote storage succeed again: {message}"))
-
-
-def resume_message(job: JobSnapshot, values: Mapping[str, float]) -> str:
-    step = int(values.get(RESUMED_STEP, 0))
-    remote, resume_from = job.spec.storage.remote, job.spec.training.checkpointing.resume_from
-    if remote is not None and resume_from is None:
-        where = f"storage.remote ({remote.uri})"
-    elif remote is None and resume_from is not None:
-        where = f"training.checkpointing.resumeFrom ({resume_from})"
-    elif remote is not None and resume_from is not None:
-        where = f"storage.remote ({remote.uri}) or else training.checkpointing.resumeFrom ({resume_from})"
-    else:
-        where = "remote storage"
-    return f"the volume had no usable checkpoint: restored the checkpoint of step {step} from {where}"

@@ -10,7 +10,7 @@ from llmop import progress
 from llmop.builders import storage
 from llmop.capacity import Fit
 from llmop.observe import PodView
-from llmop.planner import elastic, gang, remote, stages
+from llmop.planner import elastic, gang, remote, resume, stages
 from llmop.planner.context import TRAIN, Event, Pass
 from llmop.termination import final_figures
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
@@ -122,6 +122,7 @@ def trained(p: Pass, current: list[PodView], attempt: int) -> None:
     p.stage(TRAIN, StageState.SUCCEEDED)
     rank0 = next((x for x in current if x.index == 0), None)
     figures = final_figures(rank0.termination_message if rank0 else "")
+    resume.report(p.job, p.plan, attempt, resume.Resumed.terminated(figures.message))
     if figures.progress:
         # The last scrape may predate the final step; the trainer's own summary is authoritative.
         before = p.status.progress.to_wire() if p.status.progress else {}

@@ -118,6 +118,8 @@ class Run:
     mesh: Mesh | None = None
     sequence: sequence_parallel.SequenceGroups | None = None
     """Ulysses' groups when parallelism.sequence > 1: every batch is sliced along the sequence."""
+    restored_from: str | None = None
+    """Where this attempt's checkpoint was fetched from (storage.remote or resumeFrom); None: the volume."""
 
 
 def seed_everything(seed: int) -> None:
@@ -238,13 +240,14 @@ def setup(cfg: TrainerConfig) -> Run:
     checkpointer.register_metrics(metrics.registry)
     total = total_steps(tr)
     metrics.total_steps.set(total)
+    step = int(state.get("step", 0))
+    metrics.step.set(step)
+    # Before the endpoint opens: a scrape must never see the fallbacks without the step they led to.
+    metrics.checkpoint_fallbacks.set(restored.fallbacks)
+    metrics.resumed_from_step.set(restored.step)
     if env.is_main:
         port = int(os.environ.get(Env.METRICS_PORT, spec.workers.metrics_port))
         log.event("metrics_listening", port=metrics.serve(port))
-    step = int(state.get("step", 0))
-    metrics.step.set(step)
-    metrics.checkpoint_fallbacks.set(restored.fallbacks)
-    metrics.resumed_from_step.set(restored.step)
     log.event(
         "start",
         job=cfg.run.job_name,
@@ -292,6 +295,7 @@ def setup(cfg: TrainerConfig) -> Run:
         float(state.get("productive_seconds") or 0.0),
         mesh,
         sequence,
+        restored_from=restored.from_remote,
     )
 
 
@@ -422,12 +426,12 @@ def run(cfg: TrainerConfig) -> Result:
                     model_path=result.export_dir,
                     model_uri=model_uri,
                     results=final,
-                    # For the operator's event about a fallback (Metric.CHECKPOINT_FALLBACKS says it live).
-                    extra={
-                        "stage": "train",
-                        "resumedFromStep": resumed_from_step,
-                        "checkpointFallbacks": result.checkpoint_fallbacks,
-                    },
+                    # How this attempt resumed, as the metrics say it live: an attempt that ends between
+                    # two of the operator's scrapes is reported from here (status.resume, its Events).
+                    resumed_from_step=resumed_from_step,
+                    checkpoint_fallbacks=result.checkpoint_fallbacks,
+                    resumed_from_remote=r.restored_from is not None,
+                    extra={"stage": "train"},
                 )
             )
         return result

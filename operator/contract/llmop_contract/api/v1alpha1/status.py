@@ -265,6 +265,20 @@ class Interruption(ApiModel):
 MAX_INTERRUPTIONS = 32
 
 
+class ResumeStatus(ApiModel):
+    """How the latest attempt that did not start afresh got its checkpoint (from the trainer's metrics,
+    or its termination message when the attempt ended between two scrapes)."""
+
+    attempt: int = Field(ge=1)
+    """The attempt that resumed."""
+    step: int = Field(0, ge=0)
+    """The checkpoint's step (0: every checkpoint failed verification, so it started from scratch)."""
+    from_remote: bool = False
+    """The volume had no usable checkpoint: it was restored from storage.remote or resumeFrom."""
+    fallbacks: int = Field(0, ge=0)
+    """Newer checkpoints that failed verification (truncated or corrupt) and were set aside."""
+
+
 class LLMTrainingJobStatus(ApiModel):
     """Observed state of an LLMTrainingJob."""
 
@@ -292,6 +306,8 @@ class LLMTrainingJobStatus(ApiModel):
     """Elastic gangs: resizes so far, the newest last (the last 32 kept)."""
     interruptions: list[Interruption] = Field(default_factory=list, max_length=MAX_INTERRUPTIONS)
     """Gang restarts and the time each lost, the newest last (the last 32 kept)."""
+    resume: ResumeStatus | None = None
+    """The latest resume from a checkpoint: its attempt, step and source (its Events are said once)."""
     stages: list[StageStatus] = Field(default_factory=list)
     """Per-stage state and results."""
     progress: Progress | None = None
