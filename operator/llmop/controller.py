@@ -131,7 +131,8 @@ async def reconcile_once(
     now = datetime.now(UTC)
     seen = Observed(
         pods=pods,
-        prepare=prepare_jobs[0] if prepare_jobs else None,
+        prepare=next((j for j in prepare_jobs if not j.prepare_phase), None),
+        prepare_phases=[j for j in prepare_jobs if j.prepare_phase],
         now=now,
         compress_jobs=compress_jobs,
         compress_pods=[v for v in _store(indexes.compress_pods, (namespace, name)) if v.owner_uid in ours],
@@ -258,6 +259,8 @@ async def act(
                 await events.post(kube, body, "PodGroupUnavailable", problem, warning=True)
     if result.create_prepare:
         await kube.create(prepare.build_prepare_job(ref))
+    if result.create_prepare_phase is not None:
+        await kube.create(prepare.build_phase_job(ref, result.create_prepare_phase))
     if result.create_compress:
         todo = memory.not_recently(("compress",), result.create_compress)
         await _each(
@@ -403,6 +406,7 @@ async def write_status(
     state = result.status.state
     metrics.set_state(ns, name, state.value if state else None)
     metrics.JOB_RESTARTS.labels(ns, name).set(result.status.restart_count)
+    metrics.record_preparation(ns, name, result.status.preparation)
 
 
 def record_transition(namespace: str, t: cond.Transition) -> None:

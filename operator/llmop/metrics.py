@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmop.conditions import parse_time
-from llmop_contract.api.v1alpha1.status import JobState, StageStatus
+from llmop_contract.api.v1alpha1.status import JobState, PreparationStatus, StageStatus
 from llmop_contract.protocol import StageName
 
 REGISTRY = CollectorRegistry()
@@ -95,6 +95,18 @@ COMPRESSION_RESULT = Gauge(
 # The figures worth a time series; the rest stays in status.
 COMPRESSION_FIGURES = ("sizeRatio", "perplexityIncreasePercent", "speedup", "sparsity", "parameterRatio")
 JOB_RESTARTS = Gauge("llmop_job_restarts", "restartCount of the job", ["namespace", "job"], registry=REGISTRY)
+PREPARE_PODS = Gauge(
+    "llmop_prepare_phase_pods",
+    "data.distributed: pods of each preparation phase by state (Succeeded, Failed, Pending: not yet done)",
+    ["namespace", "job", "phase", "state"],
+    registry=REGISTRY,
+)
+PREPARE_DOCUMENTS = Gauge(
+    "llmop_prepare_phase_documents",
+    "data.distributed: documents the finished pods of each preparation phase read and kept",
+    ["namespace", "job", "phase", "kind"],
+    registry=REGISTRY,
+)
 
 _states: dict[tuple[str, str], str] = {}
 STATES = tuple(state.value for state in JobState)
@@ -146,7 +158,29 @@ def forget(namespace: str, job: str) -> None:
             gauge.remove(namespace, job)
         except KeyError:
             pass
-    for family in (JOB_INFO, COMPRESSION_RESULT):
+    for family in (JOB_INFO, COMPRESSION_RESULT, PREPARE_PODS, PREPARE_DOCUMENTS):
         for labels in list(family._metrics):
             if labels[0] == namespace and labels[1] == job:
                 family.remove(*labels)
+
+
+def record_preparation(namespace: str, job: str, status: PreparationStatus | None) -> None:
+    """Each phase's pods and documents, from status.preparation."""
+    for phase in status.phases if status is not None else ():
+        done = _count_indexes(phase.completed_indexes)
+        failed = _count_indexes(phase.failed_indexes)
+        for state, n in (("Succeeded", done), ("Failed", failed), ("Pending", phase.pods - done - failed)):
+            PREPARE_PODS.labels(namespace, job, phase.name.value, state).set(max(0, n))
+        for kind, value in (("read", phase.documents_read), ("kept", phase.documents_kept)):
+            if value is not None:
+                PREPARE_DOCUMENTS.labels(namespace, job, phase.name.value, kind).set(value)
+
+
+def _count_indexes(ranges: str | None) -> int:
+    """Indexes in the Job's compact form, "0-2,5" -> 4."""
+    count = 0
+    for part in (ranges or "").split(","):
+        lo, _, hi = part.partition("-")
+        if lo.strip().isdigit():
+            count += (int(hi) if hi.strip().isdigit() else int(lo)) - int(lo) + 1
+    return count

@@ -11,6 +11,9 @@ INDEX_LABEL = f"{GROUP}/worker-index"
 MANAGED_BY = "llmop"
 
 STAGE_LABEL = f"{GROUP}/stage"
+PHASE_LABEL = f"{GROUP}/prepare-phase"  # data.distributed: the preparation phase of a Job and its pods
+# Set by the Job controller on an Indexed Job's pods (and in JOB_COMPLETION_INDEX).
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 ROLE_WORKER = "worker"
 ROLE_PREPARE = "prepare"
@@ -51,6 +54,11 @@ def claim_name(job: str) -> str:
 
 def prepare_job_name(job: str) -> str:
     return f"{job}-prepare"
+
+
+def prepare_phase_job_name(job: str, phase: str) -> str:
+    # At most 40 + 16 characters; its pods' hostnames add "-<index>" (at most 4), within 63.
+    return f"{job}-prepare-{phase}"
 
 
 def compress_job_name(job: str, stage: str) -> str:

@@ -70,6 +70,8 @@ class PodView:
     uid: str = ""
     waiting_reason: str = ""  # why a container is not started yet (CreateContainerConfigError, ...)
     waiting_message: str = ""  # the kubelet's words, e.g. secret "s3-keys" not found
+    prepare_phase: str = ""  # data.distributed: the preparation phase of the pod's Indexed Job
+    completion_index: int | None = None  # an Indexed Job's pod: its index
 
     @property
     def config_error(self) -> str | None:
@@ -166,7 +168,14 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         uid=meta.get("uid", ""),
         waiting_reason=str(waiting.get("reason") or ""),
         waiting_message=str(waiting.get("message") or "")[:1024],
+        prepare_phase=labels.get(naming.PHASE_LABEL, ""),
+        completion_index=_index(labels, meta.get("annotations") or {}),
     )
+
+
+def _index(labels: Mapping[str, Any], annotations: Mapping[str, Any]) -> int | None:
+    value = labels.get(naming.COMPLETION_INDEX, annotations.get(naming.COMPLETION_INDEX))
+    return None if value is None else _int(value, -1)
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,9 @@ class BatchJobView:
     stage: str = ""
     uid: str = ""
     owner_uid: str = ""
+    prepare_phase: str = ""  # data.distributed: the preparation phase this Indexed Job runs
+    completed_indexes: str = ""  # an Indexed Job's finished indexes ("0-2,5")
+    failed_indexes: str = ""  # ... and those out of retries
 
 
 def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
@@ -233,4 +245,7 @@ def batch_job_view(job: Mapping[str, Any]) -> BatchJobView:
         stage=job.get("metadata", {}).get("labels", {}).get(naming.STAGE_LABEL, ""),
         uid=job.get("metadata", {}).get("uid", ""),
         owner_uid=controller_uid(job),
+        prepare_phase=job.get("metadata", {}).get("labels", {}).get(naming.PHASE_LABEL, ""),
+        completed_indexes=str(status.get("completedIndexes") or ""),
+        failed_indexes=str(status.get("failedIndexes") or ""),
     )

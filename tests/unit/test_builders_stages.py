@@ -248,7 +248,14 @@ def test_prepare_pod_is_cpu_only_with_its_own_short_environment(case: str) -> No
     assert c["resources"] == ({"requests": requests} if requests else {})  # no GPUs, no limits
     assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 120
     assert "priorityClassName" not in spec
-    assert meta == {"labels": naming.common_labels(job.name, naming.ROLE_PREPARE)}
+    assert meta["labels"] == naming.common_labels(job.name, naming.ROLE_PREPARE)
+    # The user's annotations (sidecars, log collection) as on every stage's pod, but not gang membership.
+    wanted = {
+        k: v
+        for k, v in job.spec.workers.pod_annotations.items()
+        if not k.startswith(("kueue.", "scheduling."))
+    }
+    assert meta.get("annotations", {}) == wanted
 
 
 @pytest.mark.parametrize("case", sorted(c for c in CASES if job_ref(c).spec.compression is not None))

@@ -12,6 +12,7 @@ from llmop.naming import (
     config_map_name,
     pod_group_name,
     prepare_job_name,
+    prepare_phase_job_name,
     service_account_name,
     service_name,
     serving_name,
@@ -19,6 +20,7 @@ from llmop.naming import (
 )
 from llmop.search.builders import best_name, trial_name
 from llmop_contract.api import crdgen
+from llmop_contract.api.v1alpha1.data import PreparePhase
 from llmop_contract.api.v1alpha1.job import MAX_NAME_LENGTH, NAME_RULE, name_problem
 from llmop_contract.api.v1alpha1.search import (
     MAX_SEARCH_NAME_LENGTH,
@@ -48,6 +50,11 @@ def children_problems(job: str) -> list[str]:
         problems.append(f"hostname {worker_name(job, 1023)}")
     if not _label(LABEL_VALUE, job):
         problems.append(f"label value {job}")
+    for phase in PreparePhase:
+        # A Job's name is its pods' job-name label, and an Indexed Job's pods are called <job>-<index>.
+        indexed = prepare_phase_job_name(job, phase.value)
+        if not _label(LABEL_VALUE, indexed) or not _label(DNS_1123_LABEL, f"{indexed}-255"):
+            problems.append(f"Indexed Job {indexed}")
     objects = (
         config_map_name(job),
         claim_name(job),

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 from llmop.builders import JobRef, Manifest
 
+# Scheduler group membership (Kueue pod groups, Volcano's scheduling.k8s.io/group-name): a batch
+# stage's pod is not a member of the training gang.
+GANG_ANNOTATIONS = ("kueue.", "scheduling.")
+
 # As long as a worker gets to write its checkpoint: a stage stopped by an eviction finishes its write.
 GRACE_SECONDS = 120
+
+
+def template_metadata(job: JobRef, labels: dict[str, str]) -> Manifest:
+    """A stage pod's labels, and the user's pod annotations (sidecar injection, log collection)
+    except the gang scheduler's."""
+    metadata: Manifest = {"labels": labels}
+    annotations = {
+        k: v for k, v in job.spec.workers.pod_annotations.items() if not k.startswith(GANG_ANNOTATIONS)
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    return metadata
 
 
 def ignore_disruptions() -> Manifest:

@@ -25,7 +25,6 @@ class Stage:
 ONNX = "onnx"
 ONNX_DIR = f"{storage.OUTPUT_DIR}/onnx"
 CONTAINER = "compress"
-GANG_ANNOTATIONS = ("kueue.", "scheduling.")
 
 
 def stages(spec: LLMTrainingJobSpec) -> list[Stage]:
@@ -63,14 +62,7 @@ def build_compress_job(job: JobRef, stage: Stage) -> Manifest:
         pod.resources(compression.resources.requests, compression.resources.limits),
     )
     labels = {**naming.common_labels(job.name, naming.ROLE_COMPRESS), naming.STAGE_LABEL: stage.name}
-    template_metadata: Manifest = {"labels": labels}
-    # The user's pod annotations, except scheduler group membership (Kueue pod groups, Volcano's
-    # scheduling.k8s.io/group-name): a compression Job is not a member of the training gang.
-    annotations = {
-        k: v for k, v in job.spec.workers.pod_annotations.items() if not k.startswith(GANG_ANNOTATIONS)
-    }
-    if annotations:
-        template_metadata["annotations"] = annotations
+    template_metadata = batch.template_metadata(job, labels)
     return batch.batch_job(
         job,
         naming.compress_job_name(job.name, stage.name),

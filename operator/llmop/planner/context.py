@@ -15,6 +15,7 @@ from llmop import conditions as cond
 from llmop.builders.compress import Stage
 from llmop.capacity import Fit
 from llmop.observe import BatchJobView, PodView, ServingView
+from llmop_contract.api.v1alpha1.data import PreparePhase
 from llmop_contract.api.v1alpha1.job import LLMTrainingJobSpec
 from llmop_contract.api.v1alpha1.lifecycle import ServingEngine
 from llmop_contract.api.v1alpha1.status import (
@@ -51,6 +52,8 @@ class Observed:
     # Nodes free for one more worker each beside the running gang: only computed for an elastic
     # gang running below its largest size (see ``elastic.grow``).
     room: int | None = None
+    # data.distributed: the phases' Indexed Jobs (``prepare`` is the single-pod Job otherwise).
+    prepare_phases: list[BatchJobView] = field(default_factory=list)
     compress_jobs: list[BatchJobView] = field(default_factory=list)
     compress_pods: list[PodView] = field(default_factory=list)
     serving: ServingView | None = None
@@ -65,6 +68,7 @@ class Plan:
     status: LLMTrainingJobStatus
     ensure_base: bool = False
     create_prepare: bool = False
+    create_prepare_phase: PreparePhase | None = None  # data.distributed: the phase Job to create
     create_workers: list[int] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
     # Deleted with grace 0: their node is lost, so no kubelet will ever confirm their termination.

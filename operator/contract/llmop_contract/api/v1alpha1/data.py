@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from llmop_contract.api.base import ApiModel, Rule
+from llmop_contract.api.v1alpha1.workload import ResourceRequirements
 
 
 class SourceFormat(StrEnum):
@@ -218,6 +219,36 @@ class Sharding(ApiModel):
     """Seed for the train/validation split."""
 
 
+class PreparePhase(StrEnum):
+    """The distributed prepare stage's phases, in order; each is one Indexed Job."""
+
+    SCAN = "scan"  # N pods: read a slice, clean, exact keys and MinHash signatures, partitioned by hash
+    DEDUP = "dedup"  # N pods: one hash partition each: exact groups, LSH buckets, verified pairs
+    CLUSTER = "cluster"  # 1 pod: connected components over every pair, removal lists, the tokenizer
+    WRITE = "write"  # N pods: each tokenises its slice's kept documents into its own shards
+    COMMIT = "commit"  # 1 pod: one manifest over every pod's shards
+
+    @property
+    def parallel(self) -> bool:
+        return self in (PreparePhase.SCAN, PreparePhase.DEDUP, PreparePhase.WRITE)
+
+
+class Distribution(ApiModel):
+    """The prepare stage across pods: each phase an Indexed Job, each pod streaming its own slice of the
+    inputs (whole files, Parquet row groups, line-aligned byte ranges of large files) with memory
+    bounded per pod whatever the corpus size."""
+
+    pods: int = Field(1, ge=1, le=256)
+    """Pods of each parallel phase (scan, dedup, write); the kept documents and shards are the same for any count."""
+    resources: ResourceRequirements | None = None
+    """Each pod's CPU and memory; unset: the workers' node requests without GPUs."""
+    backoff_limit_per_index: int = Field(3, ge=0, le=100)
+    """Retries of one failed pod (its index alone is rerun; finished indexes are kept)."""
+
+    def count(self, phase: PreparePhase) -> int:
+        return self.pods if phase.parallel else 1
+
+
 class DataSpec(ApiModel):
     """Data preparation: read, clean, deduplicate, augment, tokenise and shard."""
 
@@ -239,6 +270,8 @@ class DataSpec(ApiModel):
     """Shard layout."""
     num_workers: int = Field(0, ge=0, le=1024)
     """Processes for preparation; 0 uses every core."""
+    distributed: Distribution | None = None
+    """Run preparation as phases of Indexed Jobs across pods (plain text only); unset: one pod holds the corpus in memory."""
 
     rules = (
         Rule(
@@ -246,5 +279,11 @@ class DataSpec(ApiModel):
             lambda m: not m.prepare or bool(m.sources),
             "sources must list at least one input when prepare is true",
             ".sources",
+        ),
+        Rule(
+            "!has(self.distributed) || self.format.type == 'Text'",
+            lambda m: m.distributed is None or m.format.type == RecordFormat.TEXT,
+            "distributed preparation is for plain-text corpora; supervised records are prepared by one pod",
+            ".distributed",
         ),
     )

@@ -7,6 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from llmop_contract.api.base import ApiModel
+from llmop_contract.api.v1alpha1.data import PreparePhase
 
 
 class ConditionStatus(StrEnum):
@@ -140,6 +141,36 @@ class StageStatus(ApiModel):
     """Where the stage uploaded its model under storage.remote.uri."""
     retries: int | None = Field(None, ge=0)
     """Failed pods of the stage's Job so far (each retried up to the backoff limit)."""
+
+
+class PreparePhaseStatus(ApiModel):
+    """One phase of a distributed preparation (data.distributed): its Indexed Job and what its pods did."""
+
+    name: PreparePhase
+    """The phase."""
+    state: StageState
+    """Pending until its Job exists, then as the Job."""
+    pods: int = Field(ge=1)
+    """Pods (completion indexes) of the phase."""
+    completed_indexes: str | None = Field(None, max_length=4096)
+    """Indexes whose pod succeeded, as the Job reports them ("0-2,5")."""
+    failed_indexes: str | None = Field(None, max_length=4096)
+    """Indexes that used up their retries (backoffLimitPerIndex)."""
+    retries: int = Field(0, ge=0)
+    """Failed pods so far, each retried alone."""
+    documents_read: int | None = Field(None, ge=0)
+    """Documents the phase's finished pods read."""
+    documents_kept: int | None = Field(None, ge=0)
+    """Documents the phase's finished pods kept."""
+
+
+class PreparationStatus(ApiModel):
+    """A distributed preparation's phases (data.distributed), in order."""
+
+    phase: PreparePhase | None = None
+    """The phase running now (unset once every phase succeeded)."""
+    phases: list[PreparePhaseStatus] = Field(default_factory=list, max_length=len(PreparePhase))
+    """Every phase started so far, in order."""
 
 
 class Progress(ApiModel):
@@ -310,6 +341,8 @@ class LLMTrainingJobStatus(ApiModel):
     """The latest resume from a checkpoint: its attempt, step and source (its Events are said once)."""
     stages: list[StageStatus] = Field(default_factory=list)
     """Per-stage state and results."""
+    preparation: PreparationStatus | None = None
+    """data.distributed: each preparation phase's pods and documents."""
     progress: Progress | None = None
     """Training progress."""
     output_model_path: str | None = None
