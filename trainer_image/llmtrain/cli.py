@@ -1,6 +1,7 @@
 """``llmtrain``: the entry point of every trainer pod.
 
     llmtrain prepare CONFIG                 clean, deduplicate, tokenise and shard the data
+    llmtrain prepare CONFIG --phase PHASE   one pod of distributed preparation (--index I)
     llmtrain train CONFIG                   train with DeepSpeed, checkpoint, resume, export
     llmtrain compress CONFIG --stage STAGE  quantise, prune or distil the trained model, evaluated
     llmtrain serve ...                      OpenAI-compatible completions API for a model directory
@@ -30,6 +31,21 @@ _DELEGATED = {
 }
 
 
+PREPARE_PHASES = ("scan", "dedup", "cluster", "write", "commit")
+
+
+def prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG, --phase and --index: the same for ``llmtrain prepare`` and ``python -m llmtrain.prepare``
+    (here, not in llmtrain.prepare, so that parsing any command imports no numpy)."""
+    parser.add_argument("config", help="TrainerConfig YAML/JSON file")
+    parser.add_argument(
+        "--phase", choices=PREPARE_PHASES, help="one pod of distributed preparation (default: the single pod)"
+    )
+    parser.add_argument(
+        "--index", type=int, help="the pod's index in its phase (default: $JOB_COMPLETION_INDEX, else 0)"
+    )
+
+
 def check_qlora(cfg: TrainerConfig) -> None:
     """QLoRA refused before the launcher, where an exit 2 is still an exit 2 (torchrun makes it 1).
 
@@ -56,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     parser = argparse.ArgumentParser(prog="llmtrain", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("prepare", "prepare the training data"), ("train", "train the model")):
-        sub.add_parser(name, help=text).add_argument("config", help="TrainerConfig YAML/JSON file")
+    prepare_arguments(sub.add_parser("prepare", help="prepare the training data"))
+    sub.add_parser("train", help="train the model").add_argument(
+        "config", help="TrainerConfig YAML/JSON file"
+    )
     for name in _DELEGATED:
         sub.add_parser(name, help=f"see `llmtrain {name} --help`")
     args = parser.parse_args(args_list)
@@ -65,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":  # the same entry as `python -m llmtrain.prepare`
         from llmtrain.prepare.entry import main as prepare_main
 
-        return prepare_main(args.config)
+        return prepare_main(args.config, args.phase, args.index)
 
     # Validate the config and the data before importing torch/DeepSpeed (and before the launcher
     # starts torchrun, which would turn any exit code into 1), so bad input fails in under a second.

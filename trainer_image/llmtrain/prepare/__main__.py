@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmtrain.cli import prepare_arguments
 from llmtrain.prepare.entry import main as prepare_main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmtrain.prepare", description=__doc__)
-    parser.add_argument("config", help="TrainerConfig YAML/JSON file")
+    prepare_arguments(parser)
     args = parser.parse_args(argv)
-    return prepare_main(args.config)
+    return prepare_main(args.config, args.phase, args.index)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,19 @@ from llmtrain.prepare.pipeline import run
 PROG = "llmtrain prepare"
 
 
-def main(config_path: str | Path) -> int:
+def main(config_path: str | Path, phase: str | None = None, index: int | None = None) -> int:
+    """Without ``phase`` the single-pod stage; with it, one pod of a distributed phase (its index from
+    ``index``, else $JOB_COMPLETION_INDEX)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        stats = run(load_config(config_path))
+        config = load_config(config_path)
+        if phase is None:
+            stats = run(config)
+        else:
+            from llmop_contract.api.v1alpha1.data import PreparePhase
+            from llmtrain.prepare.distributed.phases import pod_index, run_phase
+
+            stats = run_phase(config, PreparePhase(phase), pod_index(index))
     except ConfigError as exc:  # DataError too: an empty, duplicate-only or too small corpus
         return refuse(PROG, exc, "prepare")
     print(json.dumps(stats, indent=2))
