@@ -33,17 +33,26 @@ def signatures_from_hashes(
     shingle_sets: list[npt.NDArray[np.uint32]], num_perm: int, seed: int = 1
 ) -> Signatures:
     """``(len(shingle_sets), num_perm)`` uint32 signatures; a document without shingles gets all ``EMPTY``."""
-    n = len(shingle_sets)
+    lengths = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
+    flat = np.concatenate(shingle_sets) if shingle_sets else np.empty(0, dtype=np.uint32)
+    return signatures_from_flat(flat, lengths, num_perm, seed)
+
+
+def signatures_from_flat(
+    shingles: npt.NDArray[np.uint32], lengths: npt.NDArray[np.int64], num_perm: int, seed: int = 1
+) -> Signatures:
+    """Signatures of documents whose shingle hashes lie end to end in ``shingles``, ``lengths[i]``
+    of them for document i."""
+    n = lengths.size
     sig = np.full((n, num_perm), EMPTY, dtype=np.uint32)
     if n == 0:
         return sig
     a, b = permutations(num_perm, seed)
     a_col, b_col = a[:, None], b[:, None]
-    lengths = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=n)
     nonempty = np.flatnonzero(lengths)
     if nonempty.size == 0:
         return sig
-    flat = np.concatenate([shingle_sets[i] for i in nonempty]).astype(np.uint64)
+    flat = shingles.astype(np.uint64)
     starts = np.zeros(nonempty.size, dtype=np.int64)
     np.cumsum(lengths[nonempty][:-1], out=starts[1:])
     ends = starts + lengths[nonempty]
@@ -77,8 +86,8 @@ def signatures_from_hashes(
 
 def signatures(texts: list[str], shingle_size: int, num_perm: int, seed: int = 1) -> Signatures:
     """Signatures of raw texts (shingling included); the unit of work handed to a worker process."""
-    hasher = ShingleHasher(shingle_size)
-    return signatures_from_hashes([hasher.hashes(t) for t in texts], num_perm, seed)
+    flat, lengths = ShingleHasher(shingle_size).batch(texts)
+    return signatures_from_flat(flat, lengths, num_perm, seed)
 
 
 def estimated_jaccard(
