@@ -4,7 +4,7 @@
 #
 # Honours KUBEBUILDER_ASSETS: when set, kube-apiserver/etcd/kubectl come from there and only the
 # tools envtest does not ship (kwok, kwokctl, controller-manager, scheduler, helm, kubeconform, and
-# SeaweedFS's weed, the tests' S3 server) are built.
+# SeaweedFS's weed, the tests' S3 server; Kueue, the tests' queueing controller) are built.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -13,6 +13,10 @@ source "$here/versions.env"
 cache=${LLMOP_CACHE_DIR:-$HOME/.cache/llmop}
 bin=$cache/bin
 mkdir -p "$bin"
+# One build at a time per cache: test sessions started together (CI shards, a benchmark beside the
+# suite) would otherwise build the same component into the same directories at once.
+exec 9>"$cache/.build.lock"
+flock 9
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
 export GOMODCACHE=${GOMODCACHE:-$cache/go/mod} GOCACHE=${GOCACHE:-$cache/go/build}
 log() { echo "[cluster-bins] $*" >&2; }
@@ -101,10 +105,25 @@ build_seaweedfs() {
   link_all "$out"
 }
 
-go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl
-go_install kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
-go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
-build_seaweedfs
+build_kueue() {
+  local out; out=$(dist kueue "$KUEUE_VERSION")
+  if [ ! -e "$out/.done" ]; then
+    log "building kueue $KUEUE_VERSION (about 10 minutes cold)"
+    # Like SeaweedFS: Kueue's go.mod has replace directives, so the module source is the main module.
+    local src=$cache/src/kueue-$KUEUE_VERSION moddir
+    moddir=$(go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+    rm -rf "$src" "$out.tmp" && mkdir -p "$(dirname "$src")" "$out.tmp/kueue-manifests/crds"
+    cp -r "$moddir" "$src" && chmod -R u+w "$src"
+    (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" -o "$out.tmp/kueue" ./cmd/kueue)
+    # The release's CRDs and webhook configurations, from the same source as the binary (tests/kueue.py).
+    cp "$src"/config/components/crd/bases/*.yaml "$out.tmp/kueue-manifests/crds/"
+    cp "$src"/config/components/webhook/manifests.yaml "$out.tmp/kueue-manifests/webhooks.yaml"
+    touch "$out.tmp/.done" && rm -rf "$out" && mv "$out.tmp" "$out"
+  fi
+  link_all "$out"
+}
+
+# The control plane first: everything else needs it, and it is the longest build.
 if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
   log "using kube-apiserver, etcd and kubectl from KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
   for f in kube-apiserver etcd kubectl; do
@@ -117,4 +136,9 @@ else
   build_etcd
   build_kubernetes
 fi
+go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl
+go_install kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
+go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+build_seaweedfs
+build_kueue
 echo "$bin"

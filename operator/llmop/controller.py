@@ -217,6 +217,14 @@ async def _each(
         raise failed[0][1]
 
 
+async def delete_workload(kube: Kube, namespace: str, name: str) -> None:
+    """Give a Kueue Workload back; without Kueue's CRDs there is none (and nothing admitted the pods)."""
+    try:
+        await kube.delete(naming.KUEUE_WORKLOAD_API, "Workload", namespace, name)
+    except ResourceNotFoundError:
+        log.warning("no Kueue Workload API to delete %s/%s from: is Kueue installed?", namespace, name)
+
+
 async def observe_serving(kube: Kube, ref: JobRef, seen: Observed, indexes: Indexes) -> Observed:
     """The serving Deployment from the index, or the InferenceService (no index: its CRD is optional)."""
     if ref.spec.serving is None or not ref.spec.serving.kserve:
@@ -274,6 +282,10 @@ async def act(
         await _each(result.delete_pods, lambda p: kube.delete_pod(ns, p))
     if result.force_delete_pods:
         await _each(result.force_delete_pods, lambda p: kube.delete_pod(ns, p, grace_seconds=0))
+    if result.delete_workloads:
+        await _each(
+            result.delete_workloads, lambda w: kube.delete(naming.KUEUE_WORKLOAD_API, "Workload", ns, w)
+        )
     if result.create_workers and leftovers:
         # Workers of an earlier job of this name still hold names (and nodes) of the new gang:
         # creating around them would start a partial gang that restarts as soon as one of them

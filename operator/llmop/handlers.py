@@ -23,6 +23,7 @@ from llmop.settings import Settings
 from llmop.wakeup import sleep_until_woken
 from llmop_contract.api.v1alpha1.job import GROUP, PLURAL, VERSION
 from llmop_contract.api.v1alpha1.status import JobState
+from llmop_contract.api.v1alpha1.workload import SchedulingSpec
 
 SETTINGS = Settings.from_env()
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
@@ -166,7 +167,17 @@ async def run_job(
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def job_deleted(namespace: str | None, name: str | None, **_: Any) -> None:
+async def job_deleted(
+    namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> None:
     # Children go with the job through their ownerReferences; only our own series remain to drop.
-    if namespace and name:
-        metrics.forget(namespace, name)
+    if not (namespace and name):
+        return
+    metrics.forget(namespace, name)
+    scheduling = SchedulingSpec.model_validate(dict(spec.get("scheduling") or {}))
+    if scheduling.kueue_queue is not None and (attempt := status.get("attempt")):
+        # Except the Kueue Workload of the gang's pod group: Kueue owns it (its owners are the pods),
+        # and its finalizer keeps the pods the garbage collector deletes until the Workload is
+        # finished or deleted. Deleting it stops and releases the pods and the quota at once.
+        assert _kube is not None
+        await controller.delete_workload(_kube, namespace, naming.kueue_pod_group(name, int(attempt)))

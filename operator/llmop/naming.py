@@ -23,6 +23,13 @@ ROLE_SERVE = "serve"
 # Our own scheduling gate: pods of a gang stay gated until the whole gang fits (see capacity.py).
 GANG_GATE = f"{GROUP}/gang"
 KUEUE_GATE = "kueue.x-k8s.io/admission"
+# Kueue's labels: the LocalQueue a Job, Deployment or pod is submitted to, and a plain pod group.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_WORKLOAD_API = "kueue.x-k8s.io/v1beta2"
+# Kueue sets this condition on the pods it stops (preemption, eviction) before deleting them.
+KUEUE_TERMINATION_TARGET = "TerminationTarget"
 
 CONFIG_MOUNT = "/etc/llmop"
 CONFIG_FILE = "config.yaml"
@@ -72,6 +79,11 @@ def serving_name(job: str) -> str:
 
 def pod_group_name(job: str) -> str:
     return f"{job}-gang"
+
+
+def kueue_pod_group(job: str, attempt: int) -> str:
+    """One Kueue plain pod group, and so one Kueue Workload of this name, per gang attempt."""
+    return f"{pod_group_name(job)}-{attempt}"
 
 
 def selector(job: str, role: str | None = None) -> dict[str, str]:

@@ -33,6 +33,8 @@ def controller_name(obj: Mapping[str, Any]) -> str:
 # The kubelet's waiting reason for a container whose env or volumes name a missing Secret/ConfigMap/key.
 CONFIG_ERROR = "CreateContainerConfigError"
 
+_DISRUPTION_CONDITIONS = {"DisruptionTarget", naming.KUEUE_TERMINATION_TARGET}
+
 # Pod failure reasons that are the platform's doing, not the training code's.
 _DISRUPTION_REASONS = {
     "Evicted",
@@ -130,7 +132,9 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         exit_code = terminated[0].get("exitCode")
     reason = status.get("reason") or next((t.get("reason", "") for t in terminated if t.get("exitCode")), "")
     disrupted = (
-        any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
+        # The kubelet's and the eviction API's DisruptionTarget, or Kueue's TerminationTarget on the
+        # pods of a pod group it preempts or evicts: the platform's doing either way.
+        any(c.get("type") in _DISRUPTION_CONDITIONS and c.get("status") == "True" for c in conditions)
         or reason in _DISRUPTION_REASONS
         or exit_code == ExitCode.PREEMPTED
     )

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.kube import Cluster, wait_for
+from tests.kueue import Kueue
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = "test.llmop.io/hold"  # a finalizer only tests set, to keep a deleted pod Terminating
@@ -256,3 +257,19 @@ def jobs(cluster: Cluster, namespace: str) -> Iterator[Jobs]:
     j = Jobs(cluster, namespace)
     yield j
     j.release_pods()  # a held pod would keep its namespace Terminating for good
+
+
+@pytest.fixture(scope="session")
+def kueue(cluster: Cluster) -> Iterator[Kueue]:
+    """One real Kueue controller for the session (tests/kueue.py); fails, never skips, when its
+    binary is missing: `make bins` builds it with the cluster's binaries."""
+    from llmop_dev import cluster as devcluster
+
+    bin_dir = devcluster.cache_dir() / "bin"
+    binary, manifests = bin_dir / "kueue", bin_dir / "kueue-manifests"
+    if not (binary.exists() and (manifests / "webhooks.yaml").exists()):
+        pytest.fail(f"{binary} or {manifests} is missing: run `make bins` (hack/build-cluster-bins.sh)")
+    k = Kueue(cluster, binary, manifests).start()
+    yield k
+    print(f"\n--- kueue errors (log {k.log_path}) ---\n{k.errors()}")
+    k.stop()

@@ -448,6 +448,8 @@ NOT_EXERCISED = {
     # Gang schedulers: PodGroups (their CRDs are not installed in this cluster).
     ("scheduling.x-k8s.io", "podgroups", "create"): "spec.scheduling.gangScheduler: Coscheduling",
     ("scheduling.volcano.sh", "podgroups", "create"): "spec.scheduling.gangScheduler: Volcano",
+    # Kueue (its CRDs are not installed in this cluster; tests/cluster/test_kueue.py runs it).
+    ("kueue.x-k8s.io", "workloads", "delete"): "spec.scheduling.queueName: a Kueue gang attempt ended",
     # KServe serving (its CRDs are not installed in this cluster).
     ("serving.kserve.io", "inferenceservices", "get"): "spec.serving.kserve: true",
     ("serving.kserve.io", "inferenceservices", "create"): "spec.serving.kserve: true",

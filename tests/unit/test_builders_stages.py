@@ -17,6 +17,7 @@ import yaml
 from llmop import naming
 from llmop.builders import JobRef, Manifest, compress, prepare, serving, storage, workers
 from llmop_contract.api.v1alpha1 import LLMTrainingJobSpec
+from llmop_contract.api.v1alpha1.data import PreparePhase
 from llmop_contract.api.v1alpha1.workload import Stage
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -69,6 +70,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         compression=None,
     ),
     "own-claim": variant(storage={"claimName": "shared", "size": "1Gi"}),
+    "distributed-prepare": variant(
+        data={"prepare": True, "sources": [{"uri": "s3://corpus/"}], "distributed": {"pods": 4}}
+    ),
     "secrets": variant(
         workers={
             "env": [
@@ -231,7 +235,11 @@ def test_worker_pods_carry_the_gang_and_nothing_else_does(case: str) -> None:
         assert not GANG_ONLY_ENV & set(env_of(c)) - set(user_env(job)), stage
         assert not GANG_ONLY_POD & set(spec), stage
         assert naming.ATTEMPT_LABEL not in meta.get("labels", {}), stage
-        assert not any(k.startswith(("kueue.", "scheduling.")) for k in meta.get("labels", {})), stage
+        labels = dict(meta.get("labels", {}))
+        if stage == "serve" and (queue := job.spec.scheduling.kueue_queue):
+            # Kueue admits each serving pod by its queue label (its Deployment integration).
+            assert labels.pop(naming.KUEUE_QUEUE_LABEL) == queue
+        assert not any(k.startswith(("kueue.", "scheduling.")) for k in labels), stage
         assert not any(k.startswith(("kueue.", "scheduling.")) for k in meta.get("annotations", {})), stage
         assert [p["name"] for p in c.get("ports", [])] == (["http"] if stage in ("serve", "kserve") else [])
 
@@ -291,6 +299,34 @@ def test_compression_and_onnx_pods_keep_identity_caches_and_user_env(case: str) 
             assert c["args"] == ["export-onnx", "--model-dir", MODEL, "--out", compress.ONNX_DIR]
         else:
             assert c["args"] == ["compress", "/etc/llmop/config.yaml", "--stage", name]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_stage_is_submitted_to_the_kueue_queue(case: str) -> None:
+    """With a Kueue queue (and no other gang scheduler) every pod-creating stage is admitted by Kueue
+    through the integration Kueue has for its kind; without one, nothing carries Kueue's labels."""
+    job = job_ref(case)
+    queue = job.spec.scheduling.kueue_queue
+    batch_jobs = [prepare.build_prepare_job(job)]
+    if job.spec.data.distributed is not None:
+        batch_jobs += [prepare.build_phase_job(job, phase) for phase in PreparePhase]
+    if job.spec.compression is not None:
+        batch_jobs += [compress.build_compress_job(job, st) for st in compress.stages(job.spec)]
+    for manifest in batch_jobs:
+        # batch/Job integration: the label on the Job (Kueue suspends and resumes the Job itself).
+        assert manifest["metadata"]["labels"].get(naming.KUEUE_QUEUE_LABEL) == queue
+        assert naming.KUEUE_QUEUE_LABEL not in manifest["spec"]["template"]["metadata"]["labels"]
+    for pod in workers.build_gang(job, attempt=3):
+        labels, annotations = pod["metadata"]["labels"], pod["metadata"].get("annotations", {})
+        assert labels.get(naming.KUEUE_QUEUE_LABEL) == queue
+        # pod integration: one pod group per gang attempt, all its pods counted.
+        group = naming.kueue_pod_group(job.name, 3) if queue else None
+        assert labels.get(naming.KUEUE_POD_GROUP_LABEL) == group
+        count = str(job.spec.workers.num_nodes) if queue else None
+        assert annotations.get(naming.KUEUE_POD_GROUP_COUNT) == count
+    if job.spec.serving is not None:
+        deployment = serving.build_deployment(job, MODEL)
+        assert deployment["metadata"]["labels"].get(naming.KUEUE_QUEUE_LABEL) == queue
 
 
 def test_compression_stage_names_index_into_the_spec() -> None:

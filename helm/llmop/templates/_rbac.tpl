@@ -61,6 +61,11 @@ rules for features that run did not exercise). No wildcards, no secrets, no pods
 - apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
   resources: [podgroups]
   verbs: [get, create, delete]
+# Kueue (spec.scheduling.queueName): the Workload of a gang attempt that is over (restart, failure,
+# deletion of the job), which Kueue would otherwise keep admitted with its pods Terminating.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [delete]
 {{- end }}
 
 {{- define "llmop.rbac.clusterRules" -}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llmop import naming
 from llmop.builders import JobRef, Manifest
 
 # Scheduler group membership (Kueue pod groups, Volcano's scheduling.k8s.io/group-name): a batch
@@ -48,6 +49,10 @@ def batch_job(
     failure_rules: list[Manifest],
 ) -> Manifest:
     """A Job running the pod once to completion (retried by the Job controller, never restarted in place)."""
+    if queue := job.spec.scheduling.kueue_queue:
+        # Kueue's batch/Job integration: its webhook creates the Job suspended, and Kueue resumes it
+        # once the LocalQueue's ClusterQueue has quota for its pods (and suspends it to preempt).
+        labels = {**labels, naming.KUEUE_QUEUE_LABEL: queue}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

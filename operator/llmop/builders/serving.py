@@ -160,16 +160,22 @@ def build_deployment(job: JobRef, model_path: str, engine: ServingEngine = Servi
         **pod.pod_spec(job, Stage.SERVE, main),
         "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
+    template_labels = labels(job)
+    if queue := job.spec.scheduling.kueue_queue:
+        # Kueue's Deployment integration: each serving pod is admitted as a serving workload. The
+        # label is on the pod template too (Kueue's webhook would copy it there), so the template
+        # this operator applies is the one that runs and an apply never rolls the pods.
+        template_labels[naming.KUEUE_QUEUE_LABEL] = queue
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": job.metadata(naming.serving_name(job.name), labels(job)),
+        "metadata": job.metadata(naming.serving_name(job.name), template_labels),
         "spec": {
             "replicas": s.replicas,
             "selector": {"matchLabels": naming.selector(job.name, naming.ROLE_SERVE)},
             # Never fewer ready replicas than asked for while a new model rolls out.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": labels(job)}, "spec": pod_spec},
+            "template": {"metadata": {"labels": template_labels}, "spec": pod_spec},
         },
     }
 

@@ -91,8 +91,7 @@ def resources(job: JobRef) -> Manifest:
 
 
 def uses_kueue(job: JobRef) -> bool:
-    sched = job.spec.scheduling
-    return bool(sched.queue_name) and sched.gang_scheduler == GangScheduler.NONE
+    return job.spec.scheduling.kueue_queue is not None
 
 
 def scheduling_gates(job: JobRef) -> list[str]:
@@ -125,11 +124,10 @@ def _metadata(job: JobRef, index: int, attempt: int) -> Manifest:
         naming.INDEX_LABEL: str(index),
     }
     annotations = dict(w.pod_annotations)
-    if uses_kueue(job):
-        assert sched.queue_name
-        labels["kueue.x-k8s.io/queue-name"] = sched.queue_name
-        labels["kueue.x-k8s.io/pod-group-name"] = f"{naming.pod_group_name(job.name)}-{attempt}"
-        annotations["kueue.x-k8s.io/pod-group-total-count"] = str(w.num_nodes)
+    if queue := sched.kueue_queue:
+        labels[naming.KUEUE_QUEUE_LABEL] = queue
+        labels[naming.KUEUE_POD_GROUP_LABEL] = naming.kueue_pod_group(job.name, attempt)
+        annotations[naming.KUEUE_POD_GROUP_COUNT] = str(w.num_nodes)
     if sched.gang_scheduler == GangScheduler.VOLCANO:
         annotations["scheduling.k8s.io/group-name"] = naming.pod_group_name(job.name)
     elif sched.gang_scheduler == GangScheduler.COSCHEDULING:

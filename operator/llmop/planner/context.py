@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from llmop import conditions as cond
+from llmop import naming
 from llmop.builders.compress import Stage
 from llmop.capacity import Fit
 from llmop.observe import BatchJobView, PodView, ServingView
@@ -74,6 +75,8 @@ class Plan:
     # Deleted with grace 0: their node is lost, so no kubelet will ever confirm their termination.
     force_delete_pods: list[str] = field(default_factory=list)
     ungate: list[str] = field(default_factory=list)
+    # Kueue Workloads of gang attempts that are over (``naming.kueue_pod_group``).
+    delete_workloads: list[str] = field(default_factory=list)
     create_compress: list[Stage] = field(default_factory=list)
     delete_batch_jobs: list[str] = field(default_factory=list)
     finished_stages: list[StageStatus] = field(default_factory=list)  # stage entries that just ended
@@ -206,6 +209,15 @@ class Pass:
         lost = self.seen.lost_nodes
         self.plan.delete_pods = [p.name for p in pods if not p.deleting and p.node not in lost]
         self.plan.force_delete_pods = [p.name for p in pods if p.node in lost]
+        if self.spec.scheduling.kueue_queue is not None:
+            # A pod of a Kueue pod group keeps Kueue's finalizer until its Workload is finished or
+            # deleted, and a group whose pods are gone is never finished: it would hold its quota
+            # and its pods Terminating forever. A gang attempt whose pods go is over, so is its
+            # Workload (Kueue then stops and releases its pods). Already-deleting pods count too:
+            # those are the ones Kueue itself stopped to preempt the gang.
+            self.plan.delete_workloads = sorted(
+                {naming.kueue_pod_group(self.job.name, p.attempt) for p in pods}
+            )
 
     def fail(self, reason: JobReason, message: str) -> None:
         self.delete_all_pods()

@@ -382,9 +382,15 @@ class SchedulingSpec(ApiModel):
     """schedulerName for the worker pods (defaults follow gangScheduler)."""
     # Also the kueue.x-k8s.io/queue-name label value: an object name that is a label value too.
     queue_name: str | None = Field(None, max_length=63, pattern=DNS_1123_SUBDOMAIN)
-    """Kueue LocalQueue (the gang is admitted as one Kueue plain pod group), or the Volcano queue when gangScheduler is Volcano."""
-    schedule_timeout_seconds: int = Field(600, ge=1)
+    """Kueue LocalQueue: every stage's pods are admitted by Kueue (workers as one plain pod group, prepare and compression as batch Jobs, serving as a Deployment); or the Volcano queue when gangScheduler is Volcano."""
+    # At most an int32: the coscheduler's PodGroup carries it in an int32 field.
+    schedule_timeout_seconds: int = Field(600, ge=1, le=2**31 - 1)
     """How long a gang may wait unplaced before the Unschedulable condition is raised."""
+
+    @property
+    def kueue_queue(self) -> str | None:
+        """The Kueue LocalQueue every stage is submitted to (None: Kueue is not used)."""
+        return self.queue_name if self.gang_scheduler == GangScheduler.NONE else None
 
 
 class AddressingStyle(StrEnum):
