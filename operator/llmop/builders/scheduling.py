@@ -16,6 +16,9 @@ def build_pod_group(job: JobRef) -> Manifest | None:
         spec: Manifest = {"minMember": w.num_nodes, "minResources": min_resources}
         if sched.queue_name:
             spec["queue"] = sched.queue_name
+        if w.priority_class_name:
+            # Volcano orders and preempts gangs by the PodGroup's priority, not its pods'.
+            spec["priorityClassName"] = w.priority_class_name
         return {
             "apiVersion": "scheduling.volcano.sh/v1beta1",
             "kind": "PodGroup",
