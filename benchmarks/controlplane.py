@@ -534,6 +534,16 @@ class Bench:
         if not self.wait_namespace_gone(ns, 60):
             log(f"namespace {ns} still terminating after {timeout + 60:.0f} s; going on")
 
+    def delete_pods(self, ns: str) -> None:
+        """All pods of the namespace in one deletecollection, without grace (nothing runs them): the
+        namespace controller alone takes minutes over 1600 of them at its own request rate."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
+        except ApiException as e:
+            log(f"deleting the pods of {ns}: {e.status} {e.reason}; the namespace deletion takes them")
+
     def wait_namespace_gone(self, ns: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.kubectl("get", "namespace", ns, "-o", "name", check=False):
@@ -598,8 +608,10 @@ class Bench:
                     last_report = now
                     created = len(pods)
                     ungated = sum(1 for p in pods.values() if p.ungated is not None)
+                    rss = proc_status(op.pid)
                     log(
-                        f"  {now - started:6.1f} s: pods created {created}, ungated {ungated}, Running {running}"
+                        f"  {now - started:6.1f} s: pods created {created}, ungated {ungated}, Running {running};"
+                        f" operator RSS {rss['VmRSS'] / 1024:.0f} MB (peak {rss['VmHWM'] / 1024:.0f})"
                     )
                 time.sleep(0.2)
             wall = time.monotonic() - started
@@ -634,6 +646,7 @@ class Bench:
         finally:
             # Delete while the operator still runs, so anything it holds (finalizers) is released.
             self.kubectl("-n", ns, "delete", "llmtrainingjobs", "--all", "--wait=false", check=False)
+            self.delete_pods(ns)
             watcher.close()
             self.delete_namespace(ns)
             op.stop()
@@ -716,8 +729,8 @@ def print_report(results: list[ScenarioResult], args: argparse.Namespace) -> Non
         )
     if many:
         print(
-            f"{many.jobs}x{many.nodes_per_job} jobs: operator peak RSS {many.rss_peak_mb:.0f} MB (goal < 250 MB), "
-            f"ratio {many.rss_peak_mb / 250:.2f}x goal"
+            f"{many.jobs}x{many.nodes_per_job} jobs: operator peak RSS {many.rss_peak_mb:.0f} MB (goal < 150 MB), "
+            f"ratio {many.rss_peak_mb / 150:.2f}x goal"
         )
 
 

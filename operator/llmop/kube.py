@@ -1,28 +1,35 @@
 """The one small Kubernetes API layer: create-or-get, delete, patch, with idempotency built in.
 
-Uses the official client (synchronous) in worker threads so Kopf's event loop never blocks. 404 on
-delete is success, and so is 409 on create when the object there is ours (its controller owner
-reference carries the same UID): every call may be repeated after a crash. An object of the same name
-owned by someone else is never adopted (``Leftover``, ``ChildConflict``), and a failed call on a child
-says which object it was and whether retrying can help (``ChildError``).
+Uses the official client's connection layer (``ApiClient``: configuration, auth, pooled urllib3)
+synchronously in worker threads so Kopf's event loop never blocks. 404 on delete is success, and so
+is 409 on create when the object there is ours (its controller owner reference carries the same UID):
+every call may be repeated after a crash. An object of the same name owned by someone else is never
+adopted (``Leftover``, ``ChildConflict``), and a failed call on a child says which object it was and
+whether retrying can help (``ChildError``).
+
+The requests are sent by ``_Api``, not by the generated API classes (``CoreV1Api``,
+``CustomObjectsApi``, the dynamic client): importing those loads hundreds of generated model modules,
+about 80 MB of a 180 MB operator at rest, for the dozen endpoints used here, and their answers would be
+turned into typed objects nobody reads. Bodies go out and come back as plain JSON; a refusal is the
+client's own ``ApiException`` (with status, reason and the apiserver's Status body) as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
+from urllib.parse import quote
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from llmop.observe import controller_of
 from llmop_contract.api.v1alpha1.job import GROUP, KIND, PLURAL, VERSION
 
 Manifest = dict[str, Any]
-
 
 FIELD_MANAGER = "llmop"
 
@@ -96,6 +103,130 @@ class ChildConflict(Exception):
         self.kind, self.name = kind, name
 
 
+_JSON = "application/json"
+
+
+def _base(api_version: str) -> str:
+    """The root of a group version's paths: the core group under /api, every other under /apis."""
+    return f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+
+
+class _Api:
+    """The endpoints the operator calls, sent through ``ApiClient`` (configuration, auth, TLS, pool).
+
+    The methods named like the generated client's take the same arguments and send the same requests;
+    they answer with plain JSON (a dict) where they answer at all.
+    """
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        # (apiVersion, kind) -> (resource name, namespaced), from each group version's discovery
+        # document, read once; a kind not found is looked up afresh each time (its CRD may come).
+        self._resources: dict[tuple[str, str], tuple[str, bool]] = {}
+        self._discovery = threading.Lock()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = _JSON,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
+        """Send one request; the answer's body, or ApiException (its subclass by status) when not 2xx."""
+        # Content-Type always: an apiserver reached directly guesses JSON without one, one behind a
+        # proxy that labels the bytes answers 415.
+        header_params = {"Accept": _JSON, "Content-Type": content_type, **(headers or {})}
+        method, url, header_params, body, post_params = self.api.param_serialize(
+            method, path, query_params=query, header_params=header_params, body=body,
+            auth_settings=["BearerToken"],
+        )  # fmt: skip
+        response = self.api.call_api(method, url, header_params, body, post_params)
+        data: bytes = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(
+                http_resp=response, body=data.decode("utf-8", "replace"), data=None
+            )
+        return data
+
+    def read(self, path: str) -> Manifest:
+        obj: Manifest = json.loads(self.request("GET", path))
+        return obj
+
+    # -- any kind, by apiVersion and kind -------------------------------------------------------
+    def resource(self, api_version: str, kind: str) -> tuple[str, bool]:
+        """(resource name, namespaced); ResourceNotFoundError when the cluster does not serve it."""
+        key = (api_version, kind)
+        if (found := self._resources.get(key)) is not None:
+            return found
+        with self._discovery:  # one discovery read for a burst of first calls, not one each
+            if (found := self._resources.get(key)) is not None:
+                return found
+            try:
+                listing = self.read(_base(api_version))
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                listing = {}
+            for r in listing.get("resources") or []:
+                if "/" not in r["name"]:  # subresources (pods/status) share their kind
+                    self._resources[(api_version, r["kind"])] = (r["name"], bool(r.get("namespaced")))
+        if (found := self._resources.get(key)) is None:
+            raise ResourceNotFoundError(
+                f"No matches found for {{'api_version': '{api_version}', 'kind': '{kind}'}}"
+            )
+        return found
+
+    def path(self, api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+        plural, namespaced = self.resource(api_version, kind)
+        path = _base(api_version)
+        if namespaced:
+            if not namespace:
+                raise ValueError(f"Namespace is required for {api_version}.{kind}")
+            path += f"/namespaces/{quote(namespace, safe='')}"
+        path += f"/{plural}"
+        return f"{path}/{quote(name, safe='')}" if name else path
+
+    # -- named like the generated client's methods (search.controller and tests call them) -------
+    def create_namespaced_event(
+        self, namespace: str, body: Manifest, _headers: dict[str, str] | None = None
+    ) -> None:
+        self.request("POST", f"/api/v1/namespaces/{quote(namespace, safe='')}/events", body, headers=_headers)
+
+    def read_namespaced_pod(self, name: str, namespace: str) -> Manifest:
+        return self.read(f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}")
+
+    def patch_namespaced_pod(self, name: str, namespace: str, body: list[Manifest]) -> None:
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+        self.request("PATCH", path, body, content_type="application/json-patch+json")
+
+    def delete_namespaced_pod(
+        self, name: str, namespace: str, grace_period_seconds: int | None = None
+    ) -> None:
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+        query = None if grace_period_seconds is None else [("gracePeriodSeconds", grace_period_seconds)]
+        self.request("DELETE", path, query=query)
+
+    def _custom_path(self, group: str, version: str, namespace: str, plural: str, name: str) -> str:
+        return (
+            f"/apis/{group}/{version}/namespaces/{quote(namespace, safe='')}/{plural}/{quote(name, safe='')}"
+        )
+
+    def patch_namespaced_custom_object_status(
+        self, group: str, version: str, namespace: str, plural: str, name: str, body: Manifest
+    ) -> None:
+        path = self._custom_path(group, version, namespace, plural, name) + "/status"
+        self.request("PATCH", path, body, content_type="application/merge-patch+json")
+
+    def delete_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str,
+        propagation_policy: str | None = None,
+    ) -> None:  # fmt: skip
+        query = None if propagation_policy is None else [("propagationPolicy", propagation_policy)]
+        self.request("DELETE", self._custom_path(group, version, namespace, plural, name), query=query)
+
+
 class Kube:
     def __init__(self, api: client.ApiClient | None = None) -> None:
         if api is None:
@@ -109,29 +240,23 @@ class Kube:
             conf.connection_pool_maxsize = 32
             api = client.ApiClient(conf)
         self.api = api
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self._dynamic: DynamicClient | None = None
+        # One sender under the two names the generated classes had (search.controller uses custom).
+        self.core = self.custom = _Api(api)
 
-    @property
-    def dynamic(self) -> DynamicClient:
-        if self._dynamic is None:
-            self._dynamic = DynamicClient(self.api)  # type: ignore[no-untyped-call]
-        return self._dynamic
-
-    # Generic create/delete through the dynamic client: the builders return plain manifests of
+    # Generic create/get/delete by apiVersion and kind: the builders return plain manifests of
     # several kinds (Pod, Service, Job, PodGroup, ...), and this keeps one code path for all.
     def _create(self, manifest: Manifest) -> bool:
         kind, meta = manifest["kind"], manifest["metadata"]
-        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=kind)
+        path = self.core.path(manifest["apiVersion"], kind, meta.get("namespace"))
         try:
-            resource.create(body=manifest, namespace=meta.get("namespace"))
+            # The created object comes back in full; nothing here needs it, so it is not parsed.
+            self.core.request("POST", path, manifest)
             return True
         except ApiException as e:
             if e.status != 409:
                 raise ChildError.of("creating", kind, meta["name"], e) from e
         try:
-            existing: Manifest = resource.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+            existing = self.core.read(f"{path}/{quote(meta['name'], safe='')}")
         except ApiException as e:
             if e.status == 404:  # gone meanwhile: the next pass creates it
                 raise Leftover(kind, meta["name"]) from e
@@ -173,7 +298,7 @@ class Kube:
 
     def _apply(self, manifest: Manifest) -> None:
         kind, meta = manifest["kind"], manifest["metadata"]
-        resource = self.dynamic.resources.get(api_version=manifest["apiVersion"], kind=kind)
+        path = self.core.path(manifest["apiVersion"], kind, meta.get("namespace"), meta["name"])
         # Server-side apply would silently take over an object of the same name: look first.
         if (
             existing := self._get(manifest["apiVersion"], kind, meta.get("namespace", ""), meta["name"])
@@ -182,12 +307,12 @@ class Kube:
         try:
             # Server-side apply: creates or updates only the fields we own, leaving what others set
             # (HPA-managed replicas excepted: we own replicas) untouched.
-            resource.server_side_apply(
-                body=manifest,
-                name=meta["name"],
-                namespace=meta.get("namespace"),
-                field_manager=FIELD_MANAGER,
-                force_conflicts=True,
+            self.core.request(
+                "PATCH",
+                path,
+                manifest,
+                query=[("fieldManager", FIELD_MANAGER), ("force", True)],
+                content_type="application/apply-patch+yaml",
             )
         except ApiException as e:
             raise ChildError.of("applying", kind, meta["name"], e) from e
@@ -197,10 +322,9 @@ class Kube:
         await asyncio.to_thread(self._apply, manifest)
 
     def _get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
-        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        path = self.core.path(api_version, kind, namespace, name)
         try:
-            obj: Manifest = resource.get(name=name, namespace=namespace).to_dict()
-            return obj
+            return self.core.read(path)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -211,14 +335,14 @@ class Kube:
         return await asyncio.to_thread(self._get, api_version, kind, namespace, name)
 
     def _delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
-        resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        path = self.core.path(api_version, kind, namespace, name)
         body: Manifest = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if uid:
             # Only that object: never a namesake created meanwhile (409 then: nothing to do).
             body["preconditions"] = {"uid": uid}
         try:
             # Background: a Job's pods (a Deployment's ReplicaSets) go with it, without waiting.
-            resource.delete(name=name, namespace=namespace, body=body)
+            self.core.request("DELETE", path, body)
         except ApiException as e:
             if e.status == 404 or (uid and e.status == 409):
                 return
@@ -278,7 +402,7 @@ class Kube:
                 if e.status == 404:
                     return
                 raise
-            gates = [g.name for g in (pod.spec.scheduling_gates if pod.spec else None) or []]
+            gates = [g["name"] for g in (pod.get("spec") or {}).get("schedulingGates") or []]
             if gate in gates:
                 try:
                     patch(gates)
@@ -300,13 +424,10 @@ class Kube:
 
         def call() -> None:
             try:
-                # The client sends a plain manifest as it is (its model class is only a typed view),
-                # but this call sets no Content-Type (it ignores _content_type): an apiserver reached
-                # directly guesses JSON, one behind a proxy that labels the bytes answers 415.
+                # The Content-Type said outright: an apiserver reached directly guesses JSON
+                # without one, one behind a proxy that labels the bytes answers 415.
                 self.core.create_namespaced_event(
-                    event["metadata"]["namespace"],
-                    event,  # type: ignore[arg-type]
-                    _headers={"Content-Type": "application/json"},
+                    event["metadata"]["namespace"], event, _headers={"Content-Type": "application/json"}
                 )
             except ApiException as e:
                 if e.status != 409:

@@ -2,6 +2,9 @@
 
 Registered by importing this module (``llmop.handlers`` does). Kopf settings (finalizer, progress
 storage) are the operator's, set once in ``llmop.handlers.configure``.
+
+The search controller (and with it Optuna, some 15 MB of modules) is imported by the first search's
+daemon, not here: an operator that runs no search never loads it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 import kopf
 
 from llmop.kube import Kube
-from llmop.search import controller, metrics
+from llmop.search import metrics
 from llmop.search.builders import SEARCH_LABEL
 from llmop.search.observe import JobView, job_view
 from llmop.settings import Settings
@@ -57,6 +60,8 @@ async def run_search(
     logger: kopf.Logger,
     **kwargs: Any,
 ) -> None:
+    from llmop.search import controller  # Optuna loads with the first search (module docstring)
+
     search_jobs: kopf.Index[Any, JobView] = kwargs["search_jobs"]  # Kopf passes indexes by name
     global _kube
     if _kube is None:
