@@ -13,12 +13,14 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from typing import TYPE_CHECKING, Any
 
 from llmop_contract.api.v1alpha1.trainer_config import TrainerConfig
 from llmtrain.config import ConfigError
+
+if TYPE_CHECKING:
+    # Imported where a tokenizer is trained or loaded: the scan, dedup and commit pods never need it.
+    from tokenizers import Tokenizer
 
 log = logging.getLogger("llmtrain.prepare")
 
@@ -54,6 +56,8 @@ def train(texts: Iterable[str], vocab_size: int) -> TokenizerInfo:
         raise ConfigError(
             "spec.model.vocabSize", f"a byte-level BPE needs at least {MIN_VOCAB} tokens, got {vocab_size}"
         )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -93,6 +97,8 @@ def _info(tok: Tokenizer, field: str) -> TokenizerInfo:
 
 def load(path: str, vocab_size: int) -> TokenizerInfo:
     """A tokenizer.json whose ids all fit the model's embedding table."""
+    from tokenizers import Tokenizer
+
     field = "spec.data.tokenizer.path"
     try:
         tok = Tokenizer.from_file(path)

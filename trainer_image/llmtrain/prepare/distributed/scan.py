@@ -33,7 +33,8 @@ log = logging.getLogger("llmtrain.prepare")
 
 EXACT_DTYPE = np.dtype([("k0", "<u8"), ("k1", "<u8"), ("ord", "<i8")])
 # ekey: the first 8 bytes of the exact key, so a dedup partition can drop exact duplicates from a
-# bucket (they have identical signatures, hence always share their buckets with the kept copy).
+# bucket (they have identical signatures, hence always share their buckets with the kept copy);
+# 0 with exact dedup off, when no exact key is computed (dedup then never reads it).
 BAND_DTYPE = np.dtype([("band", "<u4"), ("key", "<u8"), ("ekey", "<u8"), ("ord", "<i8")])
 _BATCH_DOCS = 1000
 _BATCH_BYTES = 8 << 20
@@ -143,8 +144,8 @@ class _Scanner:
         self.kept += len(kept_texts)
         self.docs.write("".join(json.dumps(t) + "\n" for t in kept_texts))
         self.rows.write(np.array(kept_rows, dtype=np.int64).tobytes())
-        keys = np.frombuffer(b"".join(dedup.exact_key(t) for t in kept_texts), dtype="<u8").reshape(-1, 2)
         if self.exact:
+            keys = np.frombuffer(b"".join(dedup.exact_key(t) for t in kept_texts), dtype="<u8").reshape(-1, 2)
             rec = np.empty(len(kept_texts), dtype=EXACT_DTYPE)
             rec["k0"], rec["k1"], rec["ord"] = keys[:, 0], keys[:, 1], ords
             self.exact_parts.add(rec, (keys[:, 0] % np.uint64(self.ctx.pods)).astype(np.int64))
@@ -155,10 +156,12 @@ class _Scanner:
             self.sigs.add(sig)
             # Documents without shingles take part in no bucket, as in lsh.candidate_pairs.
             valid = np.flatnonzero(sig[:, 0] != minhash.EMPTY)
+            banded = sig[valid]
             for band in range(self.bands):
-                key = lsh._band_keys(sig[valid], band * self.band_rows, self.band_rows)
+                key = lsh._band_keys(banded, band * self.band_rows, self.band_rows)
                 rec = np.empty(valid.size, dtype=BAND_DTYPE)
-                rec["band"], rec["key"], rec["ekey"], rec["ord"] = band, key, keys[valid, 0], ords[valid]
+                rec["band"], rec["key"], rec["ord"] = band, key, ords[valid]
+                rec["ekey"] = keys[valid, 0] if self.exact else 0
                 self.band_parts.add(rec, partition_of_band(rec["band"], key, self.ctx.pods))
 
     def close(self) -> None:

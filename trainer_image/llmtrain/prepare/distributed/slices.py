@@ -27,8 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from llmop_contract.api.v1alpha1.data import SourceFormat
 from llmtrain import corpus
 from llmtrain.config import ConfigError
@@ -71,6 +69,8 @@ def _units(sources: list[readers.ResolvedSource]) -> list[_Unit]:
         for fi, f in enumerate(src.files):
             compressed = readers._compression(f.path) is not None
             if f.format == SourceFormat.PARQUET and not compressed:
+                import pyarrow.parquet as pq  # only for Parquet sources (see readers)
+
                 with f.fs.open(f.path, "rb") as fh:
                     meta = pq.ParquetFile(fh).metadata
                 for g in range(meta.num_row_groups):
@@ -229,6 +229,8 @@ def _jsonl_docs(
 def _row_group_docs(
     f: readers.InputFile, group: int, src: readers.ResolvedSource, counts: Counter[str]
 ) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
     text_field = src.source.text_field
     with f.fs.open(f.path, "rb") as fh:
         pf = pq.ParquetFile(fh)
