@@ -283,8 +283,12 @@ async def act(
     if result.force_delete_pods:
         await _each(result.force_delete_pods, lambda p: kube.delete_pod(ns, p, grace_seconds=0))
     if result.delete_workloads:
+        # Asked for on every pass until the old attempt's pods are gone: once per window is enough.
+        todo = memory.not_recently(("workload",), result.delete_workloads)
         await _each(
-            result.delete_workloads, lambda w: kube.delete(naming.KUEUE_WORKLOAD_API, "Workload", ns, w)
+            todo,
+            lambda w: delete_workload(kube, ns, w),
+            lambda w: memory.forget(("workload",), w),
         )
     if result.create_workers and leftovers:
         # Workers of an earlier job of this name still hold names (and nodes) of the new gang:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import Jobs, OperatorProcess
+from tests.cluster.test_compression import MESSAGE  # the kwok stand-in for llmtrain's termination message
 from tests.kube import Cluster, wait_for
 from tests.kueue import MANAGED_LABEL, Kueue
 
@@ -24,14 +25,6 @@ KUEUE_API = "kueue.x-k8s.io/v1beta2"
 WORKLOADS = "workloads.kueue.x-k8s.io"
 # Each test job's gang: 4 workers x 2 GPUs (tests/cluster/conftest.py), so 8 GPUs.
 GANG_GPUS = 8
-# The kwok stand-in for `llmtrain`'s termination message (tests/cluster/test_compression.py).
-MESSAGE = {
-    "step": 100,
-    "totalSteps": 100,
-    "validationLoss": 3.5,
-    "modelPath": "/var/lib/llmop/output/model",
-    "results": {"sizeBytes": 1000.0, "sizeRatio": 0.27, "perplexityIncreasePercent": 1.2, "speedup": 1.6},
-}
 
 
 @dataclass
@@ -50,11 +43,9 @@ class Queues:
         conditions = ((wl or {}).get("status") or {}).get("conditions") or []
         return any(c["type"] == "Admitted" and c["status"] == "True" for c in conditions)
 
-    def set_gpu_quota(self, gpus: int) -> None:
-        patch = self.cluster_queue_spec(gpus, cpu="100")
-        self.cluster.kubectl(
-            "patch", "clusterqueue", self.cluster_queue, "--type=merge", "-p", json.dumps({"spec": patch})
-        )
+    def set_quota(self, gpus: int, cpu: str) -> None:
+        body = json.dumps({"spec": self.cluster_queue_spec(gpus, cpu)})
+        self.cluster.kubectl("patch", "clusterqueue", self.cluster_queue, "--type=merge", "-p", body)
 
     def cluster_queue_spec(self, gpus: int, cpu: str) -> dict[str, Any]:
         resources = {"cpu": cpu, "memory": "1Ti", "nvidia.com/gpu": str(gpus)}
@@ -190,14 +181,7 @@ def test_compression_jobs_are_queued_by_kueue_one_at_a_time_within_cpu_quota(
     jobs: Jobs, operator: OperatorProcess, queues: Queues, cluster: Cluster
 ) -> None:
     # Three compression Jobs of 1 CPU each, 1 CPU of quota: Kueue runs them one after another.
-    cluster.kubectl(
-        "patch",
-        "clusterqueue",
-        queues.cluster_queue,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": queues.cluster_queue_spec(GANG_GPUS, cpu="1")}),
-    )
+    queues.set_quota(GANG_GPUS, cpu="1")
     compression = {
         "quantization": [{"method": "Int8WeightOnly"}, {"method": "Int4WeightOnly", "groupSize": 64}],
         "pruning": [{"method": "Structured", "sparsity": 0.25, "recoverySteps": 10}],
