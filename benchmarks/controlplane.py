@@ -306,6 +306,8 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 class Operator:
+    name = "the operator"  # in progress lines
+
     def __init__(
         self,
         kubeconfig: Path,
@@ -552,6 +554,98 @@ class Bench:
             time.sleep(1)
         return True
 
+    def measure(
+        self,
+        title: str,
+        ns: str,
+        op: Operator,
+        watcher: PodWatcher,
+        jobs: int,
+        nodes: int,
+        gpus: int,
+        post: Callable[[str], None],
+        reconcile_metric: str,
+        timeout: float,
+    ) -> ScenarioResult:
+        """Start ``op``, POST ``jobs`` jobs with ``post`` (one per name) and wait until their
+        ``jobs * nodes`` pods are Running: the figures of one scenario, for any controller."""
+        watcher.start()
+        log(f"{title}: starting {op.name} (namespace {ns})")
+        op.start()
+        time.sleep(3)  # let its initial lists and watches settle out of the measured window
+        rss_idle = proc_status(op.pid)["VmRSS"] / 1024
+        api_before, cpu_before = self.api_counts(), proc_cpu_seconds(op.pid)
+        reconciles_before = op.metric_sum(reconcile_metric)
+        names = [f"b{nodes}-{i:03d}" if jobs > 1 else f"big-{nodes}" for i in range(jobs)]
+        posted: dict[str, float] = {}
+
+        def timed_post(name: str) -> None:
+            t = time.monotonic()
+            post(name)
+            posted[name] = t
+
+        log(f"{title}: creating {jobs} job(s) of {nodes} nodes x {gpus} GPUs")
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=min(16, jobs)) as pool:
+            list(pool.map(timed_post, names))
+        log(f"{title}: {jobs} job(s) created in {time.monotonic() - started:.2f} s; waiting for Running")
+        notes: list[str] = []
+        deadline = started + timeout
+        last_report = 0.0
+        while True:
+            if watcher.error:
+                raise RuntimeError(f"pod watch failed: {watcher.error!r}")
+            op.alive()
+            pods = watcher.snapshot()
+            running = sum(1 for p in pods.values() if p.running is not None)
+            if running >= jobs * nodes:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                notes.append(f"timed out after {timeout:.0f} s with {running}/{jobs * nodes} pods Running")
+                log(notes[-1])
+                break
+            if now - last_report > 15:
+                last_report = now
+                created = len(pods)
+                ungated = sum(1 for p in pods.values() if p.ungated is not None)
+                rss = proc_status(op.pid)
+                log(
+                    f"  {now - started:6.1f} s: pods created {created}, ungated {ungated}, Running {running};"
+                    f" operator RSS {rss['VmRSS'] / 1024:.0f} MB (peak {rss['VmHWM'] / 1024:.0f})"
+                )
+            time.sleep(0.2)
+        wall = time.monotonic() - started
+        time.sleep(self.args.settle)  # trailing status writes belong to this scenario's request count
+        api_delta = self.api_counts().minus(api_before)
+        cpu = proc_cpu_seconds(op.pid) - cpu_before
+        cpu_total = proc_cpu_seconds(op.pid)
+        status = proc_status(op.pid)
+        reconciles = op.metric_sum(reconcile_metric) - reconciles_before
+        pods = watcher.snapshot()
+        by_job: dict[str, list[PodTimes]] = defaultdict(list)
+        for p in pods.values():
+            by_job[p.job].append(p)
+        times = [job_times(by_job.get(n, []), posted[n], nodes) for n in names]
+        result = ScenarioResult(
+            title=title,
+            jobs=jobs,
+            nodes_per_job=nodes,
+            times=times,
+            api=api_delta,
+            cpu_seconds=cpu,
+            cpu_total=cpu_total,
+            rss_idle_mb=rss_idle,
+            rss_peak_mb=status["VmHWM"] / 1024,
+            max_threads=op.max_threads,
+            reconciles=reconciles,
+            wall=wall,
+            watch_events=watcher.events,
+            notes=notes,
+        )
+        log(f"{title}: done in {wall:.1f} s; deleting jobs and namespace {ns}")
+        return result
+
     def run_scenario(
         self, title: str, ns: str, jobs: int, nodes: int, gpus: int, timeout: float
     ) -> ScenarioResult:
@@ -564,85 +658,14 @@ class Bench:
         op = Operator(self.op_kubeconfig, [ns], self.work / f"operator-{ns}.log", env, profile)
         watcher = PodWatcher(self.core, ns)
         try:
-            watcher.start()
-            log(f"{title}: starting the operator (namespace {ns})")
-            op.start()
-            time.sleep(3)  # let its initial lists and watches settle out of the measured window
-            rss_idle = proc_status(op.pid)["VmRSS"] / 1024
-            api_before, cpu_before = self.api_counts(), proc_cpu_seconds(op.pid)
-            reconciles_before = op.metric_sum("llmop_reconcile_duration_seconds_count")
-            names = [f"b{nodes}-{i:03d}" if jobs > 1 else f"big-{nodes}" for i in range(jobs)]
-            posted: dict[str, float] = {}
 
             def post(name: str) -> None:
-                t = time.monotonic()
                 self.custom.create_namespaced_custom_object(
                     "llmop.io", "v1alpha1", ns, "llmtrainingjobs", job_manifest(name, nodes, gpus)
                 )
-                posted[name] = t
 
-            log(f"{title}: creating {jobs} job(s) of {nodes} nodes x {gpus} GPUs")
-            started = time.monotonic()
-            with ThreadPoolExecutor(max_workers=min(16, jobs)) as pool:
-                list(pool.map(post, names))
-            log(f"{title}: {jobs} job(s) created in {time.monotonic() - started:.2f} s; waiting for Running")
-            notes: list[str] = []
-            deadline = started + timeout
-            last_report = 0.0
-            while True:
-                if watcher.error:
-                    raise RuntimeError(f"pod watch failed: {watcher.error!r}")
-                op.alive()
-                pods = watcher.snapshot()
-                running = sum(1 for p in pods.values() if p.running is not None)
-                if running >= jobs * nodes:
-                    break
-                now = time.monotonic()
-                if now > deadline:
-                    notes.append(
-                        f"timed out after {timeout:.0f} s with {running}/{jobs * nodes} pods Running"
-                    )
-                    log(notes[-1])
-                    break
-                if now - last_report > 15:
-                    last_report = now
-                    created = len(pods)
-                    ungated = sum(1 for p in pods.values() if p.ungated is not None)
-                    rss = proc_status(op.pid)
-                    log(
-                        f"  {now - started:6.1f} s: pods created {created}, ungated {ungated}, Running {running};"
-                        f" operator RSS {rss['VmRSS'] / 1024:.0f} MB (peak {rss['VmHWM'] / 1024:.0f})"
-                    )
-                time.sleep(0.2)
-            wall = time.monotonic() - started
-            time.sleep(self.args.settle)  # trailing status writes belong to this scenario's request count
-            api_delta = self.api_counts().minus(api_before)
-            cpu = proc_cpu_seconds(op.pid) - cpu_before
-            cpu_total = proc_cpu_seconds(op.pid)
-            status = proc_status(op.pid)
-            reconciles = op.metric_sum("llmop_reconcile_duration_seconds_count") - reconciles_before
-            pods = watcher.snapshot()
-            by_job: dict[str, list[PodTimes]] = defaultdict(list)
-            for p in pods.values():
-                by_job[p.job].append(p)
-            times = [job_times(by_job.get(n, []), posted[n], nodes) for n in names]
-            result = ScenarioResult(
-                title=title,
-                jobs=jobs,
-                nodes_per_job=nodes,
-                times=times,
-                api=api_delta,
-                cpu_seconds=cpu,
-                cpu_total=cpu_total,
-                rss_idle_mb=rss_idle,
-                rss_peak_mb=status["VmHWM"] / 1024,
-                max_threads=op.max_threads,
-                reconciles=reconciles,
-                wall=wall,
-                watch_events=watcher.events,
-                notes=notes,
-            )
-            log(f"{title}: done in {wall:.1f} s; deleting jobs and namespace {ns}")
+            reconciles = "llmop_reconcile_duration_seconds_count"
+            result = self.measure(title, ns, op, watcher, jobs, nodes, gpus, post, reconciles, timeout)
         finally:
             # Delete while the operator still runs, so anything it holds (finalizers) is released.
             self.kubectl("-n", ns, "delete", "llmtrainingjobs", "--all", "--wait=false", check=False)

@@ -40,7 +40,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -154,6 +153,8 @@ class TrainingOperator(cp.Operator):
     """The training-operator binary in place of llmop's process; the rest (CPU, RSS and thread
     sampling, /metrics, stop) is controlplane's."""
 
+    name = PEER
+
     def __init__(self, binary: Path, kubeconfig: Path, namespace: str, log_path: Path) -> None:
         super().__init__(kubeconfig, [namespace], log_path, {})
         self.binary = binary
@@ -232,30 +233,6 @@ def pytorchjob(name: str, pods: int, gpus: int, backoff_limit: int | None = None
 
 
 # -- scenarios: llmop's is controlplane's run_scenario; the peer's does the same with PyTorchJobs ----
-def wait_all_running(
-    watcher: cp.PodWatcher, op: cp.Operator, expected: int, started: float, timeout: float
-) -> list[str]:
-    notes: list[str] = []
-    last_report = 0.0
-    while True:
-        if watcher.error:
-            raise RuntimeError(f"pod watch failed: {watcher.error!r}")
-        op.alive()
-        pods = watcher.snapshot()
-        running = sum(1 for p in pods.values() if p.running is not None)
-        if running >= expected:
-            return notes
-        now = time.monotonic()
-        if now - started > timeout:
-            notes.append(f"timed out after {timeout:.0f} s with {running}/{expected} pods Running")
-            log(notes[-1])
-            return notes
-        if now - last_report > 15:
-            last_report = now
-            log(f"  {now - started:6.1f} s: pods created {len(pods)}, Running {running}")
-        time.sleep(0.2)
-
-
 def run_peer_scenario(
     bench: cp.Bench, binary: Path, kubeconfig: Path, title: str, ns: str, jobs: int, nodes: int, gpus: int,
     timeout: float,
@@ -263,55 +240,15 @@ def run_peer_scenario(
     bench.fresh_namespace(ns)
     op = TrainingOperator(binary, kubeconfig, ns, bench.work / f"{PEER}-{ns}.log")
     watcher = cp.PodWatcher(bench.core, ns)
-    reconciles = "controller_runtime_reconcile_total"
     try:
-        watcher.start()
-        log(f"{PEER} {title}: starting {PEER} (namespace {ns})")
-        op.start()
-        time.sleep(3)  # let its initial lists and watches settle out of the measured window
-        rss_idle = cp.proc_status(op.pid)["VmRSS"] / 1024
-        api_before, cpu_before = bench.api_counts(), cp.proc_cpu_seconds(op.pid)
-        reconciles_before = op.metric_sum(reconciles)
-        names = [f"b{nodes}-{i:03d}" if jobs > 1 else f"big-{nodes}" for i in range(jobs)]
-        posted: dict[str, float] = {}
 
         def post(name: str) -> None:
-            t = time.monotonic()
             bench.custom.create_namespaced_custom_object(
                 "kubeflow.org", "v1", ns, "pytorchjobs", pytorchjob(name, nodes, gpus)
             )
-            posted[name] = t
 
-        log(f"{PEER} {title}: creating {jobs} PyTorchJob(s) of {nodes} pods x {gpus} GPUs")
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=min(16, jobs)) as pool:
-            list(pool.map(post, names))
-        notes = wait_all_running(watcher, op, jobs * nodes, started, timeout)
-        wall = time.monotonic() - started
-        time.sleep(bench.args.settle)  # trailing status writes belong to this scenario's request count
-        api_delta = bench.api_counts().minus(api_before)
-        cpu = cp.proc_cpu_seconds(op.pid) - cpu_before
-        status = cp.proc_status(op.pid)
-        by_job: dict[str, list[cp.PodTimes]] = {n: [] for n in names}
-        for p in watcher.snapshot().values():
-            by_job.setdefault(p.job, []).append(p)
-        result = cp.ScenarioResult(
-            title=title,
-            jobs=jobs,
-            nodes_per_job=nodes,
-            times=[cp.job_times(by_job[n], posted[n], nodes) for n in names],
-            api=api_delta,
-            cpu_seconds=cpu,
-            cpu_total=cp.proc_cpu_seconds(op.pid),
-            rss_idle_mb=rss_idle,
-            rss_peak_mb=status["VmHWM"] / 1024,
-            max_threads=op.max_threads,
-            reconciles=op.metric_sum(reconciles) - reconciles_before,
-            wall=wall,
-            watch_events=watcher.events,
-            notes=notes,
-        )
-        log(f"{PEER} {title}: done in {wall:.1f} s; deleting jobs and namespace {ns}")
+        reconciles = "controller_runtime_reconcile_total"
+        result = bench.measure(title, ns, op, watcher, jobs, nodes, gpus, post, reconciles, timeout)
     finally:
         bench.kubectl("-n", ns, "delete", "pytorchjobs", "--all", "--wait=false", check=False)
         watcher.close()
